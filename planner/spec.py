@@ -1,0 +1,168 @@
+"""The job spec: the v1 contract shared by the API, the planner and the worker.
+
+Every model forbids unknown fields, so a typo is an error rather than a silently ignored option.
+Cross-field rules (an option that belongs to another method) are checked once, on the whole spec,
+and all of them are reported together.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Method(str, enum.Enum):
+    qlora = "qlora"
+    lora = "lora"
+    full = "full"
+    freeze = "freeze"
+
+
+class DatasetFormat(str, enum.Enum):
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    messages = "messages"
+    text = "text"
+
+
+class Precision(str, enum.Enum):
+    bf16 = "bf16"  # weights and optimizer states held in bf16
+    bf16_mixed = "bf16-mixed"  # fp32 master weights under bf16 autocast
+    fp16_mixed = "fp16-mixed"  # fp32 master weights under fp16 autocast with loss scaling
+    fp32 = "fp32"
+
+
+class Optimizer(str, enum.Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetRef(_Strict):
+    file_id: str | None = Field(None, pattern=r"^file_[A-Za-z0-9]{8,64}$", description="An uploaded file's id")
+    path: str | None = Field(None, min_length=1, max_length=1024, description="Relative to the data root; it may not lead outside it")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetRef:
+        if (self.file_id is None) == (self.path is None):
+            raise ValueError("give exactly one of file_id or path")
+        return self
+
+
+class LoraOptions(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+        return value
+
+
+class QuantizationOptions(_Strict):
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4"] = "nf4"
+    double_quant: bool = True
+
+
+class FreezeOptions(_Strict):
+    trainable_layers: int = Field(2, ge=1, description="The last N decoder layers train; the rest stay frozen")
+
+
+class TrainingOptions(_Strict):
+    epochs: float = Field(1, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
+    micro_batch_size: int | Literal["auto"] = Field(
+        4, description="Sequences per forward pass; 'auto' picks the largest that fits the GPU"
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    max_seq_length: int = Field(1024, ge=8, le=262144)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    seed: int = Field(42, ge=0)
+    logging_steps: int = Field(1, ge=1, description="Progress is recorded every N optimizer steps")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 4096:
+            raise ValueError("micro_batch_size must be between 1 and 4096, or 'auto'")
+        return value
+
+
+class MemoryOptions(_Strict):
+    precision: Precision = Precision.bf16_mixed
+    optimizer: Optimizer = Optimizer.adamw
+    gradient_checkpointing: bool = True
+    fused_loss: bool = False
+
+
+class Resources(_Strict):
+    gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="Plan against this GPU size")
+    num_gpus: Literal[1] = Field(1, description="Multi-GPU sharding is not supported yet")
+
+
+class JobSpec(_Strict):
+    base_model: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="A local directory holding config.json and weights, or a hub id found in the local cache",
+    )
+    dataset: DatasetRef | None = Field(None, description="Required to submit a job; optional for a plan")
+    dataset_format: DatasetFormat = DatasetFormat.alpaca
+    method: Method = Method.qlora
+    lora: LoraOptions | None = None
+    quantization: QuantizationOptions | None = None
+    freeze: FreezeOptions | None = None
+    training: TrainingOptions = TrainingOptions()
+    memory: MemoryOptions = MemoryOptions()
+    resources: Resources = Resources()
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=32
+    )
+
+    @model_validator(mode="after")
+    def _options_match_method(self) -> JobSpec:
+        problems = []
+        adapters = self.method in (Method.lora, Method.qlora)
+        if self.lora is not None and not adapters:
+            problems.append(f"'lora' options apply to lora and qlora, not {self.method.value}")
+        if self.quantization is not None and self.method is not Method.qlora:
+            problems.append(f"'quantization' applies to qlora only, not {self.method.value}")
+        if self.freeze is not None and self.method is not Method.freeze:
+            problems.append(f"'freeze' applies to the freeze method only, not {self.method.value}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # The effective per-method options: the defaults when the spec leaves them out.
+    @property
+    def lora_options(self) -> LoraOptions | None:
+        if self.method in (Method.lora, Method.qlora):
+            return self.lora or LoraOptions()
+        return None
+
+    @property
+    def quantization_options(self) -> QuantizationOptions | None:
+        if self.method is Method.qlora:
+            return self.quantization or QuantizationOptions()
+        return None
+
+    @property
+    def freeze_options(self) -> FreezeOptions | None:
+        if self.method is Method.freeze:
+            return self.freeze or FreezeOptions()
+        return None
