@@ -1,0 +1,45 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.api.deps import SessionDep, SettingsDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    checks = {"database": _check(lambda: session.execute(text("SELECT 1"))),
+              "broker": _check(lambda: _ping_broker(settings.redis_url))}
+    ready = all(result == "ok" for result in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+    except Exception as exc:  # readiness reports the failure instead of raising it
+        return f"error: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def _ping_broker(redis_url: str | None) -> None:
+    if redis_url is None:
+        return  # the embedded broker is the SQLite file the database check already covers
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    try:
+        client.ping()
+    finally:
+        client.close()

@@ -1,0 +1,80 @@
+"""/v1/jobs: submit, read, list, cancel, events and artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from planner.spec import JobSpec
+from service.api.deps import JobDep, SessionDep, SettingsDep
+from service.errors import ArtifactNotFound, InvalidCursor
+from service.jobs import repository, service
+from service.jobs.states import JobStatus
+from service.queue import enqueue_job
+from service.schemas import EventOut, EventPage, JobOut, JobPage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+
+@router.post("", status_code=201, response_model=JobOut,
+             responses={422: {"description": "invalid spec, missing model or dataset, or does_not_fit"}})
+def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> JobOut:
+    job = service.submit_job(session, settings, spec)
+    session.commit()
+    try:
+        enqueue_job(job.id)
+    except Exception as exc:
+        _fail_unqueued(session, job.id, exc)
+        raise
+    return JobOut.of(job)
+
+
+def _fail_unqueued(session, job_id: str, exc: Exception) -> None:
+    repository.transition(session, job_id, JobStatus.failed, error_code="queue_unavailable",
+                          error_message=f"the job could not be queued: {exc}")
+    session.commit()
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(session: SessionDep, status: JobStatus | None = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None) -> JobPage:
+    before_seq = None
+    if after is not None:
+        anchor = repository.get_job(session, after)
+        if anchor is None:
+            raise InvalidCursor(f"no job {after} to continue after")
+        before_seq = anchor.seq
+    jobs = repository.list_jobs(session, status=status, limit=limit + 1, before_seq=before_seq)
+    page, more = jobs[:limit], len(jobs) > limit
+    return JobPage(data=[JobOut.of(job) for job in page], next_cursor=page[-1].id if more else None)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: JobDep) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+    return JobOut.of(service.cancel_job(session, job.id))
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def list_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
+    events = repository.list_events(session, job.id, after_seq=after, limit=limit)
+    return EventPage(data=[EventOut.of(e) for e in events], next_cursor=events[-1].seq if events else after)
+
+
+@router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse)
+def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
+    # Only names the worker recorded are served, so no path from the URL ever reaches the filesystem unchecked.
+    if name not in {artifact["name"] for artifact in job.artifacts or []}:
+        raise ArtifactNotFound(f"job {job.id} has no artifact {name!r}")
+    path = settings.artifacts_dir / job.id / name
+    if not path.is_file():
+        raise ArtifactNotFound(f"artifact {name!r} of job {job.id} is gone from storage")
+    return FileResponse(path, filename=path.name, media_type="application/octet-stream")

@@ -1,0 +1,94 @@
+"""One error hierarchy. Each error carries its HTTP status and a stable machine-readable code.
+
+The API renders every one of them as RFC 9457 problem+json; the worker stores `code` and the message on
+the failed job. `retryable` says whether running the same job again could help.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProblemError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+    retryable: bool = False
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
+        body = {"type": f"https://ftjobs.dev/problems/{self.code}", "title": self.title, "status": self.status,
+                "detail": self.detail, "code": self.code}
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+class InvalidSpec(ProblemError):
+    status, code, title = 422, "invalid_spec", "The job spec is invalid"
+
+
+class BaseModelNotFound(ProblemError):
+    status, code, title = 422, "base_model_not_found", "The base model cannot be found"
+
+
+class InvalidDataset(ProblemError):
+    status, code, title = 422, "invalid_dataset", "The dataset is malformed"
+
+    def __init__(self, detail: str, *, line: int | None = None, **extra: Any) -> None:
+        super().__init__(detail if line is None else f"line {line}: {detail}", line=line, **extra)
+        self.line = line
+
+
+class DatasetNotFound(ProblemError):
+    status, code, title = 422, "dataset_not_found", "The dataset cannot be found"
+
+
+class DatasetPathEscapes(ProblemError):
+    status, code, title = 422, "dataset_path_escapes_root", "The dataset path leaves the data root"
+
+
+class UploadTooLarge(ProblemError):
+    status, code, title = 413, "upload_too_large", "The upload exceeds the size limit"
+
+
+class DoesNotFit(ProblemError):
+    status, code, title = 422, "does_not_fit", "The job does not fit on the GPU"
+
+
+class JobNotFound(ProblemError):
+    status, code, title = 404, "job_not_found", "No such job"
+
+
+class FileNotFound(ProblemError):
+    status, code, title = 404, "file_not_found", "No such file"
+
+
+class ArtifactNotFound(ProblemError):
+    status, code, title = 404, "artifact_not_found", "No such artifact"
+
+
+class InvalidTransition(ProblemError):
+    status, code, title = 409, "invalid_transition", "The job is not in a state that allows this"
+
+
+class InvalidCursor(ProblemError):
+    status, code, title = 400, "invalid_cursor", "The pagination cursor is invalid"
+
+
+# Worker-side outcomes, stored on the failed job as error.code.
+class TrainingOutOfMemory(ProblemError):
+    code, title, retryable = "out_of_memory", "The job ran out of GPU memory", False
+
+
+class TrainingCrashed(ProblemError):
+    code, title, retryable = "training_crashed", "The training process died", True
+
+
+class JobCancelled(ProblemError):
+    status, code, title = 409, "cancelled", "The job was cancelled"

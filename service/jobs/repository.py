@@ -1,0 +1,116 @@
+"""Every SQL statement about jobs, their events, files and GPUs. Functions flush; callers commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from service.jobs.states import ALLOWED_FROM, JobStatus
+from service.models import Job, JobEvent, RegisteredGpu, UploadedFile, utcnow
+
+
+def add_job(session: Session, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "state", {"status": job.status})
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None) -> list[Job]:
+    """Newest first; `before_seq` continues a page."""
+    query = select(Job).order_by(Job.seq.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    if before_seq is not None:
+        query = query.where(Job.seq < before_seq)
+    return list(session.scalars(query))
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: count for status, count in rows}
+
+
+def transition(session: Session, job_id: str, to: JobStatus, **fields: Any) -> bool:
+    """Move a job to `to` if its current state allows it; False if another actor got there first."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": to.value, "updated_at": now, **fields}
+    if to is JobStatus.running:
+        values["started_at"] = now
+    if to.is_terminal:
+        values["finished_at"] = now
+    allowed = [state.value for state in ALLOWED_FROM[to]]
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    event = {"status": to.value}
+    if fields.get("error_code"):
+        event["error"] = {"code": fields["error_code"], "message": fields.get("error_message")}
+    add_event(session, job_id, "state", event)
+    return True
+
+
+def current_status(session: Session, job_id: str) -> JobStatus | None:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return JobStatus(status) if status else None
+
+
+def record_progress(session: Session, job_id: str, progress: dict[str, Any]) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(progress=progress, updated_at=utcnow()))
+    add_event(session, job_id, "progress", progress)
+
+
+def set_job_fields(session: Session, job_id: str, **fields: Any) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow(), **fields))
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+    session.flush()
+
+
+def list_events(session: Session, job_id: str, *, after_seq: int, limit: int) -> list[JobEvent]:
+    query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+             .order_by(JobEvent.seq).limit(limit))
+    return list(session.scalars(query))
+
+
+def jobs_running_on(session: Session, hostname: str) -> list[str]:
+    query = select(Job.id).where(Job.worker_hostname == hostname,
+                                 Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]))
+    return list(session.scalars(query))
+
+
+def add_file(session: Session, uploaded: UploadedFile) -> UploadedFile:
+    session.add(uploaded)
+    session.flush()
+    return uploaded
+
+
+def get_file(session: Session, file_id: str) -> UploadedFile | None:
+    return session.get(UploadedFile, file_id)
+
+
+def register_gpus(session: Session, hostname: str, gpus: list[tuple[int, str, int]]) -> None:
+    session.execute(delete(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname))
+    for index, name, total_bytes in gpus:
+        session.add(RegisteredGpu(worker_hostname=hostname, device_index=index, name=name,
+                                  total_memory_bytes=total_bytes))
+    session.flush()
+
+
+def unregister_gpus(session: Session, hostname: str) -> None:
+    session.execute(delete(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname))
+
+
+def list_gpus(session: Session) -> list[RegisteredGpu]:
+    return list(session.scalars(select(RegisteredGpu).order_by(RegisteredGpu.total_memory_bytes.desc())))

@@ -1,0 +1,26 @@
+"""Planning a spec against the GPU it would run on."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from planner import Plan, plan
+from planner.spec import JobSpec
+from service.base_models import locate_for_planning
+from service.jobs import repository
+
+GIB = 1024**3
+
+
+def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
+    """The spec's own GPU size if given, else the largest GPU a worker registered, else unknown."""
+    if spec.resources.gpu_memory_gib is not None:
+        return int(spec.resources.gpu_memory_gib * GIB)
+    if session is None:
+        return None
+    gpus = repository.list_gpus(session)
+    return gpus[0].total_memory_bytes if gpus else None
+
+
+def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
+    return plan(spec, locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec))

@@ -1,0 +1,52 @@
+"""The only API-side module that touches Celery. It sends job ids by task name, never importing the worker."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+RUN_JOB_TASK = "ftjobs.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Broker settings shared by the API (sender) and the worker (consumer)."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,  # the jobs table holds every outcome
+        "task_default_queue": settings.queue_name,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue_name}},
+    }
+
+
+@lru_cache
+def _sender(broker_url: str) -> Celery:
+    app = Celery("ftjobs-api")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def enqueue_job(job_id: str) -> None:
+    """Call only after the job's row is committed, so a fast worker always finds it."""
+    _sender(get_settings().broker_url).send_task(RUN_JOB_TASK, args=[job_id])
+
+
+def queue_depth(settings: Settings) -> int | None:
+    """Messages waiting in the training queue (Redis only; None for the embedded broker)."""
+    if not settings.redis_url:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return int(client.llen(settings.queue_name))
+    finally:
+        client.close()

@@ -1,0 +1,66 @@
+"""The one settings object. Every process reads its configuration here and nowhere else."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+
+    home: Path = Field(Path(".ftjobs"), description="Where the embedded database, broker, uploads and artifacts live")
+    # DATABASE_URL and REDIS_URL are honoured unprefixed too, as docker-compose and most PaaS set them.
+    database_url: str | None = Field(None, validation_alias=AliasChoices("FTJOBS_DATABASE_URL", "DATABASE_URL"))
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("FTJOBS_REDIS_URL", "REDIS_URL"))
+
+    data_root: Path | None = Field(None, description="Datasets given by path are resolved under this directory")
+    max_upload_bytes: int = 100 * 1024 * 1024
+    queue_name: str = "training"
+    # Redis redelivers unacknowledged tasks after this long; see worker/celery_app.py for the ack policy.
+    visibility_timeout_seconds: int = 3600
+    cancel_poll_seconds: float = 1.0
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            # psycopg 3 is the driver we ship; a plain postgresql:// URL would ask for psycopg2.
+            return self.database_url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
+                "postgres://", "postgresql+psycopg://", 1)
+        return f"sqlite:///{self.resolved_home / 'ftjobs.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or f"sqla+sqlite:///{self.resolved_home / 'broker.db'}"
+
+    @property
+    def datasets_root(self) -> Path:
+        return (self.data_root or self.resolved_home / "data").expanduser().resolve()
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.resolved_home / "files"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.resolved_home / "artifacts"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.resolved_home, self.datasets_root, self.uploads_dir, self.artifacts_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,65 @@
+"""The Celery application of a GPU worker.
+
+Ack policy: early acknowledgement (task_acks_late=False). Redis redelivers any message not acknowledged within
+visibility_timeout (1 h by default, celery#5935); with late acks a training job longer than that would be
+handed to a second worker while the first is still training. Acking on receipt means a long job's message is
+never redelivered. The jobs table, not the broker, guarantees exactly-once starts: every delivery must win the
+guarded `UPDATE jobs SET status='running' WHERE status='queued'`, so even a redelivered or duplicated message is
+a no-op. The price of early acks is a message lost if the worker dies between ack and claim; the job then stays
+queued in the database, where it is visible, and a worker that dies mid-job has its jobs failed as
+`worker_lost` when it restarts (worker/execution.py: recover_orphans).
+
+One job at a time per worker (solo pool, no prefetch): a worker owns its GPU, and a prefetched message would
+wait behind a long job while another GPU sits idle.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from service.jobs import repository
+from service.db import transaction
+from service.queue import celery_config
+from service.settings import get_settings
+from worker.execution import recover_orphans
+from worker.gpus import list_gpus
+
+log = logging.getLogger(__name__)
+
+
+def create_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("ftjobs-worker", include=["worker.tasks"])
+    app.conf.update(
+        celery_config(settings),
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        # Redis only: fetch a message only when the worker is free (Celery ≥ 5.6).
+        worker_disable_prefetch=settings.redis_url is not None,
+        worker_concurrency=1,
+        worker_pool="solo",
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = create_celery()
+
+
+@signals.worker_ready.connect
+def _on_ready(sender, **_kwargs) -> None:
+    hostname = sender.hostname
+    gpus = list_gpus()
+    with transaction() as session:
+        repository.register_gpus(session, hostname, [(g.index, g.name, g.total_memory_bytes) for g in gpus])
+    log.info("worker %s ready with %s", hostname, [g.name for g in gpus] or "no GPU (training runs on the CPU)")
+    for job_id in recover_orphans(hostname):
+        log.warning("job %s was running when this worker last stopped; marked failed (worker_lost)", job_id)
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(sender, **_kwargs) -> None:
+    with transaction() as session:
+        repository.unregister_gpus(session, sender.hostname)

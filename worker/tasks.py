@@ -1,0 +1,13 @@
+"""Celery tasks: adapters that pass a job id to plain code."""
+
+from __future__ import annotations
+
+from service.queue import RUN_JOB_TASK
+from service.settings import get_settings
+from worker.celery_app import app
+from worker.execution import execute_job
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True)
+def run_job(self, job_id: str) -> None:
+    execute_job(job_id, get_settings(), self.request.hostname)
