@@ -1,0 +1,195 @@
+"""The `ftjobs` command: run the service (up, api, worker, db upgrade) and use it (plan, submit, status, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.run(args) or 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings = get_settings()
+    default_url = f"http://{settings.api_host}:{settings.api_port}"
+    parser = argparse.ArgumentParser(prog="ftjobs", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the API and an embedded worker on this machine")
+    _host_port(up, settings)
+    up.set_defaults(run=_up)
+    api = commands.add_parser("api", help="run the API server")
+    _host_port(api, settings)
+    api.set_defaults(run=_api)
+    worker = commands.add_parser("worker", help="run a training worker")
+    worker.add_argument("--name", default=None, help="Celery node name (default: celery@HOSTNAME)")
+    worker.set_defaults(run=_worker)
+    db = commands.add_parser("db", help="database maintenance")
+    db.add_argument("action", choices=["upgrade"])
+    db.set_defaults(run=_db)
+
+    plan = commands.add_parser("plan", help="print the memory plan of a spec as JSON (no server needed)")
+    plan.add_argument("spec", type=Path)
+    plan.set_defaults(run=_plan)
+    submit = commands.add_parser("submit", help="submit a job spec")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--url", default=default_url)
+    submit.add_argument("--watch", action="store_true", help="show progress until the job ends")
+    submit.set_defaults(run=_submit)
+    status = commands.add_parser("status", help="show a job's progress")
+    status.add_argument("job_id")
+    status.add_argument("--url", default=default_url)
+    status.add_argument("--watch", action="store_true", help="keep polling until the job ends")
+    status.set_defaults(run=_status)
+    demo = commands.add_parser("demo", help="train a QLoRA adapter on a tiny local model, end to end")
+    demo.add_argument("--url", default=None, help="use a running service instead of starting one")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _host_port(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--host", default=settings.api_host)
+    parser.add_argument("--port", type=int, default=settings.api_port)
+
+
+def _api(args) -> None:
+    import uvicorn
+
+    from service.logs import configure_logging
+    from service.migrate import upgrade_database
+
+    settings = get_settings()
+    configure_logging(settings)
+    if not settings.database_url:
+        upgrade_database(settings)  # the embedded SQLite database sets itself up; a real one is migrated by ops
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_config=None)
+
+
+def _worker(args) -> None:
+    from service.logs import configure_logging
+
+    configure_logging(get_settings())
+    from worker.celery_app import app
+
+    argv = ["worker", "--loglevel", get_settings().log_level, "-Q", get_settings().queue_name]
+    if args.name:
+        argv += ["-n", args.name]
+    app.worker_main(argv)
+
+
+def _up(args) -> int:
+    """The API in this process and one worker beside it, sharing the same settings."""
+    from service.migrate import upgrade_database
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade_database(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy())
+    try:
+        _api(args)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def _db(args) -> None:
+    from service.migrate import upgrade_database
+
+    upgrade_database(get_settings())
+    print("database is at the latest revision")
+
+
+def _read_spec(path: Path):
+    from planner.spec import JobSpec
+
+    return JobSpec.model_validate(json.loads(path.read_text()))
+
+
+def _plan(args) -> int:
+    from service.errors import InvalidSpec, ProblemError
+    from service.planning import plan_spec
+
+    try:
+        spec = _read_spec(args.spec)
+        result = plan_spec(_registry_session(), spec)
+    except ValidationError as exc:
+        return _problem(InvalidSpec(str(exc)).to_problem())
+    except (OSError, json.JSONDecodeError) as exc:
+        return _problem(InvalidSpec(f"cannot read {args.spec}: {exc}").to_problem())
+    except ProblemError as exc:
+        return _problem(exc.to_problem())
+    print(result.model_dump_json(indent=2))
+    return 0
+
+
+def _registry_session():
+    """A session on the service's database when it has been set up, so plans see the registered GPUs."""
+    from sqlalchemy import inspect
+
+    from service.db import get_engine, session_factory
+
+    settings = get_settings()
+    if not settings.database_url and not (settings.resolved_home / "ftjobs.db").exists():
+        return None
+    if not inspect(get_engine()).has_table("gpus"):
+        return None
+    return session_factory()()
+
+
+def _problem(problem: dict) -> int:
+    print(json.dumps(problem, indent=2), file=sys.stderr)
+    return 2
+
+
+def _submit(args) -> int:
+    from ftjobs.client import ApiError, Client
+
+    client = Client(args.url)
+    try:
+        job = client.submit(json.loads(args.spec.read_text()))
+    except ApiError as exc:
+        return _problem(exc.problem)
+    print(json.dumps(job, indent=2) if not args.watch else f"submitted {job['id']}")
+    if args.watch:
+        return 0 if client.watch(job["id"])["status"] == "succeeded" else 1
+    return 0
+
+
+def _status(args) -> int:
+    from ftjobs.client import ApiError, Client, draw_progress
+
+    client = Client(args.url)
+    try:
+        job = client.watch(args.job_id) if args.watch else client.job(args.job_id)
+    except ApiError as exc:
+        return _problem(exc.problem)
+    if not args.watch:
+        draw_progress(job)
+        print()
+    if job.get("error"):
+        print(f"error {job['error']['code']}: {job['error']['message']}")
+    return 0
+
+
+def _demo(args) -> int:
+    from ftjobs.demo import run_demo
+
+    return run_demo(args.url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Shared fixtures: a fresh PostgreSQL database built by the real migrations, real Redis, a real Celery worker.
+
+Each test session creates its own database and queue and drops them at the end, so runs never share state
+with each other or with the machine's `test` database.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FTJOBS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = uuid.uuid4().hex[:10]
+DB_NAME = f"ftjobs_test_{RUN_ID}"
+HOME = Path(os.environ.get("FTJOBS_TEST_HOME", f"/tmp/ftjobs-test-{RUN_ID}"))
+
+# Set before any ftjobs module reads its settings; every process the tests start inherits them.
+os.environ.update({
+    "FTJOBS_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
+    "FTJOBS_REDIS_URL": REDIS_URL,
+    "FTJOBS_HOME": str(HOME),
+    "FTJOBS_QUEUE_NAME": f"training-{RUN_ID}",
+    "FTJOBS_CANCEL_POLL_SECONDS": "0.2",
+    "FTJOBS_LOG_LEVEL": "INFO",
+})
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def database(settings) -> Iterator[str]:
+    from service.migrate import upgrade_database
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{DB_NAME}"')
+    settings.ensure_dirs()
+    upgrade_database(settings)
+    yield settings.sqlalchemy_url
+    from service.db import get_engine
+
+    get_engine().dispose()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.delete(settings.queue_name)
+    client.close()
+
+
+@pytest.fixture()
+def api(database, settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from ftjobs.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_root(settings) -> Path:
+    settings.datasets_root.mkdir(parents=True, exist_ok=True)
+    return settings.datasets_root
+
+
+class WorkerProcess:
+    """`ftjobs worker` as its own process, exactly as deployed, with its log captured for assertions."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            sys.stderr.write(f"[worker] {line}")
+
+    def wait_ready(self, timeout_seconds: float = 120) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while not any(" ready." in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("worker did not start:\n" + "".join(self.lines[-50:]))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def worker(database, redis_client) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(f"test-{RUN_ID}@localhost")
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def wait_for_status(api):
+    """Poll the API until a job reaches one of `statuses`."""
+    return lambda job_id, statuses, timeout_seconds=300: _wait_for_status(api, job_id, statuses, timeout_seconds)
+
+
+def _wait_for_status(api, job_id: str, statuses: set[str], timeout_seconds: float) -> dict:
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} stayed {job['status']}; wanted {statuses}: {job}")
+        time.sleep(0.3)

@@ -1,0 +1,48 @@
+"""The migrations build an empty PostgreSQL and an empty SQLite database, and agree with the models."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from service.migrate import upgrade_database
+from service.models import Base
+
+TABLES = {"jobs", "job_events", "files", "gpus", "alembic_version"}
+
+
+def _diff(url: str) -> list:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def test_postgres_built_by_migrations_matches_the_models(database):
+    assert _diff(database) == []
+    engine = create_engine(database)
+    assert TABLES <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_empty_sqlite_upgrades_and_matches_the_models(settings, tmp_path):
+    embedded = settings.model_copy(update={"database_url": None, "home": tmp_path})
+    upgrade_database(embedded)
+    assert TABLES <= set(inspect(create_engine(embedded.sqlalchemy_url)).get_table_names())
+    assert _diff(embedded.sqlalchemy_url) == []
+
+
+def test_downgrade_to_base_and_back(settings, tmp_path):
+    from alembic import command
+
+    from service.migrate import alembic_config
+
+    embedded = settings.model_copy(update={"database_url": None, "home": tmp_path})
+    upgrade_database(embedded)
+    command.downgrade(alembic_config(embedded), "base")
+    assert set(inspect(create_engine(embedded.sqlalchemy_url)).get_table_names()) == {"alembic_version"}
+    upgrade_database(embedded)
