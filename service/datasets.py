@@ -1,0 +1,173 @@
+"""Read a JSONL training dataset and normalise each row into an `Example`.
+
+Pure standard library on purpose: the API process imports this module to validate an upload before a job
+is queued, and it must not pull torch or transformers in to do so.
+
+Every format becomes either a conversation (a tuple of `Message`s with roles system / user / assistant) or a
+plain `text`. The first malformed row raises `InvalidDataset` carrying its 1-based line number, so the user
+can find it in an editor. Blank lines are skipped (a trailing newline is not an error), but a file with no
+rows at all is invalid.
+
+Formats (extra keys in a row are ignored, since exported datasets often carry ids or metadata):
+  alpaca    {"instruction": str, "input": str?, "output": str, "system": str?}
+  sharegpt  {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}
+  messages  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+  text      {"text": str}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.spec import DatasetFormat
+from service.errors import DatasetNotFound, InvalidDataset
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+
+@dataclass(frozen=True)
+class Example:
+    line: int  # 1-based line in the file, for error messages further down the pipeline
+    messages: tuple[Message, ...] = ()  # a conversation; empty for the text format
+    text: str | None = None  # set for the text format only
+
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None
+
+
+def iter_examples(path: str | Path, fmt: DatasetFormat | str) -> Iterator[Example]:
+    """Yield one normalised Example per non-blank line; raise InvalidDataset at the first bad one."""
+    fmt = DatasetFormat(fmt)
+    parse = _PARSERS[fmt]
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFound(f"no dataset file at {path}")
+    rows = 0
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            row = _decode_json(raw, line_number)
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                raise InvalidDataset(f"expected a JSON object, got {_type_name(row)}", line=line_number)
+            rows += 1
+            yield parse(row, line_number)
+    if rows == 0:
+        raise InvalidDataset("the dataset has no rows")
+
+
+def validate_dataset(path: str | Path, fmt: DatasetFormat | str) -> int:
+    """Check every row; return the number of rows. Raises InvalidDataset on the first malformed one."""
+    return sum(1 for _ in iter_examples(path, fmt))
+
+
+def _decode_json(raw: bytes, line: int) -> object | None:
+    """Parse one JSONL line; None for a blank line."""
+    try:
+        # utf-8-sig on the first line tolerates the byte-order mark that some editors write.
+        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidDataset(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", line=line) from None
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidDataset(f"not valid JSON: {exc.msg} (column {exc.colno})", line=line) from None
+
+
+def _type_name(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _string(row: dict, key: str, line: int, *, required: bool = True, allow_empty: bool = False) -> str | None:
+    if key not in row or (row[key] is None and not required):
+        if required:
+            raise InvalidDataset(f"missing field '{key}'", line=line)
+        return None
+    value = row[key]
+    if not isinstance(value, str):
+        raise InvalidDataset(f"field '{key}' must be a string, got {_type_name(value)}", line=line)
+    if not allow_empty and not value.strip():
+        raise InvalidDataset(f"field '{key}' is empty", line=line)
+    return value
+
+
+def _parse_alpaca(row: dict, line: int) -> Example:
+    instruction = _string(row, "instruction", line)
+    extra_input = _string(row, "input", line, required=False, allow_empty=True)
+    output = _string(row, "output", line)
+    system = _string(row, "system", line, required=False, allow_empty=True)
+    prompt = f"{instruction}\n\n{extra_input}" if extra_input and extra_input.strip() else instruction
+    messages = [Message("user", prompt), Message("assistant", output)]
+    if system and system.strip():
+        messages.insert(0, Message("system", system))
+    return Example(line=line, messages=tuple(messages))
+
+
+def _parse_turns(row: dict, line: int, *, list_key: str, role_key: str, content_key: str,
+                 role_names: dict[str, str]) -> Example:
+    if list_key not in row:
+        raise InvalidDataset(f"missing field '{list_key}'", line=line)
+    turns = row[list_key]
+    if not isinstance(turns, list):
+        raise InvalidDataset(f"field '{list_key}' must be an array, got {_type_name(turns)}", line=line)
+    if not turns:
+        raise InvalidDataset(f"field '{list_key}' is an empty conversation", line=line)
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{list_key}[{index}]"
+        if not isinstance(turn, dict):
+            raise InvalidDataset(f"{where} must be an object, got {_type_name(turn)}", line=line)
+        for key in (role_key, content_key):
+            if key not in turn:
+                raise InvalidDataset(f"{where} is missing '{key}'", line=line)
+        role, content = turn[role_key], turn[content_key]
+        if role not in role_names:
+            allowed = ", ".join(repr(name) for name in role_names)
+            raise InvalidDataset(f"{where} has unknown {role_key} {role!r} (expected one of {allowed})", line=line)
+        if not isinstance(content, str):
+            raise InvalidDataset(f"{where}.{content_key} must be a string, got {_type_name(content)}", line=line)
+        if role_names[role] == "system" and index != 0:
+            raise InvalidDataset(f"{where}: a system message may only come first", line=line)
+        messages.append(Message(role_names[role], content))
+    if not any(message.role == "assistant" for message in messages):
+        raise InvalidDataset("the conversation has no assistant turn to train on", line=line)
+    if not any(message.role == "assistant" and message.content.strip() for message in messages):
+        raise InvalidDataset("every assistant turn is empty", line=line)
+    return Example(line=line, messages=tuple(messages))
+
+
+def _parse_sharegpt(row: dict, line: int) -> Example:
+    return _parse_turns(row, line, list_key="conversations", role_key="from", content_key="value",
+                        role_names=SHAREGPT_ROLES)
+
+
+def _parse_messages(row: dict, line: int) -> Example:
+    return _parse_turns(row, line, list_key="messages", role_key="role", content_key="content",
+                        role_names={role: role for role in ROLES})
+
+
+def _parse_text(row: dict, line: int) -> Example:
+    return Example(line=line, text=_string(row, "text", line))
+
+
+_PARSERS = {
+    DatasetFormat.alpaca: _parse_alpaca,
+    DatasetFormat.sharegpt: _parse_sharegpt,
+    DatasetFormat.messages: _parse_messages,
+    DatasetFormat.text: _parse_text,
+}

@@ -1,0 +1,157 @@
+"""Examples -> token ids and labels -> padded micro-batches.
+
+Conversations go through the tokenizer's own chat template, so the fine-tuned model sees exactly the format
+it will be prompted with. Only assistant tokens are learned (labels are -100 elsewhere). Two ways to find them:
+
+1. The template marks assistant turns with {% generation %}: transformers returns the assistant-token mask.
+2. Otherwise (most released templates), render prefixes: the assistant turn i spans the characters between
+   render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]); tokens whose first character
+   falls in a span are learned. This needs a prefix-stable template, which is checked, not assumed.
+
+The text format learns every token: [BOS] text EOS. Sequences are truncated at max_seq_length; an example
+left with no learned token (its answer was truncated away) is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from service.datasets import Example
+from service.errors import InvalidDataset
+
+IGNORE_INDEX = -100
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+# For a base model that ships no chat template: a plain, prefix-stable format with generation marks.
+FALLBACK_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '### ' + message['role'] | capitalize + ':\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}{{- '\\n\\n' }}"
+    "{%- else %}{{- message['content'] + '\\n\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Assistant:\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def learned_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])  # the first token is never predicted
+
+
+def load_tokenizer(base_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    if tokenizer.pad_token_id is None:
+        # Llama 3 style tokenizers ship without one. Padding is masked out of attention and loss anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize_examples(
+    tokenizer, examples: Sequence[Example], max_seq_length: int
+) -> tuple[list[TokenizedExample], int]:
+    """Tokenize every example; return the kept ones and how many were dropped for having nothing to learn."""
+    kept = []
+    for example in examples:
+        tokenized = tokenize_example(tokenizer, example, max_seq_length)
+        if tokenized.learned_tokens > 0:
+            kept.append(tokenized)
+    if not kept:
+        raise InvalidDataset(f"no example keeps a token to learn within max_seq_length={max_seq_length}")
+    return kept, len(examples) - len(kept)
+
+
+def tokenize_example(tokenizer, example: Example, max_seq_length: int) -> TokenizedExample:
+    if example.is_text:
+        input_ids, mask = _tokenize_text(tokenizer, example.text)
+    else:
+        conversation = [{"role": message.role, "content": message.content} for message in example.messages]
+        input_ids, mask = assistant_token_mask(tokenizer, conversation)
+    input_ids, mask = input_ids[:max_seq_length], mask[:max_seq_length]
+    labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, mask)]
+    return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def _tokenize_text(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    ids = ids + [tokenizer.eos_token_id]  # so the model learns where a document ends
+    return ids, [True] * len(ids)
+
+
+def assistant_token_mask(tokenizer, conversation: list[dict], *, use_generation_tags: bool | None = None):
+    """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn."""
+    if use_generation_tags is None:
+        use_generation_tags = bool(_GENERATION_TAG.search(tokenizer.chat_template or ""))
+    if use_generation_tags:
+        encoded = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        return list(encoded["input_ids"]), [bool(flag) for flag in encoded["assistant_masks"]]
+    return _mask_by_prefixes(tokenizer, conversation)
+
+
+def _mask_by_prefixes(tokenizer, conversation: list[dict]) -> tuple[list[int], list[bool]]:
+    def render(messages, add_generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    text = render(conversation)
+    spans = []
+    for index, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before = render(conversation[:index], add_generation_prompt=True)
+        through = render(conversation[: index + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError("the chat template is not prefix-stable, so assistant turns cannot be located; "
+                             "mark them with {% generation %} in the template")
+        spans.append((len(before), len(through)))
+    # The template writes BOS itself where the model wants one, so the tokenizer must not add another.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(start <= first_char < end for start, end in spans) for first_char, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
+
+
+def micro_batches(
+    dataset: Sequence[TokenizedExample], micro_batch_size: int, seed: int
+) -> Iterator[list[TokenizedExample]]:
+    """An endless stream of micro-batches: each epoch is a fresh seeded shuffle, cut into micro_batch_size
+    pieces (the last one of an epoch may be smaller)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        for start in range(0, len(order), micro_batch_size):
+            yield [dataset[index] for index in order[start : start + micro_batch_size]]
+
+
+def micro_batches_per_epoch(dataset_size: int, micro_batch_size: int) -> int:
+    return -(-dataset_size // micro_batch_size)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence in this micro-batch (not to max_seq_length: no wasted compute)."""
+    length = max(len(example.input_ids) for example in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, example in enumerate(batch):
+        size = len(example.input_ids)
+        input_ids[row, :size] = torch.tensor(example.input_ids)
+        labels[row, :size] = torch.tensor(example.labels)
+        attention_mask[row, :size] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
+            "attention_mask": attention_mask.to(device)}

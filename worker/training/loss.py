@@ -1,0 +1,45 @@
+"""Causal-LM loss as a SUM over learned tokens; the caller divides by the learned tokens of the whole
+optimizer step, so gradient accumulation weighs every token equally (not every micro-batch)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from worker.training.data import IGNORE_INDEX
+
+# Positions per chunk in the fused path: bounds the fp32 logits alive at once to chunk x vocab.
+FUSED_CHUNK_TOKENS = 1024
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], *, fused: bool) -> torch.Tensor:
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    if not fused:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()  # fp32 for a numerically sound log-softmax
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return _fused_loss_sum(model, batch, targets)
+
+
+def _fused_loss_sum(model, batch, targets) -> torch.Tensor:
+    """Never materialise the [batch, seq, vocab] logits: run the decoder, keep only the positions that are
+    learned (chat data: often a small fraction), and apply lm_head + cross-entropy chunk by chunk under
+    activation checkpointing, so at most one chunk of logits exists in forward and backward.
+    Not applied: logit soft-capping or scaling that some architectures add after lm_head (Gemma 2, Cohere)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1]
+    learned = targets != IGNORE_INDEX
+    hidden, targets = hidden[learned], targets[learned]
+    lm_head = causal_lm.get_output_embeddings()
+
+    def chunk_loss(hidden_chunk, target_chunk):
+        return F.cross_entropy(lm_head(hidden_chunk).float(), target_chunk, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), FUSED_CHUNK_TOKENS):
+        end = start + FUSED_CHUNK_TOKENS
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total
