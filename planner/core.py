@@ -1,0 +1,363 @@
+"""plan(spec, shape, gpu_memory_bytes) -> Plan: the predicted peak GPU memory of the worker's training process.
+
+The peak is the largest of four phases of a training step (steady state: optimizer states exist):
+  forward_loss   the loss forward: every layer's saved tensors + logits in bf16 and fp32 + log_softmax
+  loss_backward  the first backward node: saved tensors + 3 x fp32 logits-sized buffers
+  layer_backward the decoder stack's backward: all grads + one recomputed layer (with checkpointing)
+  optimizer_step all grads + the optimizer's temporaries
+Each phase's allocated bytes get the caching allocator's fragmentation on top, then the CUDA context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from planner import terms as t
+from planner.shapes import ModelShape
+from planner.spec import JobSpec
+
+# ---- fitted constants (calibration/h100-hf-trainer.jsonl, 15 rows; benchmarks/planner_accuracy.py) -------
+# Small allocations outside the terms: cuBLAS/cuBLASLt workspaces, rotary tables, final norm, labels.
+# The residual of the four-phase model on the lora/qlora rows was 0.07-0.14 GB.
+MISC_BYTES = 110 * 2**20
+# Caching allocator, no expandable segments: the loss's tokens x vocab blocks are carved from their own
+# segments; the bf16 logits block (half an fp32 one) cannot host the next fp32 block, and blocks are not
+# coalesced across segments (measured reserved - allocated: 0.65-0.9 x logits_fp32 on lora rows).
+FRAG_LOGITS = 0.5
+# General slack of block splitting and 2 MiB rounding, as a share of allocated bytes.
+FRAG_ALLOC = 0.04
+# Per-parameter blocks freed between steps (grads after zero_grad(set_to_none), optimizer temporaries,
+# autocast weight copies) stay cached but are too small for logits-sized blocks (full rows).
+FRAG_PARAM_POOL = 0.40
+# expandable_segments:True (the worker) maps pages into one growing segment per stream, so freed blocks
+# can be re-used for larger requests. NOT MEASURED: assumed to keep half the logits term, the slack, and
+# none of the per-parameter pool until a GPU run says otherwise.
+FRAG_LOGITS_EXPANDABLE = 0.25
+FRAG_PARAM_POOL_EXPANDABLE = 0.0
+
+# Safety margin: 5% of the GPU, at least 1 GiB. The calibration's worst underestimate is below that.
+MARGIN_FRACTION = 0.05
+MARGIN_FLOOR_BYTES = 1 * t.GIB
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How the training process is built. WORKER is ftjobs' worker; HF_TRAINER reproduces the calibration
+    runs (calibration/refbench.py). Internal: not part of the job spec."""
+
+    kbit_upcast: bool = False  # peft prepare_model_for_kbit_training: fp32 embeddings/lm_head/norms (qlora)
+    padded_batches: bool = True  # worker data.collate right-pads: a micro-batch > 1 may carry a mask
+    foreach_adamw: bool = False  # HF "adamw_torch" = torch AdamW foreach; the worker uses fused=True
+    embedding_fp32_states: bool = False  # HF Trainer: bnb 8-bit optimizers keep nn.Embedding states in fp32
+    expandable_segments: bool = True  # the worker sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+
+WORKER = Recipe()
+# refbench.py: random tokens of exactly `seq`, no padding -> no attention mask.
+HF_TRAINER = Recipe(kbit_upcast=True, padded_batches=False, foreach_adamw=True, embedding_fp32_states=True,
+                    expandable_segments=False)
+
+
+class Suggestion(BaseModel):
+    description: str
+    patch: dict[str, Any] = Field(description="A JSON merge-patch onto the job spec")
+    peak_vram_bytes: int
+    headroom_bytes: int
+
+
+class Plan(BaseModel):
+    peak_vram_bytes: int = Field(description="Predicted peak as NVML shows it: reserved + CUDA context")
+    breakdown: dict[str, int] = Field(description="Bytes per term at the peak phase; sums to peak_vram_bytes")
+    peak_phase: str
+    paged_optimizer_bytes: int = Field(0, description="Paged optimizer states in CUDA unified memory (not in peak)")
+    gpu_memory_bytes: int | None
+    safety_margin_bytes: int = Field(description="max(5% of the GPU, 1 GiB); 0 when no GPU is known")
+    fits: bool | None = Field(description="peak + margin <= GPU; None when no GPU is known")
+    headroom_bytes: int | None = Field(description="GPU - margin - peak; negative when it does not fit")
+    micro_batch_size: int
+    reasons: list[str] = Field(default_factory=list)
+    suggestions: list[Suggestion] = Field(default_factory=list)
+
+
+# ---- setup ------------------------------------------------------------------------------------------------
+def _adapted(shape: ModelShape, targets: Any) -> tuple:
+    if targets == "all-linear":  # peft all-linear: every nn.Linear but the output layer
+        return shape.linears
+    names = {name.rsplit(".", 1)[-1] for name in targets}
+    return tuple(lin for lin in shape.linears if lin.name in names)
+
+
+def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe) -> t.Setup:
+    """worker/training/loading.py precision plan: frozen weights in the precision's half dtype (fp32 for
+    fp32), trained weights (full, freeze's last layers) fp32 under -mixed and fp32, autocast for -mixed."""
+    method = spec.method.value
+    precision = spec.memory.precision.value
+    autocast = precision in ("bf16-mixed", "fp16-mixed")
+    trained = 2 if precision == "bf16" else 4
+    frozen = 4 if precision == "fp32" else 2
+    lora = spec.lora_options
+    quant = spec.quantization_options
+    upcast = method == "qlora" and recipe.kbit_upcast
+    head = trained if method == "full" else (4 if upcast else frozen)
+    compute = 2 if autocast else (trained if method == "full" else frozen)
+    trainable_layers = {"full": shape.num_layers, "freeze": min(
+        shape.num_layers, spec.freeze_options.trainable_layers if spec.freeze_options else 0)}.get(method, 0)
+    return t.Setup(
+        method=method,
+        tokens=micro_batch * spec.training.max_seq_length,
+        seq=spec.training.max_seq_length,
+        padded_batches=recipe.padded_batches,
+        trained_bytes=trained,
+        frozen_bytes=frozen,
+        head_bytes=head,
+        autocast=autocast,
+        compute_bytes=compute,
+        residual_bytes=4 if ((method == "full" and trained == 4) or upcast or compute == 4) else 2,
+        mlp_bytes=4 if (upcast or compute == 4) else 2,
+        autocast_fp32_params=autocast and trained == 4 and method in ("full", "freeze"),
+        adapted=_adapted(shape, lora.target_modules) if lora else (),
+        lora_r=lora.r if lora else 0,
+        lora_dropout=bool(lora and lora.dropout > 0),
+        dora=bool(lora and lora.use_dora),
+        trainable_layers=trainable_layers,
+        gradient_checkpointing=spec.memory.gradient_checkpointing,
+        fused_loss=spec.memory.fused_loss,
+        optimizer=spec.memory.optimizer.value,
+        quant_double=bool(quant and quant.double_quant),
+    )
+
+
+# ---- phases ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """The terms that do not depend on the micro-batch (cached: auto and suggestions re-plan a lot)."""
+
+    static: dict
+    paged: int
+    grads: int
+    head_grads: int  # lm_head / embedding grads: the first ones backward creates
+    optimizer_temp: int
+    autocast_cache: int
+    dequant: int
+
+
+_FIXED_CACHE: dict[tuple, _Fixed] = {}
+
+
+def _fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
+    """Cached by shape, recipe and every setup field but tokens (auto and suggestions re-plan a lot)."""
+    key = (shape, recipe, s.fixed_key())
+    found = _FIXED_CACHE.get(key)
+    if found is None:
+        if len(_FIXED_CACHE) > 1024:
+            _FIXED_CACHE.clear()
+        found = _FIXED_CACHE[key] = _compute_fixed(shape, s, recipe)
+    return found
+
+
+def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
+    """Only micro-batch-independent fields of `s` are read."""
+    tensors = t.trainable_tensors(shape, s)
+    embed_fp32 = shape.embed_numel if (recipe.embedding_fp32_states and s.method == "full") else 0
+    states, paged = t.optimizer_state_bytes(tensors, s, embed_fp32)
+    weights = t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s)
+    static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
+    if s.method == "full" and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
+        static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
+    static |= {
+        "trainable_params": t.adapter_weight_bytes(tensors, s),
+        "optimizer_states": states,
+        "misc_workspaces": MISC_BYTES,
+    }
+    head = (shape.embed_numel + shape.lm_head_numel) * s.trained_bytes if s.method == "full" else 0
+    return _Fixed(static, paged, t.gradient_bytes(tensors, s), head,
+                  t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw), t.autocast_cache_bytes(shape, s),
+                  t.dequant_buffer_bytes(shape, s))
+
+
+def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int]:
+    f = _fixed(shape, s, recipe)
+    static = f.static
+    saved = t.saved_activation_bytes(shape, s)
+    layer = t.layer_activation_bytes(shape, s, trainable=s.method in ("full", "freeze"))
+    dropout_copies = t.adapter_activation_bytes_per_token(s) * s.tokens * t.grad_layers(shape, s)
+    lm_cast = t.lm_head_cast_bytes(shape, s)
+    acts = {"activations": saved} if s.gradient_checkpointing else {
+        "activations": saved - dropout_copies, "lora_dropout_copies": dropout_copies}
+    acts["attention_mask"] = t.attention_mask_bytes(s)
+    dora_layer = t.dora_weight_copy_bytes(shape, s)  # per layer; all layers' copies live without checkpointing
+    if dora_layer and not s.gradient_checkpointing:
+        acts["dora_weight_copies"] = dora_layer * t.grad_layers(shape, s)
+    if s.gradient_checkpointing:
+        # all grads + the layer inputs + one recomputed layer and its backward temporaries (x2)
+        backward = {"gradients": f.grads, "activations": saved + 2 * layer}
+    elif saved + f.head_grads >= f.grads:
+        # early in backward: every saved tensor + the head's grads + one layer's temporaries
+        backward = {"gradients": f.head_grads} | acts
+        backward["activations"] += layer
+    else:  # late in backward: all grads (full fine-tuning of a big model) + one layer's tensors
+        backward = {"gradients": f.grads, "activations": 2 * layer}
+    phases = {
+        "forward_loss": static | acts | {
+            "autocast_weight_copies": max(lm_cast, f.autocast_cache),
+            "logits_loss": t.loss_forward_bytes(shape, s)},
+        "loss_backward": static | acts | {
+            "autocast_weight_copies": lm_cast, "logits_loss": t.loss_backward_bytes(shape, s)},
+        "layer_backward": static | backward | {
+            "dequant_buffers": f.dequant + t.dora_norm_temp_bytes(shape, s),
+            "dora_weight_copies": backward.get("dora_weight_copies", 0) + dora_layer},
+        "optimizer_step": static | {"gradients": f.grads, "optimizer_temporaries": f.optimizer_temp},
+    }
+    pool = f.grads + f.optimizer_temp + f.autocast_cache
+    for name, terms in phases.items():
+        terms["allocator_fragmentation"] = _fragmentation(shape, s, recipe, name, sum(terms.values()), pool)
+        terms["cuda_context"] = t.CUDA_CONTEXT_BYTES
+    return phases, f.paged
+
+
+def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, allocated: int, pool: int) -> int:
+    """Reserved - allocated of the caching allocator at this phase (fitted; see the constants above)."""
+    frag = FRAG_ALLOC * allocated
+    if phase in ("forward_loss", "loss_backward"):
+        logits = 0 if s.fused_loss else t.logits_fp32_bytes(shape, s)
+        if recipe.expandable_segments:
+            frag += FRAG_LOGITS_EXPANDABLE * logits + FRAG_PARAM_POOL_EXPANDABLE * pool
+        else:
+            frag += FRAG_LOGITS * logits + FRAG_PARAM_POOL * pool
+    return int(frag)
+
+
+# ---- public entry point -------------------------------------------------------------------------------------
+def estimate(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER) -> tuple[str, dict, int]:
+    """(peak phase, its breakdown, paged bytes) for a fixed micro-batch."""
+    return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)
+
+
+def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict, int]:
+    phases, paged = _phases(shape, s, recipe)
+    name = max(phases, key=lambda n: sum(phases[n].values()))
+    breakdown = {k: int(v) for k, v in phases[name].items() if v}
+    return name, breakdown, paged
+
+
+def _peak(shape: ModelShape, s: t.Setup, recipe: Recipe) -> int:
+    return max(sum(terms.values()) for terms in _phases(shape, s, recipe)[0].values())
+
+
+def safety_margin(gpu_memory_bytes: int) -> int:
+    return max(int(MARGIN_FRACTION * gpu_memory_bytes), MARGIN_FLOOR_BYTES)
+
+
+def _auto_micro_batch(shape: ModelShape, s1: t.Setup, budget: int | None, recipe: Recipe) -> int:
+    """Largest micro-batch whose peak fits the budget; 1 with no GPU known (nothing to size against).
+    Memory grows with the micro-batch: double until it stops fitting, then bisect. `s1`: the setup at 1."""
+
+    def fits(mb: int) -> bool:
+        return _peak(shape, s1.with_tokens(s1.tokens * mb), recipe) <= budget
+
+    if budget is None or not fits(1):
+        return 1
+    lo = 1
+    while lo < 4096 and fits(min(2 * lo, 4096)):
+        lo = min(2 * lo, 4096)
+    hi = min(2 * lo, 4096) - 1 if lo < 4096 else 4096
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """plan()'s numbers without the pydantic wrapper (suggestions evaluate many of these)."""
+
+    micro_batch: int
+    phase: str
+    breakdown: dict
+    paged: int
+    peak: int
+    gpu: int | None
+    margin: int
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu is None else self.peak + self.margin <= self.gpu
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.gpu is None else self.gpu - self.margin - self.peak
+
+
+def evaluate(spec: JobSpec, shape: ModelShape, gpu_memory_bytes: int | None, recipe: Recipe = WORKER) -> Outcome:
+    if gpu_memory_bytes is None and spec.resources.gpu_memory_gib:
+        gpu_memory_bytes = int(spec.resources.gpu_memory_gib * t.GIB)
+    margin = safety_margin(gpu_memory_bytes) if gpu_memory_bytes else 0
+    mb = spec.training.micro_batch_size
+    if mb == "auto":
+        s1 = build_setup(spec, shape, 1, recipe)
+        mb = _auto_micro_batch(shape, s1, gpu_memory_bytes - margin if gpu_memory_bytes else None, recipe)
+        s = s1.with_tokens(s1.tokens * mb)
+    else:
+        s = build_setup(spec, shape, mb, recipe)
+    phase, breakdown, paged = _estimate(shape, s, recipe)
+    return Outcome(mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin)
+
+
+def plan(
+    spec: JobSpec,
+    shape: ModelShape,
+    gpu_memory_bytes: int | None = None,
+    *,
+    recipe: Recipe = WORKER,
+    suggest: bool = True,
+) -> Plan:
+    """Predict the peak and, when it does not fit, offer cheaper specs that do.
+    gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known (fits None,
+    and micro_batch_size "auto" resolves to 1)."""
+    o = evaluate(spec, shape, gpu_memory_bytes, recipe)
+    result = Plan(
+        peak_vram_bytes=o.peak, breakdown=o.breakdown, peak_phase=o.phase, paged_optimizer_bytes=o.paged,
+        gpu_memory_bytes=o.gpu, safety_margin_bytes=o.margin, fits=o.fits, headroom_bytes=o.headroom,
+        micro_batch_size=o.micro_batch,
+    )
+    if o.fits is False:
+        result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
+        if suggest:
+            from planner.suggest import suggestions  # late: suggest.py imports this module
+
+            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe)
+    return result
+
+
+def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase: str) -> list[str]:
+    top = sorted(breakdown.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{k} {v / t.GIB:.1f} GiB" for k, v in top)
+    return [
+        f"predicted peak {peak / t.GIB:.1f} GiB (at {phase}) + safety margin {margin / t.GIB:.1f} GiB "
+        f"exceeds the GPU's {gpu / t.GIB:.1f} GiB by {(peak + margin - gpu) / t.GIB:.1f} GiB",
+        f"largest terms: {parts}",
+    ]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge-patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def apply_patch(spec: JobSpec, patch: dict) -> JobSpec:
+    return JobSpec.model_validate(merge_patch(json.loads(spec.model_dump_json()), patch))
+
+
+__all__ = ["HF_TRAINER", "WORKER", "Plan", "Recipe", "Suggestion", "apply_patch", "estimate", "plan"]

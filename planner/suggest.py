@@ -1,0 +1,133 @@
+"""Suggestions for a spec that does not fit: each candidate is a JSON merge-patch that the planner re-plans;
+only patches that fit are offered, cheapest expected throughput cost first.
+
+Costs are rough slowdowns of tokens/s (the calibration rows give two of them), plus a penalty for patches
+that change what the job trains (method, sequence length) so they come after the ones that do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.core import Outcome, Recipe, Suggestion, apply_patch, evaluate
+from planner.shapes import ModelShape
+from planner.spec import JobSpec
+
+# Expected throughput cost (fraction of tokens/s lost), cheapest first.
+COST_FUSED_LOSS = 0.0  # Liger FLCE skips the logits round trip: no slower, often faster
+COST_ADAMW_8BIT = 0.02  # q05-full16: adamw_bnb_8bit 20.6k vs adamw 22.3k tok/s (noise-level on 6 steps)
+COST_PAGED = 0.04  # paged states add page migration under memory pressure
+COST_BF16_PRECISION = 0.0  # bf16 weights drop the fp32 master copy: faster, but less exact updates
+COST_PER_HALVING = 0.05  # smaller matmuls per halving of the micro-batch (same tokens per step)
+COST_CHECKPOINTING = 0.5  # q05-lora: gc 10.8k vs no gc 22.1k tok/s
+COST_QLORA = 0.8  # q05: qlora-gc 7.2k vs lora-gc 10.8k tok/s (0.34) + changes the trained model (NF4 base)
+COST_LORA = 0.9  # changes what trains (adapters instead of all weights)
+COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
+
+
+def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]]]:
+    mem, out = spec.memory, []
+    if not mem.fused_loss:
+        out.append((COST_FUSED_LOSS, "fused_loss on (Liger fused linear cross-entropy: no full logits)",
+                    {"memory": {"fused_loss": True}}))
+    if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):
+        out.append((COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}}))
+    if mem.optimizer.value != "paged_adamw_8bit":
+        out.append((COST_PAGED, f"optimizer {mem.optimizer.value}→paged_adamw_8bit (states in unified memory)",
+                    {"memory": {"optimizer": "paged_adamw_8bit"}}))
+    if spec.method.value == "full" and mem.precision.value == "bf16-mixed":
+        out.append((COST_BF16_PRECISION, "precision bf16-mixed→bf16 (no fp32 master weights)",
+                    {"memory": {"precision": "bf16"}}))
+    if spec.training.micro_batch_size != "auto":
+        for smaller in (d for d in range(mb - 1, 0, -1) if mb % d == 0):
+            factor = mb // smaller
+            out.append((COST_PER_HALVING * factor.bit_length(),
+                        f"micro_batch_size {mb}→{smaller} with gradient_accumulation_steps ×{factor} (same effective batch)",
+                        {"training": {"micro_batch_size": smaller,
+                                      "gradient_accumulation_steps": spec.training.gradient_accumulation_steps * factor}}))
+    if not mem.gradient_checkpointing:
+        out.append((COST_CHECKPOINTING, "gradient_checkpointing on", {"memory": {"gradient_checkpointing": True}}))
+    if spec.method.value == "lora":
+        out.append((COST_QLORA, "method lora→qlora (NF4 base weights)", {"method": "qlora"}))
+    if spec.method.value in ("full", "freeze"):
+        out.append((COST_LORA, f"method {spec.method.value}→lora", {"method": "lora", "freeze": None}))
+    seq = spec.training.max_seq_length
+    for shorter in (seq // 2, seq // 4, seq // 8):
+        if shorter >= 256:
+            out.append((COST_SHORTER_SEQ + seq / shorter / 100, f"max_seq_length {seq}→{shorter} (changes the job)",
+                        {"training": {"max_seq_length": shorter}}))
+    return sorted(out, key=lambda c: c[0])
+
+
+def suggestions(spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Recipe) -> list[Suggestion]:
+    """Single patches that fit; if none does, one combined patch built greedily in cost order."""
+    found: list[Suggestion] = []
+    offered_mb = offered_seq = False
+    candidates = _candidates(spec, mb)
+    for _, description, patch in candidates:
+        is_mb, is_seq = "micro_batch_size" in patch.get("training", {}), "max_seq_length" in patch.get("training", {})
+        if (is_mb and offered_mb) or (is_seq and offered_seq):
+            continue  # the largest micro-batch / longest sequence that fits is enough
+        result = _try(spec, shape, gpu, patch, recipe)
+        if result is not None and result.fits:
+            found.append(_suggestion(description, patch, result))
+            offered_mb, offered_seq = offered_mb or is_mb, offered_seq or is_seq
+    return found or _combined(spec, shape, gpu, candidates, recipe)
+
+
+def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, recipe: Recipe) -> list[Suggestion]:
+    """Add patches in cost order until the spec fits, then drop the ones it does not need; offer that one."""
+    steps: list[tuple[str, dict]] = []
+    for _, description, patch in candidates:
+        # a later patch of the same field (paged after 8-bit, a smaller micro-batch) replaces the earlier one
+        trial = [(d, p) for d, p in steps if _leaves(p) - _leaves(patch)] + [(description, patch)]
+        result = _try(spec, shape, gpu, _merge_all(trial), recipe)
+        if result is None:
+            continue
+        steps = trial
+        if result.fits:
+            return [_prune(spec, shape, gpu, steps, result, recipe)]
+    return []
+
+
+def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, recipe: Recipe) -> Suggestion:
+    """Drop, most expensive first, every earlier step the combination still fits without."""
+    for step in reversed(steps[:-1]):
+        fewer = [s for s in steps if s is not step]
+        trial = _try(spec, shape, gpu, _merge_all(fewer), recipe)
+        if trial is not None and trial.fits:
+            steps, result = fewer, trial
+    return _suggestion("; ".join(d for d, _ in steps), _merge_all(steps), result)
+
+
+def _leaves(patch: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in patch.items():
+        out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return out
+
+
+def _merge_all(steps: list) -> dict:
+    merged: dict[str, Any] = {}
+    for _, patch in steps:
+        merged = _merge(merged, patch)
+    return merged
+
+
+def _suggestion(description: str, patch: dict, result: Outcome) -> Suggestion:
+    return Suggestion(description=description, patch=patch, peak_vram_bytes=result.peak, headroom_bytes=result.headroom)
+
+
+def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict, recipe: Recipe) -> Outcome | None:
+    try:
+        patched = apply_patch(spec, patch)
+    except ValueError:  # the patch makes an invalid spec (e.g. options of another method)
+        return None
+    return evaluate(patched, shape, gpu, recipe)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,329 @@
+"""One small function per memory term. Every function returns bytes.
+
+Sources are cited where each number comes from. Library paths are those of the calibrated stack:
+torch 2.11.0, transformers 5.17.0, peft 0.21.0, bitsandbytes 0.50.2 (see docs/planner-accuracy.md).
+Calibration rows are `calibration/h100-hf-trainer.jsonl`, named by their `case.name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.shapes import Linear, ModelShape
+
+GIB = 1 << 30
+
+# ---- constants, each with its source ------------------------------------------------------------------
+# bitsandbytes 0.50.2 Linear4bit / Params4bit: NF4 packs two 4-bit codes per uint8 and keeps one absmax
+# per block of 64 weights (functional.quantize_4bit, blocksize=64 default for Params4bit).
+NF4_BLOCKSIZE = 64
+# Double quantization (quantize_4bit(compress_statistics=True)) quantizes the fp32 absmax to uint8 in
+# blocks of 256 with one fp32 absmax each, plus a 256-entry fp32 code table (QuantState.state2).
+NF4_DQ_BLOCKSIZE = 256
+NF4_DQ_CODE_BYTES = 256 * 4
+# bitsandbytes optim/optimizer.py Optimizer2State.init_state: 8-bit states use blocksize 256 with an fp32
+# absmax per block, and params with numel < min_8bit_size (4096) keep fp32 states.
+BNB_8BIT_BLOCKSIZE = 256
+BNB_MIN_8BIT_SIZE = 4096
+# bitsandbytes optim/optimizer.py Optimizer8bit.get_state_buffer: paged optimizers page only buffers with
+# numel >= 1e5 (F.get_paged = cudaMallocManaged); smaller ones are ordinary torch tensors.
+BNB_PAGED_MIN_NUMEL = 100_000
+# CUDA context: nvml_used - peak_reserved is exactly 794,820,608 bytes in all 15 calibration rows
+# (H100, driver 580, torch 2.11.0+cu130). Paged (managed) optimizer states do not show in it: the six
+# paged_adamw_8bit qlora rows have the same gap as the adamw rows.
+CUDA_CONTEXT_BYTES = 794_820_608
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """The numeric facts of one planned run, resolved from the spec and the recipe."""
+
+    method: str  # qlora | lora | full | freeze
+    tokens: int  # micro_batch_size * max_seq_length: every sequence at the length limit (the worst case)
+    seq: int  # max_seq_length
+    padded_batches: bool  # micro-batches may be right-padded: an attention mask exists when tokens > seq
+    trained_bytes: int  # storage bytes of base weights that train (full; freeze's last layers)
+    frozen_bytes: int  # storage bytes of base weights that do not train (worker: the precision's half dtype)
+    head_bytes: int  # storage bytes of embeddings / lm_head / norms (fp32 when the stock kbit upcast runs)
+    autocast: bool  # bf16-mixed / fp16-mixed run the forward under torch.autocast
+    compute_bytes: int  # bytes of activations fed to matmuls/sdpa: 2 in bf16/fp16, 4 in fp32
+    residual_bytes: int  # bytes of the residual stream between layers (fp32 params or upcast norms: 4)
+    mlp_bytes: int  # bytes of gate/up/act outputs (fp32 when Linear4bit casts back to fp32 inputs: 4)
+    autocast_fp32_params: bool  # trainable fp32 params under autocast: every matmul casts its weight
+    adapted: tuple[Linear, ...]  # the projections carrying a LoRA adapter, per layer
+    lora_r: int
+    lora_dropout: bool
+    dora: bool
+    trainable_layers: int  # decoder layers whose own weights train (full: all; freeze: N; adapters: 0)
+    gradient_checkpointing: bool
+    fused_loss: bool
+    optimizer: str
+    quant_double: bool
+
+    def with_tokens(self, tokens: int) -> Setup:
+        """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
+        new = object.__new__(Setup)
+        for name in Setup.__slots__:
+            object.__setattr__(new, name, getattr(self, name))
+        object.__setattr__(new, "tokens", tokens)
+        return new
+
+    def fixed_key(self) -> tuple:
+        """Every field but tokens: what the micro-batch-independent terms depend on."""
+        return (self.method, self.seq, self.padded_batches, self.trained_bytes, self.frozen_bytes,
+                self.head_bytes, self.autocast, self.compute_bytes, self.residual_bytes, self.mlp_bytes, self.autocast_fp32_params, tuple(lin.name for lin in self.adapted), self.lora_r,
+                self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
+                self.fused_loss, self.optimizer, self.quant_double)
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+def nf4_packed_bytes(numel: int) -> int:
+    """bnb Params4bit: two NF4 codes per byte."""
+    return (numel + 1) // 2
+
+
+def nf4_constants_bytes(numel: int, double_quant: bool) -> int:
+    """absmax per 64-block: fp32, or uint8 + one fp32 per 256 absmax + code table with double quant."""
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    if not double_quant:
+        return blocks * 4
+    return blocks + -(-blocks // NF4_DQ_BLOCKSIZE) * 4 + NF4_DQ_CODE_BYTES
+
+
+def layer_linear_weight_bytes(shape: ModelShape, s: Setup) -> int:
+    """The seven projections of every decoder layer, as stored (NF4-packed for qlora)."""
+    if s.method == "qlora":
+        return shape.num_layers * sum(nf4_packed_bytes(lin.weight_numel) for lin in shape.linears)
+    frozen = shape.num_layers - s.trainable_layers
+    return shape.layer_linear_numel * (s.trainable_layers * s.trained_bytes + frozen * s.frozen_bytes)
+
+
+def quant_constant_bytes(shape: ModelShape, s: Setup) -> int:
+    if s.method != "qlora":
+        return 0
+    per_layer = sum(nf4_constants_bytes(lin.weight_numel, s.quant_double) for lin in shape.linears)
+    return shape.num_layers * per_layer
+
+
+def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
+    """Embeddings, untied lm_head, norms and biases: never quantized (bnb skips lm_head and embeddings).
+    Freeze: the trained layers' norms are in the trained dtype (worker loading._train_last_layers)."""
+    head = (shape.embed_numel + shape.lm_head_numel + shape.hidden_size) * s.head_bytes
+    frozen = shape.num_layers - s.trainable_layers
+    return head + shape.layer_other_numel * (s.trainable_layers * s.trained_bytes + frozen * s.head_bytes)
+
+
+# ---- trainable parameters and what the optimizer keeps -------------------------------------------------
+def trainable_tensors(shape: ModelShape, s: Setup) -> list[tuple[int, int]]:
+    """(numel, count) of every trainable tensor: the optimizer keeps state per tensor."""
+    if s.method in ("lora", "qlora"):
+        out = []
+        for lin in s.adapted:
+            out += [(s.lora_r * lin.in_features, shape.num_layers), (lin.out_features * s.lora_r, shape.num_layers)]
+            if s.dora:  # peft DoraLinearLayer.weight: one magnitude per output feature
+                out.append((lin.out_features, shape.num_layers))
+        return out
+    layer = [(lin.weight_numel, s.trainable_layers) for lin in shape.linears]
+    layer += [(lin.out_features, s.trainable_layers) for lin in shape.linears if lin.bias]
+    layer.append((shape.hidden_size, shape.norms_per_layer * s.trainable_layers))
+    if s.method == "freeze":  # embeddings, lm_head and the final norm stay frozen
+        return layer
+    head = [(shape.embed_numel, 2 if shape.lm_head_numel else 1), (shape.hidden_size, 1)]
+    return layer + head
+
+
+def trainable_numel(tensors: list[tuple[int, int]]) -> int:
+    return sum(n * c for n, c in tensors)
+
+
+def adapter_weight_bytes(tensors: list[tuple[int, int]], s: Setup) -> int:
+    """peft keeps LoRA A/B (and DoRA magnitudes) in fp32: LoraConfig autocast_adapter_dtype=True."""
+    if s.method not in ("lora", "qlora"):
+        return 0
+    return trainable_numel(tensors) * 4
+
+
+def trainable_param_bytes(s: Setup) -> int:
+    """Bytes per trainable element: fp32 adapters, else the param dtype."""
+    return 4 if s.method in ("lora", "qlora") else s.trained_bytes
+
+
+def gradient_bytes(tensors: list[tuple[int, int]], s: Setup) -> int:
+    """One .grad per trainable param, in the param's dtype (autocast grads are cast back to it)."""
+    return trainable_numel(tensors) * trainable_param_bytes(s)
+
+
+def optimizer_state_bytes(
+    tensors: list[tuple[int, int]], s: Setup, embed_numel_fp32: int = 0
+) -> tuple[int, int]:
+    """(device bytes, paged bytes) of the optimizer states. Paged bytes live in CUDA unified memory:
+    they show in neither torch's reserved memory nor NVML's per-process figure (calibration qlora rows).
+    `embed_numel_fp32`: HF Trainer registers nn.Embedding weights for 32-bit states (trainer.py
+    register_module_override) - the calibration recipe, not the worker."""
+    pb = trainable_param_bytes(s)
+    if s.optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(param)
+        return trainable_numel(tensors) * 2 * pb, 0
+    device = paged = 0
+    paged_opt = s.optimizer.startswith("paged")
+    for numel, count in tensors:
+        fp32 = s.optimizer == "paged_adamw_32bit" or numel < BNB_MIN_8BIT_SIZE or numel == embed_numel_fp32
+        size = numel * 8 if fp32 else 2 * numel + 2 * -(-numel // BNB_8BIT_BLOCKSIZE) * 4
+        if paged_opt and numel >= BNB_PAGED_MIN_NUMEL:
+            paged += size * count
+        else:
+            device += size * count
+    return device, paged
+
+
+def optimizer_temp_bytes(tensors: list[tuple[int, int]], s: Setup, foreach_adamw: bool) -> int:
+    """torch AdamW foreach (HF 'adamw_torch', the calibration) allocates exp_avg_sq.sqrt() for every param
+    at once (torch/optim/adam.py _multi_tensor_adam: torch._foreach_sqrt). fused=True (the worker) and
+    bitsandbytes update in place."""
+    if s.optimizer != "adamw" or not foreach_adamw:
+        return 0
+    return trainable_numel(tensors) * trainable_param_bytes(s)
+
+
+# ---- activations ------------------------------------------------------------------------------------
+def adapter_activation_bytes_per_token(s: Setup) -> int:
+    """peft lora.Linear / lora.bnb.Linear4bit forward: dropout keeps its bool mask (1 B/elem) and lora_A
+    saves its input: the bf16 autocast cast (2 B/elem), or without autocast the fp32 input peft casts to the
+    adapter's dtype (_cast_input_dtype, 4 B/elem) - a private copy of the input of every adapted
+    projection. lora_B saves lora_A's r-wide output."""
+    total = 0
+    a_in = 2 if s.autocast else 4
+    for lin in s.adapted:
+        total += ((1 if s.lora_dropout else 0) + a_in) * lin.in_features + a_in * s.lora_r
+        if s.dora:  # peft DoraLinearLayer.forward: base_result and lora_result kept for the magnitude mul;
+            # with dropout the base matmul is redone on the dropped input (DoraLinearVariant.forward), whose
+            # bf16 autocast copy is saved too
+            total += 2 * s.compute_bytes * lin.out_features + (2 * lin.in_features if s.lora_dropout else 0)
+    return total
+
+
+def dora_weight_copy_bytes(shape: ModelShape, s: Setup) -> int:
+    """DoRA with dropout recomputes base_result = F.linear(dropout(x), weight): the bf16 (dequantized or
+    autocast-cast) weight is saved for backward - one copy of every adapted projection of a layer."""
+    if not (s.dora and s.lora_dropout):
+        return 0
+    return 2 * sum(lin.weight_numel for lin in s.adapted)
+
+
+def dora_norm_temp_bytes(shape: ModelShape, s: Setup) -> int:
+    """DoraLinearLayer.get_weight_norm: lora_B @ lora_A (fp32) and weight + scaling * lora_weight, one
+    projection at a time."""
+    if not s.dora:
+        return 0
+    return 8 * max(lin.weight_numel for lin in s.adapted)
+
+
+def base_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool) -> int:
+    """What one decoder layer saves for backward, per token (transformers llama/qwen2 modeling, sdpa)."""
+    h, i, c = shape.hidden_size, shape.intermediate_size, s.compute_bytes
+    # RMSNorm: hidden.to(float32) is saved by pow/mul (4 B); a trainable weight also saves its other operand.
+    norms = shape.norms_per_layer * (4 * h + (s.residual_bytes * h if trainable else 0))
+    # sdpa (flash/efficient, native GQA when there is no mask) saves q, k, v and its output. With a padding
+    # mask, transformers repeats k/v to every query head (sdpa_attention.use_gqa_in_sdpa is False).
+    kv = shape.q_dim if s.padded_batches and s.tokens > s.seq else shape.kv_dim
+    attn = c * (2 * shape.q_dim + 2 * kv)
+    # gated MLP: act_fn saves gate's output, the product saves act(gate) and up's output.
+    mlp = 3 * i * s.mlp_bytes
+    linears = 0
+    if trainable:  # trainable projections save their input; autocast casts it once per projection
+        shared = 3 if s.autocast_fp32_params else 1  # q/k/v read the same normed tensor
+        mlp_in = 2 if s.autocast_fp32_params else 1  # gate/up too
+        linears = c * ((shared + mlp_in) * h + shape.q_dim + i)
+    return norms + attn + mlp + linears
+
+
+def layer_activation_bytes(shape: ModelShape, s: Setup, trainable: bool) -> int:
+    """All saved tensors of one layer at `s.tokens` tokens."""
+    per_token = base_activation_bytes_per_token(shape, s, trainable) + adapter_activation_bytes_per_token(s)
+    return per_token * s.tokens + attention_bias_bytes(s)
+
+
+def attention_mask_bytes(s: Setup) -> int:
+    """A padded micro-batch gets a bool [batch, 1, seq, seq] mask (transformers masking_utils.sdpa_mask),
+    built once per forward; an unpadded one none (is_causal)."""
+    return s.tokens * s.seq if s.padded_batches and s.tokens > s.seq else 0
+
+
+def attention_bias_bytes(s: Setup) -> int:
+    """torch sdpa turns a bool mask into an additive one in the query dtype on every call, and the
+    memory-efficient kernel saves it for backward: one [batch, 1, seq, seq] copy per layer."""
+    return attention_mask_bytes(s) * s.compute_bytes
+
+
+def checkpoint_bytes(shape: ModelShape, s: Setup) -> int:
+    """Non-reentrant checkpointing keeps each checkpointed layer's input hidden states."""
+    return s.tokens * shape.hidden_size * s.residual_bytes
+
+
+def grad_layers(shape: ModelShape, s: Setup) -> int:
+    """Layers that record autograd state: all with adapters/full, the last N with freeze."""
+    return s.trainable_layers if s.method == "freeze" else shape.num_layers
+
+
+def saved_activation_bytes(shape: ModelShape, s: Setup) -> int:
+    """Everything the forward pass keeps for backward across the decoder stack."""
+    n = grad_layers(shape, s)
+    if s.gradient_checkpointing:
+        return n * checkpoint_bytes(shape, s)
+    return n * layer_activation_bytes(shape, s, trainable=s.method in ("full", "freeze"))
+
+
+# ---- logits and loss ---------------------------------------------------------------------------------
+def logits_fp32_bytes(shape: ModelShape, s: Setup) -> int:
+    """transformers loss_utils.ForCausalLMLoss: logits.float() - tokens x vocab x 4 bytes."""
+    return s.tokens * shape.vocab_size * 4
+
+
+def loss_backward_bytes(shape: ModelShape, s: Setup) -> int:
+    """Backward of cross_entropy: log_softmax's saved output, nll's grad and log_softmax's grad input
+    are all tokens x vocab fp32 at once (3x). gemma2's soft-cap keeps its tanh output too."""
+    if s.fused_loss:
+        return fused_loss_bytes(shape, s)
+    softcap = s.tokens * shape.vocab_size * s.compute_bytes if shape.final_logit_softcapping else 0
+    return 3 * logits_fp32_bytes(shape, s) + softcap
+
+
+def loss_forward_bytes(shape: ModelShape, s: Setup) -> int:
+    """Forward of the loss: lm_head's logits (bf16 under autocast), their fp32 copy and log_softmax's out."""
+    if s.fused_loss:
+        return fused_loss_bytes(shape, s)
+    lowp = s.tokens * shape.vocab_size * s.compute_bytes if s.compute_bytes < 4 else 0
+    return lowp + 2 * logits_fp32_bytes(shape, s)
+
+
+# worker/training/loss.py FUSED_CHUNK_TOKENS: lm_head + cross-entropy run per chunk of positions.
+FUSED_CHUNK_TOKENS = 1024
+
+
+def fused_loss_bytes(shape: ModelShape, s: Setup) -> int:
+    """The worker's fused loss (worker/training/loss.py _fused_loss_sum): lm_head + cross-entropy per chunk
+    of 1024 positions under activation checkpointing, so one chunk's logits exist at a time: in its backward
+    the low-precision logits and 3 fp32 chunk x vocab buffers (as the unfused loss). The learned positions'
+    hidden states are gathered into one tokens x hidden tensor the chunks keep for their recomputation."""
+    chunk = min(FUSED_CHUNK_TOKENS, s.tokens)
+    return chunk * shape.vocab_size * (3 * 4 + s.compute_bytes) + s.tokens * shape.hidden_size * s.compute_bytes
+
+
+def lm_head_cast_bytes(shape: ModelShape, s: Setup) -> int:
+    """An fp32 lm_head under bf16 autocast: F.linear casts the weight to bf16 and saves the copy for
+    backward (the stock kbit upcast, or bf16-mixed full)."""
+    if s.head_bytes == 4 and s.autocast:
+        return shape.embed_numel * 2
+    return 0
+
+
+def autocast_cache_bytes(shape: ModelShape, s: Setup) -> int:
+    """torch autocast caches the bf16 copy of every fp32 leaf weight that requires grad until the autocast
+    region exits (end of forward): all projections of the trainable layers, plus lm_head for full."""
+    if not s.autocast_fp32_params:
+        return 0
+    return 2 * (s.trainable_layers * shape.layer_linear_numel + (shape.embed_numel if s.method == "full" else 0))
+
+
+def dequant_buffer_bytes(shape: ModelShape, s: Setup) -> int:
+    """bnb MatMul4Bit: dequantize_4bit materialises one bf16 weight at a time (forward and backward)."""
+    return shape.largest_linear_numel * 2 if s.method == "qlora" else 0
