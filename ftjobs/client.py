@@ -56,16 +56,29 @@ class Client:
 
     def watch(self, job_id: str, poll_seconds: float = 1.0, out=sys.stdout) -> dict[str, Any]:
         """Poll until the job ends, drawing a progress bar; returns the final job."""
+        last_line = None
         while True:
             job = self.job(job_id)
-            draw_progress(job, out)
+            if (line := progress_line(job)) != last_line:
+                draw_progress(job, out)
+                last_line = line
             if job["status"] in TERMINAL:
-                out.write("\n")
+                if out.isatty():
+                    out.write("\n")
                 return job
             time.sleep(poll_seconds)
 
 
-def draw_progress(job: dict[str, Any], out=sys.stdout, width: int = 30) -> None:
+def draw_progress(job: dict[str, Any], out=sys.stdout) -> None:
+    line = progress_line(job)
+    if out.isatty():
+        out.write("\r" + line.ljust(110))
+    else:
+        out.write(line + "\n")
+    out.flush()
+
+
+def progress_line(job: dict[str, Any], width: int = 30) -> str:
     progress = job.get("progress") or {}
     step, total = progress.get("step", 0), progress.get("total_steps") or 0
     filled = int(width * step / total) if total else 0
@@ -77,9 +90,4 @@ def draw_progress(job: dict[str, Any], out=sys.stdout, width: int = 30) -> None:
         parts.append(f"{progress['tokens_per_second']:.0f} tok/s")
     if progress.get("eta_seconds") is not None and job["status"] == "running":
         parts.append(f"ETA {progress['eta_seconds']:.0f}s")
-    line = "  ".join(parts)
-    if out.isatty():
-        out.write("\r" + line.ljust(110))
-    else:
-        out.write(line + "\n")
-    out.flush()
+    return "  ".join(parts)
