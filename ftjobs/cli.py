@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def _up(args) -> int:
     settings.ensure_dirs()
     upgrade_database(settings)
     worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy())
+    # uvicorn re-raises the SIGTERM it shut down on; turning it into SystemExit lets `finally` stop the worker
+    # instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _api(args)
     finally:

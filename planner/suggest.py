@@ -14,7 +14,7 @@ from planner.shapes import ModelShape
 from planner.spec import JobSpec
 
 # Expected throughput cost (fraction of tokens/s lost), cheapest first.
-COST_FUSED_LOSS = 0.0  # Liger FLCE skips the logits round trip: no slower, often faster
+COST_FUSED_LOSS = 0.0  # the chunked lm_head + loss recomputes one small matmul per chunk: about free
 COST_ADAMW_8BIT = 0.02  # q05-full16: adamw_bnb_8bit 20.6k vs adamw 22.3k tok/s (noise-level on 6 steps)
 COST_PAGED = 0.04  # paged states add page migration under memory pressure
 COST_BF16_PRECISION = 0.0  # bf16 weights drop the fp32 master copy: faster, but less exact updates
@@ -28,7 +28,7 @@ COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
 def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]]]:
     mem, out = spec.memory, []
     if not mem.fused_loss:
-        out.append((COST_FUSED_LOSS, "fused_loss on (Liger fused linear cross-entropy: no full logits)",
+        out.append((COST_FUSED_LOSS, "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
                     {"memory": {"fused_loss": True}}))
     if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):
         out.append((COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}}))

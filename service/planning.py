@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from planner import Plan, plan
+from planner import ModelShape, Plan, plan
 from planner.spec import JobSpec
 from service.base_models import locate_for_planning
+from service.errors import InvalidSpec
 from service.jobs import repository
+from service.metrics import PLANNER_DURATION
 
 GIB = 1024**3
 
@@ -23,4 +25,6 @@ def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
 
 
 def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
-    return plan(spec, locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec))
+    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec)
+    with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
+        return plan(spec, located, capacity)

@@ -17,6 +17,7 @@ from service.jobs import repository
 from service.jobs.states import JobStatus
 from service.models import Job
 from service.settings import Settings
+from worker import metrics as worker_metrics
 from worker.job_process import job_process_main
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ClaimedJob:
     spec: dict[str, Any]
     base_model_dir: str
     dataset_path: str
+    predicted_peak_bytes: int
 
 
 def claim(job_id: str, hostname: str) -> ClaimedJob | None:
@@ -37,7 +39,7 @@ def claim(job_id: str, hostname: str) -> ClaimedJob | None:
         if not repository.transition(session, job_id, JobStatus.running, worker_hostname=hostname):
             return None
         job: Job = repository.get_job(session, job_id)
-        return ClaimedJob(job.id, job.spec, job.base_model_path, job.dataset_path)
+        return ClaimedJob(job.id, job.spec, job.base_model_path, job.dataset_path, job.predicted_peak_bytes)
 
 
 def execute_job(job_id: str, settings: Settings, hostname: str) -> JobStatus | None:
@@ -55,13 +57,18 @@ def _supervise(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float) ->
     parent_end, child_end = context.Pipe(duplex=False)
     process = context.Process(target=job_process_main, name=f"ftjobs-{job.id}", daemon=False,
                               args=(job.spec, job.base_model_dir, job.dataset_path, str(output_dir), child_end))
+    started = time.monotonic()
+    worker_metrics.job_started(job.id, job.predicted_peak_bytes)
     process.start()
     child_end.close()
     with transaction() as session:
         repository.set_job_fields(session, job.id, child_pid=process.pid)
         repository.add_event(session, job.id, "log", {"message": f"training process {process.pid} started"})
     outcome = _relay_until_done(job.id, process, parent_end, cancel_poll_seconds)
-    return _record_outcome(job.id, outcome, process, output_dir)
+    status = _record_outcome(job.id, outcome, process, output_dir)
+    worker_metrics.job_finished(job.id, status.value, time.monotonic() - started, outcome.get("measured_peak_bytes"),
+                                job.predicted_peak_bytes, outcome.get("code"))
+    return status
 
 
 def _relay_until_done(job_id: str, process, conn, cancel_poll_seconds: float) -> dict[str, Any]:
@@ -88,6 +95,7 @@ def _record_progress(job_id: str, message: dict[str, Any]) -> None:
     progress = {key: value for key, value in message.items() if key != "type"}
     with transaction() as session:
         repository.record_progress(session, job_id, progress)
+    worker_metrics.job_progress(job_id, progress)
 
 
 def _cancel_requested(job_id: str) -> bool:
