@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import metrics
 from service.api import files, health, jobs, plans
 from service.errors import InvalidSpec, ProblemError, UploadTooLarge
 from service.logs import configure_logging
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(UploadSizeGuard, max_upload_bytes=settings.max_upload_bytes)
+    metrics.install(app, settings)  # outermost, so refused uploads are measured too
     app.dependency_overrides[get_settings] = lambda: settings
     app.mount("/metrics", make_asgi_app())
     return app

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     api_port: int = 8000
     log_level: str = "INFO"
     log_json: bool = False
+    # Each worker serves its own Prometheus /metrics on this port (0 = none); one port per worker on a host.
+    worker_metrics_port: int = 9101
 
     @property
     def resolved_home(self) -> Path:

@@ -7,6 +7,7 @@ with each other or with the machine's `test` database.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -91,14 +92,22 @@ def data_root(settings) -> Path:
     return settings.datasets_root
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class WorkerProcess:
     """`ftjobs worker` as its own process, exactly as deployed, with its log captured for assertions."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.lines: list[str] = []
+        self.metrics_port = free_port()  # its own /metrics, never the default 9101 another worker may hold
+        env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port)}
         self.process = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:

@@ -25,6 +25,7 @@ from service.queue import celery_config
 from service.settings import get_settings
 from worker.execution import recover_orphans
 from worker.gpus import list_gpus
+from worker import metrics as worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def _on_ready(sender, **_kwargs) -> None:
     with transaction() as session:
         repository.register_gpus(session, hostname, [(g.index, g.name, g.total_memory_bytes) for g in gpus])
     log.info("worker %s ready with %s", hostname, [g.name for g in gpus] or "no GPU (training runs on the CPU)")
+    if get_settings().worker_metrics_port:
+        worker_metrics.serve(get_settings().worker_metrics_port)
     for job_id in recover_orphans(hostname):
         log.warning("job %s was running when this worker last stopped; marked failed (worker_lost)", job_id)
 

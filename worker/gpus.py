@@ -48,3 +48,27 @@ def process_used_bytes(pid: int) -> int | None:
             if process.pid == pid and process.usedGpuMemory is not None:
                 used = (used or 0) + process.usedGpuMemory
     return used
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    used_memory_bytes: int
+    total_memory_bytes: int
+    utilization_ratio: float | None  # None where NVML has no utilisation counter (MIG instances, some vGPUs)
+
+
+def read_gpus() -> list[GpuReading]:
+    """Memory in use (by every process, as nvidia-smi shows it) and utilisation of each GPU, right now."""
+    if not _nvml_available():
+        return []
+    readings = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        try:
+            utilization = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+        except pynvml.NVMLError:
+            utilization = None
+        readings.append(GpuReading(index, memory.used, memory.total, utilization))
+    return readings

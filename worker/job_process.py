@@ -35,11 +35,25 @@ def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: 
 
     result = train(JobSpec.model_validate(spec_json), base_model_dir=Path(base_model_dir),
                    dataset_path=Path(dataset_path), output_dir=Path(output_dir),
-                   on_progress=lambda p: conn.send({"type": "progress", **dataclasses.asdict(p)}))
+                   on_progress=lambda p: conn.send({"type": "progress", **dataclasses.asdict(p),
+                                                    **_resident_memory()}))
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
     nvml_bytes = process_used_bytes(os.getpid())
     return {**dataclasses.asdict(result), "measured_peak_bytes": nvml_bytes or result.peak_memory_bytes}
+
+
+def _resident_memory() -> dict:
+    """This process's resident set now and at its peak (VmRSS, VmHWM): the memory training uses on the CPU.
+
+    Read from /proc (Linux); elsewhere nothing is reported rather than a guess.
+    """
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {"process_resident_bytes": int(fields["VmRSS"].split()[0]) * 1024,
+                "process_peak_resident_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _describe(exc: BaseException) -> dict:

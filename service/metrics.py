@@ -1,0 +1,181 @@
+"""The API process's Prometheus metrics, served at /metrics (service/app.py).
+
+Counters and histograms are updated as requests happen. Whatever the database or the broker already knows
+(jobs by state, registered GPUs, queue depth) is read at scrape time by `ServiceStateCollector`, so it is
+always the truth of the moment and costs one GROUP BY, one small SELECT and one LLEN per scrape.
+
+Conventions (the README's Monitoring section lists every metric): the `ftjobs_` prefix, base units in the
+name (`_seconds`, `_bytes`), `_total` only on counters, HELP on every metric, and labels whose values come from
+closed sets: a route label is the route *template* (`/v1/jobs/{job_id}`), never the raw path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.errors import DoesNotFit, ProblemError
+from service.jobs.states import JobStatus
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+# The *_created series would double every counter and histogram for a timestamp no panel or alert reads.
+disable_created_metrics()
+
+SUBMISSION_OUTCOMES = ("accepted", "does_not_fit", "invalid")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"  # every path no route matched shares one label value: a scanner cannot add series
+
+JOB_SUBMISSIONS = Counter(
+    "ftjobs_job_submissions", "Job submissions (POST /v1/jobs) by outcome: accepted and queued, refused because "
+    "the plan does not fit the GPU, or refused as invalid (spec, model or dataset).", ["outcome"])
+for _outcome in SUBMISSION_OUTCOMES:
+    JOB_SUBMISSIONS.labels(_outcome)  # exported as 0 from the start, so the first refusal shows in rate()
+
+PLANNER_DURATION = Histogram(
+    "ftjobs_planner_duration_seconds", "Time the memory planner took to plan one spec (submissions and dry runs).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+HTTP_REQUEST_DURATION = Histogram(
+    "ftjobs_http_request_duration_seconds", "HTTP request duration by method and route template.",
+    ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+HTTP_REQUESTS = Counter(
+    "ftjobs_http_requests", "HTTP requests by method, route template and status code.",
+    ["method", "route", "status"])
+
+
+class SubmissionRoute(APIRoute):
+    """The POST /v1/jobs route, counting each submission's outcome.
+
+    A route class rather than code in the endpoint, because a spec that fails schema validation is refused
+    by FastAPI before the endpoint runs; it still counts as an `invalid` submission.
+    """
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def counted(request):
+            try:
+                response = await handler(request)
+            except DoesNotFit:
+                JOB_SUBMISSIONS.labels("does_not_fit").inc()
+                raise
+            except RequestValidationError:
+                JOB_SUBMISSIONS.labels("invalid").inc()
+                raise
+            except ProblemError as error:
+                if 400 <= error.status < 500:  # a server-side failure (queue down) is not the submitter's doing
+                    JOB_SUBMISSIONS.labels("invalid").inc()
+                raise
+            if response.status_code < 300:
+                JOB_SUBMISSIONS.labels("accepted").inc()
+            return response
+
+        return counted
+
+
+class HttpMetricsMiddleware:
+    """Duration and count of every HTTP request, labelled by the route template the router matched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before starting a response
+
+        async def send_with_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            # The router stores the matched route in the scope it was given, which is this very dict.
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - started)
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+
+
+class ServiceStateCollector(Collector):
+    """Jobs by state, registered GPUs and queue depth, read from the database and the broker at scrape time.
+
+    A source that cannot be read is left out of that scrape (and logged) rather than reported as zero.
+    """
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+
+    def describe(self):
+        # Without describe(), registering would call collect() and query the database at import time.
+        return [GaugeMetricFamily(name, text) for name, text in _STATE_HELP.items()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.settings is None:
+            return
+        try:
+            yield from self._from_database()
+        except Exception:
+            log.warning("metrics: the database could not be read; job and GPU series left out", exc_info=True)
+        try:
+            yield from self._from_broker()
+        except Exception:
+            log.warning("metrics: the broker could not be read; queue depth left out", exc_info=True)
+
+    def _from_database(self) -> Iterator[GaugeMetricFamily]:
+        from service.db import transaction
+        from service.jobs import repository
+
+        with transaction() as session:
+            counts = repository.count_jobs_by_status(session)
+            gpus = repository.list_gpus(session)
+        jobs = GaugeMetricFamily("ftjobs_jobs", _STATE_HELP["ftjobs_jobs"], labels=["state"])
+        for state in JobStatus:  # every state, 0 included: "no failed jobs" is a reading, and alerts need it
+            jobs.add_metric([state.value], counts.get(state.value, 0))
+        registered = GaugeMetricFamily("ftjobs_registered_gpus", _STATE_HELP["ftjobs_registered_gpus"])
+        registered.add_metric([], len(gpus))
+        memory = GaugeMetricFamily("ftjobs_registered_gpu_memory_bytes",
+                                   _STATE_HELP["ftjobs_registered_gpu_memory_bytes"],
+                                   labels=["worker", "gpu", "model"])
+        for gpu in gpus:
+            memory.add_metric([gpu.worker_hostname, str(gpu.device_index), gpu.name], gpu.total_memory_bytes)
+        yield from (jobs, registered, memory)
+
+    def _from_broker(self) -> Iterator[GaugeMetricFamily]:
+        from service.queue import queue_depth
+
+        depth = queue_depth(self.settings)
+        if depth is None:  # the embedded SQLite broker has no cheap depth; no series rather than a fake 0
+            return
+        family = GaugeMetricFamily("ftjobs_queue_depth", _STATE_HELP["ftjobs_queue_depth"], labels=["queue"])
+        family.add_metric([self.settings.queue_name], depth)
+        yield family
+
+
+_STATE_HELP = {
+    "ftjobs_jobs": "Jobs in the database by state.",
+    "ftjobs_registered_gpus": "GPUs registered by the workers that are up.",
+    "ftjobs_registered_gpu_memory_bytes": "Total memory of each GPU a worker registered.",
+    "ftjobs_queue_depth": "Job messages waiting in the broker queue, not yet taken by a worker.",
+}
+
+STATE_COLLECTOR = ServiceStateCollector()
+REGISTRY.register(STATE_COLLECTOR)
+
+
+def install(app, settings: Settings) -> None:
+    """Measure `app`'s requests and point the scrape-time collector at `settings` (one collector per process)."""
+    STATE_COLLECTOR.settings = settings
+    app.add_middleware(HttpMetricsMiddleware)
