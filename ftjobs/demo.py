@@ -32,7 +32,7 @@ def demo_spec(model_dir: Path) -> dict:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
         "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
         "training": {"epochs": 1, "max_steps": 30, "micro_batch_size": 8, "gradient_accumulation_steps": 1,
-                     "max_seq_length": 256, "learning_rate": 3e-3, "seed": 42},
+                     "max_seq_length": 256, "learning_rate": 1e-2, "seed": 42},
         "memory": {"precision": "bf16-mixed", "optimizer": "paged_adamw_8bit", "gradient_checkpointing": True},
         "metadata": {"source": "ftjobs demo"},
     }

@@ -1,7 +1,7 @@
 """The training child process: one per job, started with spawn so all its GPU memory dies with it.
 
 It talks to its parent over a pipe and never touches the database: the parent is the only writer.
-Messages are plain dicts: {"type": "progress" | "result" | "error", ...}.
+Messages are plain dicts: {"type": "progress" | "checkpoint" | "log" | "result" | "error", ...}.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, ou
     from service.settings import get_settings
 
     configure_logging(get_settings())
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
     try:
         result = _train(spec_json, base_model_dir, dataset_path, output_dir, conn)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
@@ -36,7 +39,10 @@ def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: 
     result = train(JobSpec.model_validate(spec_json), base_model_dir=Path(base_model_dir),
                    dataset_path=Path(dataset_path), output_dir=Path(output_dir),
                    on_progress=lambda p: conn.send({"type": "progress", **dataclasses.asdict(p),
-                                                    **_resident_memory()}))
+                                                    **_resident_memory()}),
+                   on_checkpoint=lambda step, path: conn.send({"type": "checkpoint", "step": step, "path": path}),
+                   on_resume=lambda step: conn.send({"type": "log", "message": f"resumed from step {step}",
+                                                     "step": step}))
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
     nvml_bytes = process_used_bytes(os.getpid())
