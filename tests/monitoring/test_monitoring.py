@@ -151,7 +151,7 @@ def test_api_metrics_are_documented_typed_and_named_by_unit(client, running_job)
     refused = client.post("/v1/jobs", json={"base_model": "Qwen/Qwen2.5-7B", "dataset": {"path": "x.jsonl"},
                                             "method": "full", "resources": {"gpu_memory_gib": 1}})
     assert refused.json()["code"] == "does_not_fit"
-    found = families(f"{client.base_url}/metrics/")
+    found = families(f"{client.base_url}/metrics")
     registered = _registered_gpus(found) > 0
     assert_documented(found, API_METRICS, {"always"} | ({"registered_gpu"} if registered else set()))
 
