@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -129,7 +130,8 @@ def _plan(args) -> int:
 
     try:
         spec = _read_spec(args.spec)
-        result = plan_spec(_registry_session(), spec)
+        with _registry_session() as session:
+            result = plan_spec(session, spec)
     except ValidationError as exc:
         return _problem(InvalidSpec(str(exc)).to_problem())
     except (OSError, json.JSONDecodeError) as exc:
@@ -140,6 +142,7 @@ def _plan(args) -> int:
     return 0
 
 
+@contextmanager
 def _registry_session():
     """A session on the service's database when it has been set up, so plans see the registered GPUs."""
     from sqlalchemy import inspect
@@ -147,11 +150,12 @@ def _registry_session():
     from service.db import get_engine, session_factory
 
     settings = get_settings()
-    if not settings.database_url and not (settings.resolved_home / "ftjobs.db").exists():
-        return None
-    if not inspect(get_engine()).has_table("gpus"):
-        return None
-    return session_factory()()
+    embedded_db_missing = not settings.database_url and not (settings.resolved_home / "ftjobs.db").exists()
+    if embedded_db_missing or not inspect(get_engine()).has_table("gpus"):
+        yield None
+        return
+    with session_factory()() as session:
+        yield session
 
 
 def _problem(problem: dict) -> int:

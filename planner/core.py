@@ -54,12 +54,13 @@ class Recipe:
     foreach_adamw: bool = False  # HF "adamw_torch" = torch AdamW foreach; the worker uses fused=True
     embedding_fp32_states: bool = False  # HF Trainer: bnb 8-bit optimizers keep nn.Embedding states in fp32
     expandable_segments: bool = True  # the worker sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    fused_loss_default: bool = True  # memory.fused_loss None: the worker's chunked loss runs on every device
 
 
 WORKER = Recipe()
 # refbench.py: random tokens of exactly `seq`, no padding -> no attention mask.
 HF_TRAINER = Recipe(kbit_upcast=True, padded_batches=False, foreach_adamw=True, embedding_fp32_states=True,
-                    expandable_segments=False)
+                    expandable_segments=False, fused_loss_default=False)
 
 
 class Suggestion(BaseModel):
@@ -91,6 +92,47 @@ def _adapted(shape: ModelShape, targets: Any) -> tuple:
     return tuple(lin for lin in shape.linears if lin.name in names)
 
 
+def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
+    """(name, numel, layer index) of every parameter as transformers' llama/qwen2 modeling names it; a tied
+    lm_head is listed too (named_parameters(remove_duplicate=False)) but shares the embedding's storage."""
+    out = [("model.embed_tokens.weight", shape.embed_numel, None), ("model.norm.weight", shape.hidden_size, None),
+           ("lm_head.weight", shape.embed_numel, None)]
+    norms = (["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+              "post_feedforward_layernorm"])[:shape.norms_per_layer]
+    for i in range(shape.num_layers):
+        for lin in shape.linears:
+            group = "self_attn" if lin.name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out.append((f"model.layers.{i}.{group}.{lin.name}.weight", lin.weight_numel, i))
+            if lin.bias:
+                out.append((f"model.layers.{i}.{group}.{lin.name}.bias", lin.out_features, i))
+        out += [(f"model.layers.{i}.{norm}.weight", shape.hidden_size, i) for norm in norms]
+    return out
+
+
+def freeze_module_tensors(shape: ModelShape, names: list[str]) -> tuple[tuple[tuple[int, int], ...], int | None, int]:
+    """freeze.trainable_modules, matched as worker loading.module_name_matches does: ((numel, count) of the
+    trainable tensors, the first decoder layer holding one (0 when the embeddings train: autograd records from
+    the first layer; None when none does), how many layers hold one)."""
+    counts: dict[int, int] = {}
+    layers: set[int] = set()
+    embedding = False
+    tied_seen = False
+    for name, numel, layer in _parameter_names(shape):
+        if not any(f".{module}." in f".{name}." for module in names):
+            continue
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            embedding = embedding or name == "model.embed_tokens.weight" or shape.tie_word_embeddings
+            if shape.tie_word_embeddings:
+                if tied_seen:
+                    continue  # one shared tensor
+                tied_seen = True
+        if layer is not None:
+            layers.add(layer)
+        counts[numel] = counts.get(numel, 0) + 1
+    first = 0 if embedding else (min(layers) if layers else None)
+    return tuple(sorted(counts.items())), first, len(layers)
+
+
 def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe) -> t.Setup:
     """worker/training/loading.py precision plan: frozen weights in the precision's half dtype (fp32 for
     fp32), trained weights (full, freeze's last layers) fp32 under -mixed and fp32, autocast for -mixed."""
@@ -106,6 +148,13 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
     compute = 2 if autocast else (trained if method == "full" else frozen)
     trainable_layers = {"full": shape.num_layers, "freeze": min(
         shape.num_layers, spec.freeze_options.trainable_layers if spec.freeze_options else 0)}.get(method, 0)
+    modules = spec.freeze_options.trainable_modules if spec.freeze_options else None
+    trained_tensors, first_grad_layer = (), None
+    if modules:
+        trained_tensors, first_grad_layer, trainable_layers = freeze_module_tensors(shape, modules)
+        if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
+            first_grad_layer = shape.num_layers
+    fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
     return t.Setup(
         method=method,
         tokens=micro_batch * spec.training.max_seq_length,
@@ -125,9 +174,15 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         dora=bool(lora and lora.use_dora),
         trainable_layers=trainable_layers,
         gradient_checkpointing=spec.memory.gradient_checkpointing,
-        fused_loss=spec.memory.fused_loss,
+        fused_loss=fused_loss,
         optimizer=spec.memory.optimizer.value,
         quant_double=bool(quant and quant.double_quant),
+        quant_bits=quant.bits if quant else 4,
+        packing=spec.training.packing,
+        offload_gradients=spec.training.gradient_accumulation_steps == 1,
+        trained_numel=sum(n * c for n, c in trained_tensors),
+        first_grad_layer=first_grad_layer,
+        trained_tensors=trained_tensors,
     )
 
 

@@ -39,6 +39,8 @@ class Optimizer(str, enum.Enum):
     adamw_8bit = "adamw_8bit"
     paged_adamw_8bit = "paged_adamw_8bit"
     paged_adamw_32bit = "paged_adamw_32bit"
+    adamw_4bit = "adamw_4bit"  # torchao AdamW4bit: 4-bit block-quantized states
+    cpu_offload = "cpu_offload"  # torchao CPUOffloadOptimizer around torch AdamW: states on the host (CUDA only)
 
 
 class _Strict(BaseModel):
@@ -63,6 +65,10 @@ class LoraOptions(_Strict):
     target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    init: Literal["default", "pissa"] = Field(
+        "default", description="'pissa': adapters start from the principal singular vectors (lora only, not qlora)")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, le=1024, description="LoRA+: the B matrices train at learning_rate x this ratio")
 
     @field_validator("target_modules")
     @classmethod
@@ -73,13 +79,30 @@ class LoraOptions(_Strict):
 
 
 class QuantizationOptions(_Strict):
-    bits: Literal[4] = 4
-    quant_type: Literal["nf4"] = "nf4"
-    double_quant: bool = True
+    bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 (bitsandbytes Linear4bit); 8: LLM.int8 (Linear8bitLt)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; 4-bit only")
+    double_quant: bool = Field(True, description="Quantize the 4-bit absmax too; 4-bit only")
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> QuantizationOptions:
+        if self.bits == 8 and self.model_fields_set & {"quant_type", "double_quant"}:
+            raise ValueError("quant_type and double_quant apply to bits=4 only")
+        return self
 
 
 class FreezeOptions(_Strict):
     trainable_layers: int = Field(2, ge=1, description="The last N decoder layers train; the rest stay frozen")
+    trainable_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")]] | None = Field(
+        None, min_length=1, max_length=64,
+        description="Instead of trainable_layers: exactly the parameters under modules with these names train. "
+                    "A name matches whole dotted components of a parameter's name: 'mlp' (every layer's MLP), "
+                    "'q_proj', 'layers.3' (all of layer 3), 'layers.3.mlp', 'lm_head', 'embed_tokens'")
+
+    @model_validator(mode="after")
+    def _layers_or_modules(self) -> FreezeOptions:
+        if self.trainable_modules is not None and "trainable_layers" in self.model_fields_set:
+            raise ValueError("give trainable_layers or trainable_modules, not both")
+        return self
 
 
 class TrainingOptions(_Strict):
@@ -93,6 +116,13 @@ class TrainingOptions(_Strict):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     seed: int = Field(42, ge=0)
     logging_steps: int = Field(1, ge=1, description="Progress is recorded every N optimizer steps")
+    packing: bool = Field(False, description="Pack examples into rows of max_seq_length; no attention across them")
+    validation_fraction: float | None = Field(
+        None, gt=0, le=0.5, description="Hold out this share of the examples (seeded) and report eval loss on it")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every N optimizer steps; None saves none"
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many of the newest checkpoints are kept")
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -106,7 +136,14 @@ class MemoryOptions(_Strict):
     precision: Precision = Precision.bf16_mixed
     optimizer: Optimizer = Optimizer.adamw
     gradient_checkpointing: bool = True
-    fused_loss: bool = False
+    fused_loss: bool | None = Field(
+        None, description="Chunked lm_head + cross-entropy (the full logits are never held). None: on wherever the "
+                          "worker's kernel runs - it is plain torch, so on every device; false turns it off")
+
+
+class OutputOptions(_Strict):
+    merge_adapter: bool = Field(
+        False, description="lora/qlora: also save the base with the adapter merged in, bf16 safetensors (model/)")
 
 
 class Resources(_Strict):
@@ -129,6 +166,7 @@ class JobSpec(_Strict):
     freeze: FreezeOptions | None = None
     training: TrainingOptions = TrainingOptions()
     memory: MemoryOptions = MemoryOptions()
+    output: OutputOptions = OutputOptions()
     resources: Resources = Resources()
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=32
@@ -144,6 +182,13 @@ class JobSpec(_Strict):
             problems.append(f"'quantization' applies to qlora only, not {self.method.value}")
         if self.freeze is not None and self.method is not Method.freeze:
             problems.append(f"'freeze' applies to the freeze method only, not {self.method.value}")
+        if self.lora is not None and self.lora.init == "pissa" and self.method is Method.qlora:
+            # peft LoraLayer.pissa_init refuses a quantized base weight (it needs the SVD of the real weight)
+            problems.append("lora.init 'pissa' needs an unquantized base: use method lora, not qlora")
+        if self.output.merge_adapter and not adapters:
+            problems.append(f"output.merge_adapter applies to lora and qlora, not {self.method.value}")
+        if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
+            problems.append("optimizer cpu_offload cannot unscale fp16 loss-scaled gradients: use bf16-mixed")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -27,7 +27,7 @@ COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
 
 def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]]]:
     mem, out = spec.memory, []
-    if not mem.fused_loss:
+    if mem.fused_loss is False:  # None (the default) is already on for the worker
         out.append((COST_FUSED_LOSS, "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
                     {"memory": {"fused_loss": True}}))
     if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):

@@ -32,6 +32,18 @@ BNB_PAGED_MIN_NUMEL = 100_000
 # (H100, driver 580, torch 2.11.0+cu130). Paged (managed) optimizer states do not show in it: the six
 # paged_adamw_8bit qlora rows have the same gap as the adamw rows.
 CUDA_CONTEXT_BYTES = 794_820_608
+# bitsandbytes 0.50.2 Linear8bitLt / Int8Params (LLM.int8, quantization.bits=8): int8 weight CB plus one fp32
+# absmax per output row (SCB: int8_vectorwise_quant over dim=1).
+INT8_ROW_SCALE_BYTES = 4
+# torchao 0.18 optim/adam.py _AdamBase._new_buffer: states of tensors with numel >= 4096 and numel % block_size
+# == 0 are OptimState4bit (subclass_4bit.py: uint8 codes packing two 4-bit codes, one fp32 scale per block of
+# block_size=128, a 16-entry fp32 qmap); other tensors get zeros_like(param).
+AO_4BIT_BLOCKSIZE = 128
+AO_MIN_QUANT_SIZE = 4096
+AO_QMAP_BYTES = 16 * 4
+# torchao 0.18 optim/cpu_offload.py CPUOffloadOptimizer(minimal_size=4096): smaller tensors stay on the GPU with a
+# GPU optimizer; larger ones get a pinned host copy + host grad, and their AdamW states live on the host.
+AO_OFFLOAD_MIN_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,12 @@ class Setup:
     fused_loss: bool
     optimizer: str
     quant_double: bool
+    quant_bits: int = 4  # qlora: 4 (NF4/FP4, same storage) or 8 (LLM.int8)
+    packing: bool = False  # training.packing: rows of packed examples carry a block-diagonal mask (sdpa)
+    offload_gradients: bool = False  # cpu_offload without accumulation: GPU grads are freed after their D2H copy
+    trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
+    first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
+    trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
 
     def with_tokens(self, tokens: int) -> Setup:
         """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
@@ -73,7 +91,8 @@ class Setup:
         return (self.method, self.seq, self.padded_batches, self.trained_bytes, self.frozen_bytes,
                 self.head_bytes, self.autocast, self.compute_bytes, self.residual_bytes, self.mlp_bytes, self.autocast_fp32_params, tuple(lin.name for lin in self.adapted), self.lora_r,
                 self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
-                self.fused_loss, self.optimizer, self.quant_double)
+                self.fused_loss, self.optimizer, self.quant_double, self.quant_bits, self.packing,
+                self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors)
 
 
 # ---- weights ----------------------------------------------------------------------------------------
@@ -92,8 +111,12 @@ def nf4_constants_bytes(numel: int, double_quant: bool) -> int:
 
 def layer_linear_weight_bytes(shape: ModelShape, s: Setup) -> int:
     """The seven projections of every decoder layer, as stored (NF4-packed for qlora)."""
-    if s.method == "qlora":
+    if s.method == "qlora" and s.quant_bits == 8:  # int8: one byte per weight
+        return shape.num_layers * shape.layer_linear_numel
+    if s.method == "qlora":  # NF4 and FP4 pack the same: two codes per byte
         return shape.num_layers * sum(nf4_packed_bytes(lin.weight_numel) for lin in shape.linears)
+    if s.trained_tensors:  # freeze.trainable_modules: everything frozen, the matched tensors in the trained dtype
+        return shape.layer_linear_numel * shape.num_layers * s.frozen_bytes
     frozen = shape.num_layers - s.trainable_layers
     return shape.layer_linear_numel * (s.trainable_layers * s.trained_bytes + frozen * s.frozen_bytes)
 
@@ -101,6 +124,8 @@ def layer_linear_weight_bytes(shape: ModelShape, s: Setup) -> int:
 def quant_constant_bytes(shape: ModelShape, s: Setup) -> int:
     if s.method != "qlora":
         return 0
+    if s.quant_bits == 8:  # SCB: one fp32 scale per output row
+        return shape.num_layers * sum(lin.out_features * INT8_ROW_SCALE_BYTES for lin in shape.linears)
     per_layer = sum(nf4_constants_bytes(lin.weight_numel, s.quant_double) for lin in shape.linears)
     return shape.num_layers * per_layer
 
@@ -109,6 +134,9 @@ def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
     """Embeddings, untied lm_head, norms and biases: never quantized (bnb skips lm_head and embeddings).
     Freeze: the trained layers' norms are in the trained dtype (worker loading._train_last_layers)."""
     head = (shape.embed_numel + shape.lm_head_numel + shape.hidden_size) * s.head_bytes
+    if s.trained_tensors:  # the rest frozen; the matched tensors' extra bytes (trained - frozen dtype)
+        return (head + shape.layer_other_numel * shape.num_layers * s.head_bytes
+                + s.trained_numel * (s.trained_bytes - s.frozen_bytes))
     frozen = shape.num_layers - s.trainable_layers
     return head + shape.layer_other_numel * (s.trainable_layers * s.trained_bytes + frozen * s.head_bytes)
 
@@ -123,6 +151,8 @@ def trainable_tensors(shape: ModelShape, s: Setup) -> list[tuple[int, int]]:
             if s.dora:  # peft DoraLinearLayer.weight: one magnitude per output feature
                 out.append((lin.out_features, shape.num_layers))
         return out
+    if s.trained_tensors:
+        return list(s.trained_tensors)
     layer = [(lin.weight_numel, s.trainable_layers) for lin in shape.linears]
     layer += [(lin.out_features, s.trainable_layers) for lin in shape.linears if lin.bias]
     layer.append((shape.hidden_size, shape.norms_per_layer * s.trainable_layers))
@@ -149,8 +179,22 @@ def trainable_param_bytes(s: Setup) -> int:
 
 
 def gradient_bytes(tensors: list[tuple[int, int]], s: Setup) -> int:
-    """One .grad per trainable param, in the param's dtype (autocast grads are cast back to it)."""
+    """One .grad per trainable param, in the param's dtype (autocast grads are cast back to it).
+    cpu_offload with offload_gradients: a tensor's GPU grad is freed once its async copy to the host is done
+    (post-accumulate-grad hook), so only the small kept tensors' grads stay, plus the largest one in flight."""
+    if s.optimizer == "cpu_offload" and s.offload_gradients:
+        kept = sum(n * c for n, c in tensors if n < AO_OFFLOAD_MIN_SIZE)
+        largest = max((n for n, _ in tensors if n >= AO_OFFLOAD_MIN_SIZE), default=0)
+        return (kept + largest) * trainable_param_bytes(s)
     return trainable_numel(tensors) * trainable_param_bytes(s)
+
+
+def ao_4bit_state_bytes(numel: int, param_bytes: int) -> int:
+    """One torchao AdamW4bit state of one tensor: packed 4-bit codes + fp32 scale per 128 + qmap, or a
+    zeros_like(param) for small / non-multiple-of-128 tensors."""
+    if numel >= AO_MIN_QUANT_SIZE and numel % AO_4BIT_BLOCKSIZE == 0:
+        return numel // 2 + numel // AO_4BIT_BLOCKSIZE * 4 + AO_QMAP_BYTES
+    return numel * param_bytes
 
 
 def optimizer_state_bytes(
@@ -163,6 +207,10 @@ def optimizer_state_bytes(
     pb = trainable_param_bytes(s)
     if s.optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(param)
         return trainable_numel(tensors) * 2 * pb, 0
+    if s.optimizer == "adamw_4bit":  # exp_avg and exp_avg_sq, each 4-bit
+        return sum(2 * ao_4bit_state_bytes(n, pb) * c for n, c in tensors), 0
+    if s.optimizer == "cpu_offload":  # only the tensors below minimal_size keep GPU states (torch AdamW)
+        return sum(n * c for n, c in tensors if n < AO_OFFLOAD_MIN_SIZE) * 2 * pb, 0
     device = paged = 0
     paged_opt = s.optimizer.startswith("paged")
     for numel, count in tensors:
@@ -224,7 +272,7 @@ def base_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool
     norms = shape.norms_per_layer * (4 * h + (s.residual_bytes * h if trainable else 0))
     # sdpa (flash/efficient, native GQA when there is no mask) saves q, k, v and its output. With a padding
     # mask, transformers repeats k/v to every query head (sdpa_attention.use_gqa_in_sdpa is False).
-    kv = shape.q_dim if s.padded_batches and s.tokens > s.seq else shape.kv_dim
+    kv = shape.q_dim if has_attention_mask(s) else shape.kv_dim
     attn = c * (2 * shape.q_dim + 2 * kv)
     # gated MLP: act_fn saves gate's output, the product saves act(gate) and up's output.
     mlp = 3 * i * s.mlp_bytes
@@ -245,7 +293,17 @@ def layer_activation_bytes(shape: ModelShape, s: Setup, trainable: bool) -> int:
 def attention_mask_bytes(s: Setup) -> int:
     """A padded micro-batch gets a bool [batch, 1, seq, seq] mask (transformers masking_utils.sdpa_mask),
     built once per forward; an unpadded one none (is_causal)."""
-    return s.tokens * s.seq if s.padded_batches and s.tokens > s.seq else 0
+    return s.tokens * s.seq if has_attention_mask(s) else 0
+
+
+def has_attention_mask(s: Setup) -> bool:
+    """Padding: a micro-batch > 1 may be right-padded. Packing (worker data.pack_examples) has no padding mask,
+    but transformers masking_utils.find_packed_sequence_indices turns the position_ids restarts into a
+    block-diagonal bool [batch, 1, seq, seq] mask of the same size for sdpa, at every micro-batch size (a row
+    holding one example only needs none; the planner takes the worst case)."""
+    if s.packing:
+        return True
+    return s.padded_batches and s.tokens > s.seq
 
 
 def attention_bias_bytes(s: Setup) -> int:
@@ -261,6 +319,8 @@ def checkpoint_bytes(shape: ModelShape, s: Setup) -> int:
 
 def grad_layers(shape: ModelShape, s: Setup) -> int:
     """Layers that record autograd state: all with adapters/full, the last N with freeze."""
+    if s.first_grad_layer is not None:  # freeze.trainable_modules: from the first layer holding a match
+        return shape.num_layers - s.first_grad_layer
     return s.trainable_layers if s.method == "freeze" else shape.num_layers
 
 
@@ -327,3 +387,5 @@ def autocast_cache_bytes(shape: ModelShape, s: Setup) -> int:
 def dequant_buffer_bytes(shape: ModelShape, s: Setup) -> int:
     """bnb MatMul4Bit: dequantize_4bit materialises one bf16 weight at a time (forward and backward)."""
     return shape.largest_linear_numel * 2 if s.method == "qlora" else 0
+# LLM.int8 (bits=8): MatMul8bitLt's backward dequantizes the int8 weight to fp16 for grad_input (CB * SCB / 127):
+# the same one-weight-at-a-time bf16/fp16 buffer, so the term is shared.

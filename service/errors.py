@@ -92,3 +92,10 @@ class TrainingCrashed(ProblemError):
 
 class JobCancelled(ProblemError):
     status, code, title = 409, "cancelled", "The job was cancelled"
+
+
+class UnsupportedOnDevice(ProblemError):
+    """The spec asks for something this worker's device cannot run (a CUDA-only optimizer on a CPU worker).
+    Raised before any model is loaded."""
+
+    status, code, title, retryable = 422, "unsupported_on_device", "This worker's device cannot run the spec", False

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # Redis redelivers unacknowledged tasks after this long; see worker/celery_app.py for the ack policy.
     visibility_timeout_seconds: int = 3600
     cancel_poll_seconds: float = 1.0
+    # Attempts in all for a job whose training process dies without a result or fails with a retryable error.
+    max_attempts: int = Field(3, ge=1)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"

@@ -1,5 +1,9 @@
 """Running one job: claim it, train it in a child process, relay progress, honour cancels, record the outcome.
 
+A child that dies without a result (a signal: the kernel's OOM killer, a SIGKILL) or fails with a retryable
+error is replaced by a fresh one, up to Settings.max_attempts in all; it trains in the same output dir, so it
+resumes from the last checkpoint the previous one wrote (worker/training/checkpoint.py).
+
 Plain code with no Celery in it: the task in worker/tasks.py is a two-line adapter around execute_job.
 """
 
@@ -49,26 +53,50 @@ def execute_job(job_id: str, settings: Settings, hostname: str) -> JobStatus | N
         return None
     output_dir = settings.artifacts_dir / job.id
     output_dir.mkdir(parents=True, exist_ok=True)
-    return _supervise(job, output_dir, settings.cancel_poll_seconds)
+    return _supervise(job, output_dir, settings.cancel_poll_seconds, settings.max_attempts)
 
 
-def _supervise(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float) -> JobStatus:
-    context = multiprocessing.get_context("spawn")
-    parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(target=job_process_main, name=f"ftjobs-{job.id}", daemon=False,
-                              args=(job.spec, job.base_model_dir, job.dataset_path, str(output_dir), child_end))
+def _supervise(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float, max_attempts: int) -> JobStatus:
     started = time.monotonic()
     worker_metrics.job_started(job.id, job.predicted_peak_bytes)
-    process.start()
-    child_end.close()
-    with transaction() as session:
-        repository.set_job_fields(session, job.id, child_pid=process.pid)
-        repository.add_event(session, job.id, "log", {"message": f"training process {process.pid} started"})
-    outcome = _relay_until_done(job.id, process, parent_end, cancel_poll_seconds)
+    for attempt in range(1, max_attempts + 1):
+        process, outcome = _run_attempt(job, output_dir, cancel_poll_seconds)
+        if attempt == max_attempts or not _retryable(job.id, outcome):
+            break
+        _reap(process)  # its exit code goes into the retry's reason
+        _log_event(job.id, f"attempt {attempt + 1} of {max_attempts} after: {_failure(outcome, process.exitcode)[1]}")
     status = _record_outcome(job.id, outcome, process, output_dir)
     worker_metrics.job_finished(job.id, status.value, time.monotonic() - started, outcome.get("measured_peak_bytes"),
                                 job.predicted_peak_bytes, outcome.get("code"))
     return status
+
+
+def _run_attempt(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float) -> tuple[Any, dict[str, Any]]:
+    """One training process for the job, from its start to its last message or its death."""
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe(duplex=False)
+    process = context.Process(target=job_process_main, name=f"ftjobs-{job.id}", daemon=False,
+                              args=(job.spec, job.base_model_dir, job.dataset_path, str(output_dir), child_end))
+    process.start()
+    child_end.close()
+    with transaction() as session:
+        repository.set_job_fields(session, job.id, child_pid=process.pid)
+    _log_event(job.id, f"training process {process.pid} started")
+    try:
+        return process, _relay_until_done(job.id, process, parent_end, cancel_poll_seconds)
+    finally:
+        parent_end.close()
+
+
+def _retryable(job_id: str, outcome: dict[str, Any]) -> bool:
+    """Died without a result, or failed with an error that says running again could help; never when cancelling."""
+    retryable = outcome["type"] == "crashed" or (outcome["type"] == "error" and outcome.get("retryable", False))
+    return retryable and not _cancel_requested(job_id)
+
+
+def _log_event(job_id: str, message: str) -> None:
+    with transaction() as session:
+        repository.add_event(session, job_id, "log", {"message": message})
 
 
 def _relay_until_done(job_id: str, process, conn, cancel_poll_seconds: float) -> dict[str, Any]:
@@ -81,7 +109,7 @@ def _relay_until_done(job_id: str, process, conn, cancel_poll_seconds: float) ->
                 return {"type": "crashed"}
             if message["type"] in ("result", "error"):
                 return message
-            _record_progress(job_id, message)
+            _record_message(job_id, message)
         elif not process.is_alive():
             return {"type": "crashed"}
         if time.monotonic() >= next_cancel_check:
@@ -89,6 +117,15 @@ def _relay_until_done(job_id: str, process, conn, cancel_poll_seconds: float) ->
             if _cancel_requested(job_id):
                 _stop(process)
                 return {"type": "cancelled"}
+
+
+def _record_message(job_id: str, message: dict[str, Any]) -> None:
+    if message["type"] == "progress":
+        _record_progress(job_id, message)
+        return
+    # "checkpoint" ({step, path}) and "log" ({message, ...}) become job events of that kind as they are.
+    with transaction() as session:
+        repository.add_event(session, job_id, message["type"], {k: v for k, v in message.items() if k != "type"})
 
 
 def _record_progress(job_id: str, message: dict[str, Any]) -> None:
@@ -111,10 +148,14 @@ def _stop(process) -> None:
         process.join()
 
 
-def _record_outcome(job_id: str, outcome: dict[str, Any], process, output_dir: Path) -> JobStatus:
+def _reap(process) -> None:
     process.join(TERMINATE_GRACE_SECONDS)
     if process.is_alive():
         _stop(process)
+
+
+def _record_outcome(job_id: str, outcome: dict[str, Any], process, output_dir: Path) -> JobStatus:
+    _reap(process)
     kind = outcome["type"]
     with transaction() as session:
         if kind == "result":

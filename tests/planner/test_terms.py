@@ -127,7 +127,7 @@ def test_layer_activations(body, mb, expected_per_token):
 
 
 def test_checkpoint_and_logits():
-    s = setup_for({"method": "lora"})  # 4 x 1024 = 4,096 tokens
+    s = setup_for({"method": "lora", "memory": {"fused_loss": False}})  # 4 x 1024 = 4,096 tokens
     assert t.checkpoint_bytes(Q05, s) == 4096 * 896 * 2 == 7_340_032
     assert t.logits_fp32_bytes(Q05, s) == 4096 * 151936 * 4 == 2_489_319_424
     assert t.loss_backward_bytes(Q05, s) == 3 * 2_489_319_424
@@ -143,7 +143,7 @@ def test_fused_loss_is_chunked():
 
 def test_gemma2_softcap_adds_a_logits_copy():
     g = find_model("google/gemma-2-2b")
-    s = setup_for({"method": "lora"}, g, mb=1)
+    s = setup_for({"method": "lora", "memory": {"fused_loss": False}}, g, mb=1)
     assert t.loss_backward_bytes(g, s) == 3 * 1024 * 256000 * 4 + 1024 * 256000 * 2
 
 

@@ -155,3 +155,80 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.
         attention_mask[row, :size] = 1
     return {"input_ids": input_ids.to(device), "labels": labels.to(device),
             "attention_mask": attention_mask.to(device)}
+
+
+# ---- validation split and sample packing -------------------------------------------------------------------
+def split_validation(
+    dataset: Sequence[TokenizedExample], fraction: float | None, seed: int
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """(train, validation): a seeded shuffle holds out round(fraction x n) examples, at least one, and leaves at
+    least one to train on. fraction None: everything trains."""
+    if not fraction:
+        return list(dataset), []
+    if len(dataset) < 2:
+        raise InvalidDataset("training.validation_fraction needs at least 2 examples with a token to learn")
+    held = min(len(dataset) - 1, max(1, round(fraction * len(dataset))))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [dataset[i] for i in order[held:]], [dataset[i] for i in order[:held]]
+
+
+@dataclass(frozen=True)
+class PackedExample(TokenizedExample):
+    """Several examples in one row. position_ids restart at 0 at every example: transformers' masking_utils
+    (find_packed_sequence_indices) turns the restarts into a block-diagonal causal mask when the model gets
+    position_ids and no attention_mask, so no token attends across examples (sdpa: an explicit bool mask; the
+    labels of each example's first token are already -100-free of the previous one's context)."""
+
+    position_ids: list[int] = ()
+    examples: int = 1
+
+
+def pack_examples(dataset: Sequence[TokenizedExample], max_seq_length: int, seed: int) -> list[PackedExample]:
+    """First-fit-decreasing bins of at most max_seq_length tokens, after a seeded shuffle (so equal lengths do
+    not always share a row). Every example already fits (tokenize truncates at max_seq_length)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    order.sort(key=lambda index: -len(dataset[index].input_ids))
+    bins: list[list[TokenizedExample]] = []
+    room: list[int] = []
+    for index in order:
+        example = dataset[index]
+        size = len(example.input_ids)
+        target = next((b for b, free in enumerate(room) if free >= size), None)
+        if target is None:
+            bins.append([]), room.append(max_seq_length)
+            target = len(bins) - 1
+        bins[target].append(example)
+        room[target] -= size
+    packed = []
+    for members in bins:
+        input_ids, labels, positions = [], [], []
+        for example in members:
+            input_ids += example.input_ids
+            # The first token of an example is never a target of the previous one.
+            labels += [IGNORE_INDEX] + example.labels[1:]
+            positions += list(range(len(example.input_ids)))
+        packed.append(PackedExample(input_ids=input_ids, labels=labels, position_ids=positions,
+                                    examples=len(members)))
+    return packed
+
+
+def collate_packed(batch: Sequence[PackedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows; the padding is one more segment (positions from 0, labels ignored). No
+    attention_mask: position_ids carry the example boundaries."""
+    length = max(len(example.input_ids) for example in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, example in enumerate(batch):
+        size = len(example.input_ids)
+        input_ids[row, :size] = torch.tensor(example.input_ids)
+        labels[row, :size] = torch.tensor(example.labels)
+        position_ids[row, :size] = torch.tensor(example.position_ids)
+        position_ids[row, size:] = torch.arange(length - size)
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
+
+
+def collate_any(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    if batch and isinstance(batch[0], PackedExample):
+        return collate_packed(batch, pad_token_id, device)
+    return collate(batch, pad_token_id, device)

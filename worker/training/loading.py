@@ -13,9 +13,21 @@ Precision mapping (spec.memory.precision), the same on CUDA and on the CPU:
   qlora. Frozen weights are never upcast (no prepare_model_for_kbit_training): that would cost GiBs for nothing.
 - LoRA/DoRA adapter weights are always fp32 (peft's default autocast_adapter_dtype=True): they are tiny, and
   fp32 keeps their small updates from rounding away.
-- CPU autocast supports bf16 and fp16, and bitsandbytes 0.50 runs NF4 matmuls and its 8-bit/paged optimizers
-  on the CPU (paged optimizers fall back to unpaged there, with a warning), so every method x optimizer x
-  precision runs on the CPU, just slowly.
+- CPU autocast supports bf16 and fp16, and bitsandbytes 0.50 runs NF4/FP4 and LLM.int8 matmuls and its
+  8-bit/paged optimizers on the CPU (paged optimizers fall back to unpaged there, with a warning), and torchao's
+  AdamW4bit runs there too (torch.compile), so every method x precision runs on the CPU with every optimizer
+  but cpu_offload, which needs a GPU to offload from: a CPU-only worker refuses it (UnsupportedOnDevice) before
+  loading anything.
+
+Optimizers (spec.memory.optimizer): adamw = torch AdamW (fused on CUDA); adamw_8bit / paged_adamw_8bit /
+paged_adamw_32bit = bitsandbytes; adamw_4bit = torchao AdamW4bit (4-bit states in blocks of 128 with an fp32
+scale each; tensors under 4096 elements keep full-precision states); cpu_offload = torchao CPUOffloadOptimizer
+around torch AdamW: fp32 master copies and AdamW states live in pinned host memory and the step runs on the CPU;
+the GPU keeps only the params (and the states of tensors under 4096 elements). Its gradients move to the host as
+backward produces them and are freed on the GPU (offload_gradients) when there is no gradient accumulation; with
+accumulation they stay on the GPU (the host copy would be overwritten, not summed). Clipping then runs on the
+host copies (clip_gradients). LoRA+ (lora.loraplus_lr_ratio): lora_B (and DoRA magnitudes) form a second param
+group at learning_rate x ratio, as peft.optimizers.create_loraplus_optimizer groups them.
 
 Learning-rate schedule: linear warmup over the first 3% of optimizer steps (at least one), then cosine decay
 to 10% of the peak at the last step. AdamW everywhere with betas (0.9, 0.999), no weight decay (the spec has
@@ -67,6 +79,8 @@ def bnb_config(spec: JobSpec, plan: PrecisionPlan):
     from transformers import BitsAndBytesConfig
 
     options = spec.quantization_options
+    if options.bits == 8:  # LLM.int8: int8 weights with one fp32 scale per output row (Linear8bitLt)
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=options.quant_type,
@@ -87,6 +101,7 @@ def lora_config(spec: JobSpec):
         target_modules=options.target_modules,
         use_dora=options.use_dora,
         use_rslora=options.use_rslora,
+        init_lora_weights="pissa" if options.init == "pissa" else True,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -116,6 +131,10 @@ def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: 
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(spec))  # freezes the base, adds fp32 adapters
+        if spec.lora_options.init == "pissa":
+            _keep_pissa_initial_adapter(model)
+    elif spec.method is Method.freeze and spec.freeze_options.trainable_modules is not None:
+        _train_named_modules(model, spec.freeze_options.trainable_modules, plan.trained_dtype)
     elif spec.method is Method.freeze:
         _train_last_layers(model, spec.freeze_options.trainable_layers, plan.trained_dtype)
     model.train()  # from_pretrained returns eval mode: dropout off, gradient checkpointing inactive
@@ -143,17 +162,93 @@ def _train_last_layers(model, trainable_layers: int, trained_dtype: torch.dtype)
         layer.requires_grad_(True)
 
 
+def module_name_matches(parameter_name: str, module_name: str) -> bool:
+    """'mlp' matches 'model.layers.0.mlp.up_proj.weight': whole dotted components, anywhere in the name."""
+    return f".{module_name}." in f".{parameter_name}."
+
+
+def _train_named_modules(model, names: list[str], trained_dtype: torch.dtype) -> None:
+    """freeze.trainable_modules: exactly the parameters under the named modules train. A tied lm_head shares
+    the embedding matrix, so naming either trains both."""
+    model.requires_grad_(False)
+    matched = {name: False for name in names}
+    for parameter_name, parameter in model.named_parameters(remove_duplicate=False):  # tied lm_head too
+        hits = [name for name in names if module_name_matches(parameter_name, name)]
+        for name in hits:
+            matched[name] = True
+        if hits:
+            parameter.data = parameter.data.to(trained_dtype)  # fp32 master weights under -mixed
+            parameter.requires_grad_(True)
+    missing = [name for name, hit in matched.items() if not hit]
+    if missing:
+        raise ValueError(f"freeze.trainable_modules {missing} match no parameter of {type(model).__name__}")
+
+
+def _keep_pissa_initial_adapter(model) -> None:
+    """PiSSA moves the top singular directions out of the base weights into the adapter, so the trained adapter
+    only fits that residual base. Keep the initial adapter so saving can convert the result into an ordinary LoRA
+    adapter of the original base (peft: save_pretrained(path_initial_model_for_weight_conversion=...))."""
+    import tempfile
+
+    initial = Path(tempfile.mkdtemp(prefix="ftjobs-pissa-init-"))
+    config = model.peft_config["default"]
+    config.init_lora_weights = True  # peft requires this flag on the saved initial adapter
+    model.save_pretrained(initial)
+    config.init_lora_weights = "pissa"
+    model.ftjobs_pissa_initial = initial
+
+
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def build_optimizer(spec: JobSpec, parameters: list[torch.nn.Parameter], device: torch.device):
+CUDA_ONLY_OPTIMIZERS = {Optimizer.cpu_offload: "torchao CPUOffloadOptimizer offloads GPU optimizer states to "
+                                                  "the host, so it needs a CUDA device"}
+
+
+def check_device_support(spec: JobSpec, device: torch.device) -> None:
+    """Refuse, before any model load, what this device cannot run."""
+    from service.errors import UnsupportedOnDevice
+
+    reason = CUDA_ONLY_OPTIMIZERS.get(spec.memory.optimizer)
+    if reason and device.type != "cuda":
+        raise UnsupportedOnDevice(f"optimizer {spec.memory.optimizer.value} is not supported on a "
+                                  f"{device.type} worker: {reason}", optimizer=spec.memory.optimizer.value)
+
+
+def parameter_groups(spec: JobSpec, model) -> list[dict]:
+    """One group at the spec's LR; with LoRA+ a second one for lora_B and 1-D adapter params (DoRA magnitude)
+    at LR x ratio (peft.optimizers.loraplus grouping; this model has no LoRA embeddings)."""
+    lr = spec.training.learning_rate
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ratio = spec.lora_options.loraplus_lr_ratio if spec.lora_options else None
+    if not ratio:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fast = [p for name, p in named if "lora_B" in name or p.ndim == 1]
+    slow = [p for name, p in named if not ("lora_B" in name or p.ndim == 1)]
+    return [group for group in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if group["params"]]
+
+
+def build_optimizer(spec: JobSpec, parameters, device: torch.device):
+    """`parameters`: a list of params, or param groups (parameter_groups) each with its own lr."""
     lr = spec.training.learning_rate
     common = {"lr": lr, "betas": (0.9, 0.999), "weight_decay": 0.0}
     choice = spec.memory.optimizer
     if choice is Optimizer.adamw:
         # The fused kernel is CUDA-only here; foreach is the fast path on the CPU.
         return torch.optim.AdamW(parameters, fused=device.type == "cuda", **common)
+    if choice is Optimizer.adamw_4bit:
+        from torchao.optim import AdamW4bit
+
+        return AdamW4bit(parameters, **common)
+    if choice is Optimizer.cpu_offload:
+        check_device_support(spec, device)
+        from torchao.optim import CPUOffloadOptimizer
+
+        # Host grads are overwritten by every micro-step's copy: free the GPU ones only without accumulation.
+        offload_gradients = spec.training.gradient_accumulation_steps == 1
+        return CPUOffloadOptimizer(parameters, torch.optim.AdamW, offload_gradients=offload_gradients,
+                                   fused=True, **common)
     import bitsandbytes as bnb
 
     optimizer_class = {
@@ -162,6 +257,26 @@ def build_optimizer(spec: JobSpec, parameters: list[torch.nn.Parameter], device:
         Optimizer.paged_adamw_32bit: bnb.optim.PagedAdamW32bit,
     }[choice]
     return optimizer_class(parameters, **common)
+
+
+def clip_gradients(optimizer, parameters, max_norm: float = MAX_GRAD_NORM) -> torch.Tensor:
+    """clip_grad_norm_ over the gradients the optimizer will read: for CPUOffloadOptimizer the host copies of
+    the offloaded params (their GPU grads may already be freed) plus the GPU grads of the small ones it keeps."""
+    host_map = getattr(optimizer, "param_d2h_map", None)
+    if host_map is None:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.stream.synchronize()  # the device->host grad copies run on the optimizer's side stream
+    host = [p.grad for p in host_map.values()]
+    kept = [p.grad for group in optimizer.d_param_groups for p in group["params"] if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in host]
+    norms += [torch.linalg.vector_norm(g, dtype=torch.float32).cpu() for g in kept]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in host:
+        g.mul_(factor)
+    for g in kept:
+        g.mul_(factor.to(g.device))
+    return total
 
 
 def lr_factor(step: int, total_steps: int) -> float:

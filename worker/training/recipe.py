@@ -6,7 +6,8 @@
   TrainingOutOfMemory  the accelerator ran out of memory (chained to torch's error)
   ValueError           a spec the planner should have resolved ("auto" batch size) or that cannot apply
                        to this model (more freeze layers than it has)
-The precision mapping, optimizers and LR schedule are documented in worker/training/loading.py.
+The precision mapping, optimizers and LR schedule are documented in worker/training/loading.py; checkpoints,
+and how a run resumes from the last one in output_dir/checkpoints, in worker/training/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from planner.spec import JobSpec, Method
 from service.datasets import iter_examples
 from service.errors import JobCancelled, TrainingOutOfMemory
-from worker.training import data, loading
+from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
 
@@ -43,6 +44,7 @@ class Progress:
     memory_allocated_bytes: int | None  # None on the CPU
     memory_reserved_bytes: int | None
     memory_peak_bytes: int | None  # peak reserved since the job started
+    eval_loss: float | None = None  # per-token loss on training.validation_fraction's held-out examples
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ def train(
     output_dir: Path,
     on_progress: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_checkpoint: Callable[[int, str], None] = lambda step, path: None,  # path relative to output_dir
+    on_resume: Callable[[int], None] = lambda step: None,
 ) -> TrainResult:
     wall_start = time.perf_counter()
     micro_batch_size = spec.training.micro_batch_size
@@ -76,10 +80,16 @@ def train(
 
     set_seed(spec.training.seed)  # python, numpy and torch RNGs: LoRA init, dropout
     device = loading.pick_device()
+    loading.check_device_support(spec, device)  # a CUDA-only optimizer on a CPU worker: refused before loading
     plan = loading.precision_plan(spec.memory.precision)
     memory = MemoryProbe(device)
     tokenizer = data.load_tokenizer(base_model_dir)
     dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, spec.training.max_seq_length)
+    dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
+    source_examples = len(dataset)
+    if spec.training.packing:
+        dataset = data.pack_examples(dataset, spec.training.max_seq_length, spec.training.seed)
+    fused_loss = spec.memory.fused_loss is not False  # None: the worker's chunked loss runs on every device
     accumulation = spec.training.gradient_accumulation_steps
     micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size)
     total_steps = spec.training.max_steps or max(1, math.ceil(spec.training.epochs * micro_per_epoch / accumulation))
@@ -89,19 +99,33 @@ def train(
     try:
         model = loading.load_model(spec, Path(base_model_dir), device, plan)
         parameters = loading.trainable_parameters(model)
-        optimizer = loading.build_optimizer(spec, parameters, device)
+        optimizer = loading.build_optimizer(spec, loading.parameter_groups(spec, model), device)
         scheduler = loading.build_schedule(optimizer, total_steps)
         scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
         autocast = (torch.autocast(device.type, dtype=plan.autocast_dtype) if plan.autocast_dtype
                     else contextlib.nullcontext())
+        eval_losses: list[dict] = []
+
+        def _eval(at_step: int) -> float | None:  # held-out loss at ~10 evenly spaced reports and the last one
+            if not validation or not extras.eval_due(at_step, total_steps):
+                return None
+            value = extras.eval_loss(model, validation, micro_batch_size=micro_batch_size, device=device,
+                                     pad_token_id=tokenizer.pad_token_id, autocast=autocast, fused=fused_loss)
+            eval_losses.append({"step": at_step, "eval_loss": value})
+            return value
 
         # --- train --------------------------------------------------------------------------------------
-        train_start = time.perf_counter()
-        tokens_seen = 0
-        micro_steps = 0
-        loss_curve: list[dict] = []
-        losses_since_report: list[float] = []
-        for step in range(1, total_steps + 1):
+        # A retried job (same output dir) carries on from its last complete checkpoint; a first run from 0.
+        checkpoints = checkpoint.Checkpoints(Path(output_dir) / "checkpoints", spec, micro_per_epoch)
+        resumed = checkpoints.resume(model, optimizer, scheduler, scaler, stream)
+        if resumed.step:
+            on_resume(resumed.step)
+        train_start = time.perf_counter() - resumed.train_seconds
+        tokens_seen = resumed.tokens_seen
+        micro_steps = resumed.micro_steps
+        loss_curve: list[dict] = resumed.loss_curve
+        losses_since_report: list[float] = resumed.losses_since_report
+        for step in range(resumed.step + 1, total_steps + 1):
             window = [next(stream) for _ in range(accumulation)]
             # Normalise by the learned tokens of the whole step, so accumulation equals one big batch.
             learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
@@ -109,9 +133,9 @@ def train(
             for micro in window:
                 if should_stop():
                     raise JobCancelled(f"cancelled at step {step - 1}")
-                batch = data.collate(micro, tokenizer.pad_token_id, device)
+                batch = data.collate_any(micro, tokenizer.pad_token_id, device)
                 with autocast:
-                    loss = loss_sum(model, batch, fused=spec.memory.fused_loss) / learned_tokens
+                    loss = loss_sum(model, batch, fused=fused_loss) / learned_tokens
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.detach()
                 tokens_seen += sum(len(example.input_ids) for example in micro)  # host-side: no GPU sync
@@ -119,13 +143,13 @@ def train(
 
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(parameters, loading.MAX_GRAD_NORM)
+            loading.clip_gradients(optimizer, parameters, loading.MAX_GRAD_NORM)
             if scaler:
                 scaler.step(optimizer)  # skips the step if the scaled gradients overflowed
                 scaler.update()
             else:
                 optimizer.step()
-            learning_rate = scheduler.get_last_lr()[0]
+            learning_rate = float(scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -145,14 +169,20 @@ def train(
                     memory_allocated_bytes=memory.allocated_bytes(),
                     memory_reserved_bytes=memory.reserved_bytes(),
                     memory_peak_bytes=memory.peak_bytes(),
+                    eval_loss=_eval(step),
                 ))
                 losses_since_report.clear()
+            if checkpoints.due(step, total_steps):
+                state = checkpoint.RunState(step, micro_steps, tokens_seen, time.perf_counter() - train_start,
+                                            loss_curve, losses_since_report)
+                on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
         train_seconds = time.perf_counter() - train_start
 
         # --- save ---------------------------------------------------------------------------------------
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         written = _save_model(spec, model, plan, output_dir) + _save_dir(tokenizer, output_dir, "tokenizer")
+        written += extras.save_merged(spec, Path(base_model_dir), output_dir, _save_dir)
     except torch.OutOfMemoryError as exc:
         peak = memory.peak_bytes()
         peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
@@ -173,7 +203,12 @@ def train(
         "examples": len(dataset),
         "examples_dropped_no_learned_tokens": dropped_examples,
         "trainable_parameters": sum(parameter.numel() for parameter in parameters),
+        "validation_examples": len(validation),
+        "eval_loss": eval_losses[-1]["eval_loss"] if eval_losses else None,
+        "eval_curve": eval_losses,
+        "packing": {"rows": len(dataset), "examples": source_examples} if spec.training.packing else None,
         "final_loss": loss_curve[-1]["loss"],
+        "resumed_from_step": resumed.step,
         "loss_curve": loss_curve,
         "tokens": tokens_seen,
         "tokens_per_second": tokens_per_second,
@@ -184,6 +219,7 @@ def train(
         "versions": _versions(),
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoints.remove_all()  # the artifacts are saved: nothing is left to resume, and they are not artifacts
     return TrainResult(
         steps=total_steps,
         final_loss=summary["final_loss"],
@@ -197,7 +233,7 @@ def train(
 def _save_model(spec: JobSpec, model, plan: loading.PrecisionPlan, output_dir: Path) -> list[str]:
     """Adapters for lora/qlora (adapter/), the whole model for full/freeze (model/); safetensors only."""
     if spec.method in (Method.lora, Method.qlora):
-        return _save_dir(model, output_dir, "adapter")
+        return extras.save_adapter(model, output_dir, _save_dir)
     if spec.method is Method.freeze:
         # One dtype per checkpoint: the trained layers go back to the frozen layers' dtype.
         model.to(plan.frozen_dtype)
