@@ -22,10 +22,8 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(settings: Settings) -> Engine:
-    url = settings.sqlalchemy_url
+def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        settings.resolved_home.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
@@ -34,19 +32,22 @@ def make_engine(settings: Settings) -> Engine:
 
 @lru_cache
 def _engine_for(url: str) -> Engine:
-    return make_engine(get_settings())
+    return make_engine(url)
 
 
-def get_engine() -> Engine:
-    return _engine_for(get_settings().sqlalchemy_url)
+def get_engine(settings: Settings | None = None) -> Engine:
+    settings = settings or get_settings()
+    if settings.sqlalchemy_url.startswith("sqlite"):
+        settings.resolved_home.mkdir(parents=True, exist_ok=True)
+    return _engine_for(settings.sqlalchemy_url)
 
 
-def session_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(settings), expire_on_commit=False)
 
 
 @contextmanager
-def transaction() -> Iterator[Session]:
+def transaction(settings: Settings | None = None) -> Iterator[Session]:
     """A unit of work for code outside a request: commits on success, rolls back on error."""
-    with session_factory()() as session, session.begin():
+    with session_factory(settings)() as session, session.begin():
         yield session

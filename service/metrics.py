@@ -138,7 +138,7 @@ class ServiceStateCollector(Collector):
         from service.db import transaction
         from service.jobs import repository
 
-        with transaction() as session:
+        with transaction(self.settings) as session:
             counts = repository.count_jobs_by_status(session)
             gpus = repository.list_gpus(session)
         jobs = GaugeMetricFamily("ftjobs_jobs", _STATE_HELP["ftjobs_jobs"], labels=["state"])

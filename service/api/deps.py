@@ -14,8 +14,8 @@ from service.models import Job
 from service.settings import Settings, get_settings
 
 
-def get_session() -> Iterator[Session]:
-    with session_factory()() as session:
+def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    with session_factory(settings)() as session:
         try:
             yield session
             session.commit()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from service.api.deps import SessionDep, SettingsDep
+from service.migrate import pending_migrations
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,7 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    checks = {"database": _check(lambda: session.execute(text("SELECT 1"))),
+    checks = {"database": _check(lambda: _database_current(session, settings)),
               "broker": _check(lambda: _ping_broker(settings.redis_url))}
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
@@ -31,6 +31,11 @@ def _check(probe) -> str:
     except Exception as exc:  # readiness reports the failure instead of raising it
         return f"error: {type(exc).__name__}: {exc}"
     return "ok"
+
+
+def _database_current(session, settings) -> None:
+    if pending_migrations(session.connection(), settings):
+        raise RuntimeError("the schema is behind the code: run `ftjobs db upgrade`")
 
 
 def _ping_broker(redis_url: str | None) -> None:

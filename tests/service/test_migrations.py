@@ -46,3 +46,16 @@ def test_downgrade_to_base_and_back(settings, tmp_path):
     command.downgrade(alembic_config(embedded), "base")
     assert set(inspect(create_engine(embedded.sqlalchemy_url)).get_table_names()) == {"alembic_version"}
     upgrade_database(embedded)
+
+
+def test_readiness_waits_for_the_migrations(settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    embedded = settings.model_copy(update={"database_url": None, "redis_url": None, "home": tmp_path})
+    with TestClient(create_app(embedded)) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503 and "db upgrade" in response.json()["checks"]["database"]
+        upgrade_database(embedded)
+        assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
