@@ -1,0 +1,133 @@
+"""Planner terms and spec rules of the newer options: 4-bit / CPU-offloaded optimizers, int8 and FP4 qlora,
+packing, fused_loss's default, freeze.trainable_modules. Hand-computed values in the comments."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from planner import terms as t
+from planner.catalog import find_model
+from planner.core import HF_TRAINER, WORKER, build_setup, estimate, freeze_module_tensors
+from planner.spec import JobSpec
+
+Q05 = find_model("Qwen/Qwen2.5-0.5B")  # hidden 896, q 896, kv 128, intermediate 4864, 24 layers, tied, qkv bias
+
+
+def setup_for(body: dict, mb: int = 4, recipe=WORKER) -> t.Setup:
+    return build_setup(JobSpec.model_validate({"base_model": Q05.name, **body}), Q05, mb, recipe)
+
+
+# ---- optimizers -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tensors, expected", [
+    # per state: 1,048,576 / 2 codes = 524,288 + 8,192 blocks x 4 B = 32,768 + qmap 64 = 557,120; two states
+    ([(1_048_576, 1)], 1_114_240),
+    ([(2048, 3)], 3 * 2048 * 2 * 4),  # under 4096 elements: zeros_like(fp32 param), two states
+    ([(4100, 1)], 4100 * 2 * 4),  # 4100 % 128 != 0: full precision too
+])
+def test_adamw_4bit_states(tensors, expected):
+    s = setup_for({"method": "lora", "memory": {"optimizer": "adamw_4bit"}})
+    assert t.optimizer_state_bytes(tensors, s) == (expected, 0)
+    assert t.optimizer_temp_bytes(tensors, s, foreach_adamw=True) == 0
+
+
+def test_cpu_offload_keeps_only_small_tensors_states_on_the_gpu():
+    s = setup_for({"method": "lora", "memory": {"optimizer": "cpu_offload"}})
+    assert t.optimizer_state_bytes([(1_000_000, 2), (2048, 3)], s) == (3 * 2048 * 8, 0)  # 49,152
+
+
+def test_cpu_offload_gradients_leave_the_gpu_without_accumulation():
+    tensors = [(1_000_000, 2), (2048, 3)]
+    offloaded = setup_for({"method": "lora", "memory": {"optimizer": "cpu_offload"}})
+    assert offloaded.offload_gradients
+    assert t.gradient_bytes(tensors, offloaded) == (6144 + 1_000_000) * 4 == 4_024_576  # small + one in flight
+    kept = setup_for({"method": "lora", "memory": {"optimizer": "cpu_offload"},
+                      "training": {"gradient_accumulation_steps": 2}})
+    assert t.gradient_bytes(tensors, kept) == (6144 + 2_000_000) * 4 == 8_024_576
+
+
+def test_new_optimizers_shrink_the_plan():
+    peak = {opt: sum(estimate(JobSpec(base_model="Qwen/Qwen2.5-7B", method="full",
+                                      memory={"optimizer": opt, "precision": "bf16"}),
+                              find_model("Qwen/Qwen2.5-7B"), 1)[1].values())
+            for opt in ("adamw", "adamw_8bit", "adamw_4bit", "cpu_offload")}
+    assert peak["cpu_offload"] < peak["adamw_4bit"] < peak["adamw_8bit"] < peak["adamw"]
+
+
+# ---- qlora data types --------------------------------------------------------------------------------------
+def test_int8_weights_and_row_scales():
+    s = setup_for({"method": "qlora", "quantization": {"bits": 8}})
+    # per layer 896*896*2 + 896*128*2 + 896*4864*3 = 14,909,440 int8 weights; x 24 layers
+    assert t.layer_linear_weight_bytes(Q05, s) == 14_909_440 * 24 == 357_826_560
+    # one fp32 scale per output row: 896 + 128 + 128 + 896 + 4864 + 4864 + 896 = 12,672 rows x 4 B x 24
+    assert t.quant_constant_bytes(Q05, s) == 12_672 * 4 * 24 == 1_216_512
+    assert t.dequant_buffer_bytes(Q05, s) == 896 * 4864 * 2  # fp16 dequantized weight in backward
+
+
+def test_fp4_is_stored_like_nf4():
+    nf4, fp4 = setup_for({"method": "qlora"}), setup_for({"method": "qlora", "quantization": {"quant_type": "fp4"}})
+    assert t.layer_linear_weight_bytes(Q05, fp4) == t.layer_linear_weight_bytes(Q05, nf4) == 14_909_440 * 24 // 2
+    assert t.quant_constant_bytes(Q05, fp4) == t.quant_constant_bytes(Q05, nf4)
+
+
+# ---- packing, fused loss ---------------------------------------------------------------------------------
+def test_packing_mask_exists_at_any_micro_batch():
+    assert t.attention_mask_bytes(setup_for({"method": "lora"}, mb=1)) == 0  # one unpadded row: is_causal
+    packed = setup_for({"method": "lora", "training": {"packing": True}}, mb=1)
+    assert t.attention_mask_bytes(packed) == 1024 * 1024  # block-diagonal bool [1, 1, 1024, 1024]
+    assert t.attention_bias_bytes(packed) == 1024 * 1024 * 2  # sdpa's bf16 additive copy, saved per layer
+
+
+def test_fused_loss_default_is_on_for_the_worker_only():
+    assert setup_for({"method": "lora"}).fused_loss is True
+    assert setup_for({"method": "lora"}, recipe=HF_TRAINER).fused_loss is False  # the stock recipe has none
+    assert setup_for({"method": "lora", "memory": {"fused_loss": False}}).fused_loss is False
+    assert setup_for({"method": "lora", "memory": {"fused_loss": True}}, recipe=HF_TRAINER).fused_loss is True
+
+
+# ---- freeze.trainable_modules -----------------------------------------------------------------------------
+def test_freeze_modules_mlp():
+    tensors, first, layers = freeze_module_tensors(Q05, ["mlp"])
+    assert tensors == ((896 * 4864, 72),) and first == 0 and layers == 24  # gate/up/down x 24
+
+
+def test_freeze_modules_one_attention_block():
+    tensors, first, layers = freeze_module_tensors(Q05, ["layers.23.self_attn"])
+    # q, o 896x896; k, v 896x128; biases q 896, k 128, v 128
+    assert dict(tensors) == {802_816: 2, 114_688: 2, 896: 1, 128: 2} and (first, layers) == (23, 1)
+    s = setup_for({"method": "freeze", "freeze": {"trainable_modules": ["layers.23.self_attn"]}})
+    assert t.grad_layers(Q05, s) == 1
+    assert s.trained_numel == 2 * 802_816 + 2 * 114_688 + 896 + 256 == 1_836_160
+    # bf16-mixed: the trained tensors are fp32 (2 extra bytes each on top of their bf16 size)
+    assert t.unquantized_weight_bytes(Q05, s) - t.unquantized_weight_bytes(
+        Q05, setup_for({"method": "freeze", "freeze": {"trainable_modules": ["model.norm"]}})) == (
+        1_836_160 - 896) * 2
+
+
+def test_freeze_modules_tied_lm_head_is_the_embedding():
+    tensors, first, _ = freeze_module_tensors(Q05, ["lm_head"])
+    assert tensors == ((151_936 * 896, 1),) and first == 0  # one shared tensor; autograd from layer 0
+
+
+# ---- spec rules ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, message", [
+    ({"method": "qlora", "lora": {"init": "pissa"}}, "unquantized base"),
+    ({"method": "qlora", "quantization": {"bits": 8, "quant_type": "fp4"}}, "bits=4 only"),
+    ({"method": "freeze", "freeze": {"trainable_layers": 1, "trainable_modules": ["mlp"]}}, "not both"),
+    ({"method": "freeze", "freeze": {"trainable_modules": []}}, "at least 1"),
+    ({"method": "full", "output": {"merge_adapter": True}}, "merge_adapter"),
+    ({"method": "lora", "memory": {"optimizer": "cpu_offload", "precision": "fp16-mixed"}}, "bf16-mixed"),
+    ({"method": "lora", "lora": {"loraplus_lr_ratio": 0}}, "greater than 0"),
+    ({"method": "lora", "training": {"validation_fraction": 0.9}}, "less than or equal"),
+])
+def test_spec_rules(body, message):
+    with pytest.raises(ValidationError, match=message):
+        JobSpec.model_validate({"base_model": "m", **body})
+
+
+def test_v1_names_and_defaults_unchanged():
+    spec = JobSpec(base_model="m")
+    assert spec.memory.fused_loss is None and spec.training.packing is False
+    assert spec.quantization_options.bits == 4 and spec.quantization_options.quant_type == "nf4"
+    assert spec.lora_options.init == "default" and spec.output.merge_adapter is False
+    assert JobSpec(base_model="m", memory={"fused_loss": False}).memory.fused_loss is False
