@@ -1,0 +1,264 @@
+"""Training checkpoints: written every N optimizer steps, and the point a retried job resumes from.
+
+Layout, under the job's output dir (a retry runs in the same dir, so it finds them):
+
+    checkpoints/
+      step-000010/                  complete: renamed into place only after COMPLETE was written in it
+        trainable.safetensors       the parameters that train (adapters; the trained layers or whole model)
+        trainable.json
+        optimizer.safetensors       every tensor of optimizer.state_dict(), bitsandbytes' qmap/absmax included
+        optimizer.json              the rest of the state dict, with {"__tensor__": name} where a tensor was
+        trainer.safetensors/.json   LR schedule, grad scaler, RNG states, data position, counters, loss curve
+        COMPLETE                    written last: the step and the fingerprint of the spec that wrote it
+      .tmp-step-000020-4242/        being written, or left by a killed process: never read, deleted later
+
+Only safetensors and JSON are written or read: nothing is pickled, so reading a checkpoint cannot run code.
+Every tensor is copied to host memory before it is written, so a checkpoint costs no GPU memory; it costs host
+memory for one copy of the trained parameters and the optimizer state while it is being written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from planner.spec import JobSpec
+
+MARKER = "COMPLETE"
+TEMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Tags in the JSON half of a saved tree, for what JSON cannot say itself.
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+@dataclasses.dataclass
+class RunState:
+    """The training loop's own counters at the end of an optimizer step: what a resumed run continues."""
+
+    step: int = 0  # optimizer steps completed
+    micro_steps: int = 0  # micro-batches consumed: the data position
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # training time so far, so tokens/s and the ETA stay right after a resume
+    loss_curve: list[dict] = dataclasses.field(default_factory=list)
+    losses_since_report: list[float] = dataclasses.field(default_factory=list)
+
+
+class Checkpoints:
+    def __init__(self, root: Path, spec: JobSpec, micro_batches_per_epoch: int) -> None:
+        self.root = Path(root)
+        self.every_steps = spec.training.checkpoint_every_steps
+        self.keep = spec.training.keep_checkpoints
+        self.fingerprint = spec_fingerprint(spec)
+        self.micro_batches_per_epoch = micro_batches_per_epoch
+
+    def due(self, step: int, total_steps: int) -> bool:
+        # Not at the last step: the final artifacts are saved right after it.
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < total_steps
+
+    def latest(self) -> Path | None:
+        complete = self._complete()
+        return complete[-1] if complete else None
+
+    def resume(self, model, optimizer, scheduler, scaler, stream: Iterator) -> RunState:
+        """Load the latest complete checkpoint into the freshly built objects; a RunState at step 0 if none."""
+        directory = self.latest()
+        if directory is None:
+            return RunState()
+        marker = json.loads((directory / MARKER).read_text())
+        if marker["spec_sha256"] != self.fingerprint:
+            raise ValueError(f"{directory} was written by a different job spec; delete {self.root} to start over")
+        _load_trainable(model, load_tree(directory, "trainable"))
+        load_optimizer(optimizer, load_tree(directory, "optimizer"))
+        trainer = load_tree(directory, "trainer")
+        scheduler.load_state_dict(trainer["scheduler"])
+        if scaler is not None and trainer["scaler"]:
+            scaler.load_state_dict(trainer["scaler"])
+        position = trainer["data_position"]
+        for _ in range(position["epoch"] * self.micro_batches_per_epoch + position["micro_batch"]):
+            next(stream)  # re-deals the same seeded shuffles, so the next micro-batch is the one that was due
+        set_rng_state(trainer["rng"])  # last: nothing above may draw from the RNGs the loop goes on with
+        return RunState(**trainer["run"])
+
+    def save(self, state: RunState, model, optimizer, scheduler, scaler) -> str:
+        """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir."""
+        final = self.root / f"step-{state.step:06d}"
+        temp = self.root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        save_tree(temp, "trainable", {name: p for name, p in model.named_parameters() if p.requires_grad})
+        save_tree(temp, "optimizer", optimizer.state_dict())
+        save_tree(temp, "trainer", {
+            "run": dataclasses.asdict(state),
+            "data_position": {"epoch": state.micro_steps // self.micro_batches_per_epoch,
+                              "micro_batch": state.micro_steps % self.micro_batches_per_epoch},
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        })
+        _write_synced(temp / MARKER, json.dumps({"step": state.step, "spec_sha256": self.fingerprint}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # only a leftover of an earlier attempt can be there
+        temp.rename(final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final.relative_to(self.root.parent).as_posix()
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first. A temp dir or a step dir without COMPLETE never counts."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(match[1]), path) for path in self.root.iterdir()
+                 if (match := _STEP_DIR.match(path.name)) and (path / MARKER).is_file()]
+        return [path for _, path in sorted(found)]
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints; delete the rest, including temp dirs of killed runs."""
+        kept = set(self._complete()[-self.keep:])
+        for path in self.root.iterdir():
+            if path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    """What decides the training trajectory; the checkpoint cadence and metadata do not."""
+    relevant = spec.model_dump(mode="json", exclude={"metadata": True, "resources": True, "training": {
+        "checkpoint_every_steps", "keep_checkpoints"}})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+# --- trees of tensors and plain values: tensors to safetensors, the structure to JSON ---------------------
+
+def save_tree(directory: Path, name: str, tree: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(tree, tensors, name)
+    save_file(tensors, directory / f"{name}.safetensors")
+    _fsync(directory / f"{name}.safetensors")
+    _write_synced(directory / f"{name}.json", json.dumps(structure) + "\n")
+
+
+def load_tree(directory: Path, name: str) -> Any:
+    tensors = load_file(directory / f"{name}.safetensors")  # onto the CPU; load_state_dict moves them
+    return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        if path in tensors:
+            raise ValueError(f"two tensors would be saved as {path!r}")
+        # A copy on the host: no GPU memory, and no storage shared with another entry (safetensors refuses that).
+        tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: path}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {key: _encode(item, tensors, f"{path}.{key}") for key, item in value.items()}
+        # Optimizer state is keyed by int parameter ids, which JSON object keys would turn into strings.
+        return {_ITEMS: [[key, _encode(item, tensors, f"{path}.{key}")] for key, item in value.items()]}
+    if isinstance(value, tuple):  # betas, random.getstate(): the loaders want tuples back, not lists
+        return {_TUPLE: [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR in value:
+        return tensors[value[_TENSOR]]
+    if _TUPLE in value:
+        return tuple(_decode(item, tensors) for item in value[_TUPLE])
+    if _ITEMS in value:
+        return {key: _decode(item, tensors) for key, item in value[_ITEMS]}
+    return {key: _decode(item, tensors) for key, item in value.items()}
+
+
+# --- what goes into a checkpoint ----------------------------------------------------------------------------
+
+def _load_trainable(model, saved: dict[str, torch.Tensor]) -> None:
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if trainable.keys() != saved.keys():
+        raise ValueError("the checkpoint's trained parameters do not match the model's")
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(saved[name])
+
+
+def load_optimizer(optimizer, state_dict: dict) -> None:
+    if not getattr(optimizer, "is_paged", False):
+        optimizer.load_state_dict(state_dict)  # torch and bitsandbytes move the state to each parameter's device
+        return
+    # bitsandbytes would copy paged states into ordinary device memory, which cannot be evicted to the host
+    # under pressure: keep them on the host and copy each into a fresh paged buffer, as init_state makes them.
+    optimizer.load_state_dict(state_dict, move_to_device=False)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key in ("state1", "state2"):
+                if key in state and state[key].device != parameter.device:
+                    buffer = optimizer.get_state_buffer(parameter, dtype=state[key].dtype)
+                    buffer.copy_(state[key])
+                    state[key] = buffer
+    # The rest (qmap, absmax) moves to the device in the optimizer's first step (bitsandbytes' to_gpu).
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+    except ImportError:
+        return state
+    name, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
+    state["numpy"] = [name, keys.tolist(), position, has_gauss, cached_gaussian]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+        numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), position, has_gauss, cached_gaussian))
+
+
+# --- durability: a COMPLETE marker must never be on disk before the files it vouches for ------------------
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)  # makes the rename itself durable (Linux: a directory opens read-only)
