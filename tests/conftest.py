@@ -139,6 +139,20 @@ def worker(database, redis_client) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
+def store_queued_job(database, settings):
+    """Store a job exactly as POST /v1/jobs does, but send no message: the test decides when (and how often)."""
+    from planner.spec import JobSpec
+    from service.db import transaction
+    from service.jobs.service import submit_job
+
+    def store(spec: dict) -> str:
+        with transaction() as session:
+            return submit_job(session, settings, JobSpec.model_validate(spec)).id
+
+    return store
+
+
+@pytest.fixture()
 def wait_for_status(api):
     """Poll the API until a job reaches one of `statuses`."""
     return lambda job_id, statuses, timeout_seconds=300: _wait_for_status(api, job_id, statuses, timeout_seconds)

@@ -78,46 +78,36 @@ def test_cancelling_a_running_job_stops_its_training_process(api, worker, tiny_m
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["code"] == "invalid_transition"
 
 
-def store_queued_job(settings, spec: dict) -> str:
-    """A job stored exactly as POST /v1/jobs stores it, but with no message sent yet."""
-    from planner.spec import JobSpec
-    from service.db import transaction
-    from service.jobs.service import submit_job
-
-    with transaction() as session:
-        return submit_job(session, settings, JobSpec.model_validate(spec)).id
-
-
 def test_a_cancelled_queued_job_is_never_run_even_if_its_message_arrives(api, worker, tiny_model, instructions,
-                                                                        settings, wait_for_status):
+                                                                        store_queued_job):
     from service.queue import enqueue_job
 
-    job_id = store_queued_job(settings, qlora_spec(tiny_model, instructions, max_steps=1))
+    job_id = store_queued_job(qlora_spec(tiny_model, instructions, max_steps=1))
     cancelled = api.post(f"/v1/jobs/{job_id}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
     enqueue_job(job_id)
-    _wait_for_log(worker, f"job {job_id} is not queued any more")
+    wait_for_log(worker, f"job {job_id} is not queued any more")
     states = [e["data"]["status"] for e in api.get(f"/v1/jobs/{job_id}/events").json()["data"]]
     assert states == ["queued", "cancelled"]
 
 
-def test_a_redelivered_message_does_not_start_the_job_twice(api, worker, tiny_model, instructions, settings,
-                                                          wait_for_status):
+def test_a_redelivered_message_does_not_start_the_job_twice(api, worker, tiny_model, instructions,
+                                                          store_queued_job, wait_for_status):
     from service.queue import enqueue_job
 
-    job_id = store_queued_job(settings, qlora_spec(tiny_model, instructions, max_steps=2))
+    job_id = store_queued_job(qlora_spec(tiny_model, instructions, max_steps=2))
     enqueue_job(job_id)
     enqueue_job(job_id)  # what Redis does when a message outlives its visibility timeout
     job = wait_for_status(job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job["error"]
-    _wait_for_log(worker, f"job {job_id} is not queued any more")
+    wait_for_log(worker, f"job {job_id} is not queued any more")
     states = [e["data"]["status"] for e in api.get(f"/v1/jobs/{job_id}/events").json()["data"]
               if e["kind"] == "state"]
     assert states == ["queued", "running", "succeeded"]
 
 
-def test_listing_filters_by_status_and_pages_with_a_cursor(api, tiny_model, instructions, settings):
-    ids = [store_queued_job(settings, qlora_spec(tiny_model, instructions, max_steps=1)) for _ in range(3)]
+def test_listing_filters_by_status_and_pages_with_a_cursor(api, tiny_model, instructions, store_queued_job):
+    ids = [store_queued_job(qlora_spec(tiny_model, instructions, max_steps=1)) for _ in range(3)]
     for job_id in ids:
         assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     first = api.get("/v1/jobs", params={"status": "cancelled", "limit": 2}).json()
@@ -130,7 +120,7 @@ def test_listing_filters_by_status_and_pages_with_a_cursor(api, tiny_model, inst
     assert api.get("/v1/jobs", params={"after": "job_nope"}).json()["code"] == "invalid_cursor"
 
 
-def _wait_for_log(worker, text: str, timeout_seconds: float = 60) -> None:
+def wait_for_log(worker, text: str, timeout_seconds: float = 60) -> None:
     import time
 
     deadline = time.monotonic() + timeout_seconds
