@@ -108,7 +108,7 @@ def table() -> tuple[str, dict]:
         lines.append(
             f"| {case['name']} | {case['method']} | {case['bs']}×{case['seq']} | {'on' if case['gc'] else 'off'} "
             f"| {case['optim']} | {row['nvml_used'] / GB:.2f} | {pred / GB:.2f} | {err * 100:+.1f}% "
-            f"| {row['peak_alloc'] / GB:.2f} / {alloc / GB:.2f} | {phase} |")
+            f"| {_gb(row['peak_alloc'])} / {alloc / GB:.2f} | {phase} |")
     abs_errors = [abs(e) for e, _ in errors]
     worst = max(errors, key=lambda e: abs(e[0]))
     under = min(errors)
@@ -117,6 +117,10 @@ def table() -> tuple[str, dict]:
                   f"worst {worst[0] * 100:+.1f}% ({worst[1]}), "
                   f"worst underestimate {min(0.0, under[0]) * 100:+.1f}% ({under[1]})."]
     return "\n".join(lines), stats
+
+
+def _gb(value: int | None) -> str:
+    return "–" if value is None else f"{value / GB:.2f}"
 
 
 def write_doc(text: str) -> None:

@@ -7,8 +7,11 @@ calibration) on the same shapes, random weights at real sizes. A script, not a t
 
 Each case and recipe runs in its own process (fresh CUDA context and peak counters). Printed: tokens/s and the
 NVML per-process peak of both, and the ratios against the goal (worker >= 2x tokens/s, <= 0.4x peak VRAM).
-Tokens/s: the stock row excludes its first step (refbench); the worker row is the job's own figure (tokens over
-training seconds, the first step included) unless --worker-steps leaves enough steps to amortise it.
+Tokens/s: both rows exclude the first optimizer step (warm-up): refbench times steps 2..N, and the worker row
+takes the progress reports of steps 1..N (logging every step; each report follows a loss read, so the GPU has
+finished the step). Peaks: NVML per-process, sampled every 20 ms during the worker run (vram_harness's sampler).
+Both recipes read the same random-weight checkpoint (refbench's ckpt-ARCH directory) so that one 7-8B model at
+a time sits on the disk. BENCH_DEADLINE_S starts no case after that many seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "calibration"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # (name, refbench arch, catalog id, micro-batch, seq, gradient checkpointing, LoRA r, targets)
 CASES = [
@@ -41,7 +46,8 @@ def worker_spec(case, base: str, optimizer: str, steps: int) -> dict:
             "lora": {"r": r, "alpha": 2 * r, "dropout": 0.05,
                      "target_modules": "all-linear" if targets == "all-linear" else targets.split(",")},
             "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-            "training": {"max_steps": steps, "micro_batch_size": bs, "max_seq_length": seq, "learning_rate": 2e-4},
+            "training": {"max_steps": steps, "micro_batch_size": bs, "max_seq_length": seq, "learning_rate": 2e-4,
+                         "logging_steps": 1},
             "memory": {"precision": "bf16-mixed", "optimizer": optimizer, "gradient_checkpointing": gc}}
 
 
@@ -63,20 +69,6 @@ def predict(optimizer: str) -> list[dict]:
     return rows
 
 
-def _nvml_peak_of_self() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid():
-                return proc.usedGpuMemory
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    except Exception:  # noqa: BLE001 - report what we can
-        return None
-
-
 def run_worker(case, optimizer: str, steps: int) -> dict:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the worker sets it
     import torch
@@ -85,18 +77,23 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
     import refbench
     from ftjobs.tinymodel import build_tiny_tokenizer
     from planner.spec import JobSpec
+    from vram_harness import NvmlSampler
     from worker.training import train
 
     name, arch, _, bs, seq, *_ = case
-    ckpt = TMP / f"ftjobs-bench-{arch}"
+    ckpt = Path(refbench.TMP) / f"ckpt-{arch}"  # written by the stock run just before, else here
     if not (ckpt / "config.json").exists():
         params = dict(refbench.ARCH[arch])
         config = AutoConfig.for_model(params.pop("model_type"), **params)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        for old in Path(refbench.TMP).glob("ckpt-*"):
+            shutil.rmtree(old)
         model.save_pretrained(ckpt)
         del model
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if not (ckpt / "tokenizer.json").exists():
         build_tiny_tokenizer("qwen2" if arch.startswith("qwen") else "llama").save_pretrained(ckpt)
     # Text rows long enough that every sequence is cut at max_seq_length (no padding: the stock run has none).
     dataset = TMP / f"ftjobs-bench-{seq}.jsonl"
@@ -105,11 +102,20 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
         for i in range(64):
             f.write(json.dumps({"text": " ".join(words[(i * 7 + j * 3) % 10] for j in range(2 * seq))}) + "\n")
     spec = JobSpec.model_validate(worker_spec(case, str(ckpt), optimizer, steps))
-    out = TMP / f"ftjobs-bench-out-{name}"
-    result = train(spec, base_model_dir=ckpt, dataset_path=dataset, output_dir=out)
+    reports: list[float] = []
+    sampler = NvmlSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory() as out:
+        result = train(spec, base_model_dir=ckpt, dataset_path=dataset, output_dir=Path(out),
+                       on_progress=lambda progress: reports.append(time.perf_counter()))
+    sampler.stop.set()
+    sampler.join()
+    nvml_used, nvml_source = sampler.peak()
+    steady = (len(reports) - 1) * bs * seq / (reports[-1] - reports[0])  # steps 2..N, every row full length
     return {"recipe": "worker", "case": name, "optimizer": optimizer, "steps": result.steps,
-            "tokens_per_s": round(result.tokens_per_second, 1), "peak_reserved": result.peak_memory_bytes,
-            "nvml_used": _nvml_peak_of_self(), "gpu": torch.cuda.get_device_name(0)}
+            "tokens_per_s": round(steady, 1), "tokens_per_s_incl_first_step": round(result.tokens_per_second, 1),
+            "peak_reserved": result.peak_memory_bytes, "nvml_used": nvml_used, "nvml_source": nvml_source,
+            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
 def run_stock(case) -> dict:
@@ -145,9 +151,13 @@ def main() -> None:
         return
 
     predictions = {row["case"]: row for row in predict(args.worker_optimizer)}
+    deadline = time.time() + float(os.environ.get("BENCH_DEADLINE_S", "inf"))
     print(f"{'case':26} {'stock tok/s':>11} {'worker tok/s':>12} {'x':>5} {'stock peak GiB':>14} "
           f"{'worker peak GiB':>15} {'x':>5}")
     for index, case in enumerate(CASES):
+        if time.time() > deadline:
+            print(f"{case[0]:26} not run: BENCH_DEADLINE_S reached")
+            continue
         rows = {}
         for recipe in ("stock", "worker"):
             start = time.time()

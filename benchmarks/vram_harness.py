@@ -2,7 +2,10 @@
 
     python benchmarks/vram_harness.py --list
     python benchmarks/vram_harness.py all calibration/h100-worker.jsonl          # every case
+    python benchmarks/vram_harness.py small out.jsonl                              # 0.5-3B models (or: big)
     python benchmarks/vram_harness.py w-q05-qlora-gc,w-q05-lora-gc out.jsonl      # some cases
+Environment: FTJOBS_VRAM_DEADLINE_S starts no case after that many seconds (to fit a lease); a model's
+random-weight checkpoint is deleted after its cases unless FTJOBS_VRAM_KEEP=1 (a 64 GiB disk holds few 7-14B).
 
 Then `python benchmarks/planner_accuracy.py --write` compares the planner with every calibration/*.jsonl row.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +75,9 @@ CASES = [
     case("w-q05-full-bf16", Q05, "full", 4, 1024, precision="bf16"),
     case("w-q05-full-bf16-adamw8", Q05, "full", 4, 1024, precision="bf16", optimizer="adamw_8bit"),
     case("w-q05-full-paged32", Q05, "full", 4, 1024, optimizer="paged_adamw_32bit"),
+    case("w-q05-full-adamw4", Q05, "full", 4, 1024, optimizer="adamw_4bit"),
+    case("w-q05-full-cpuoffload", Q05, "full", 4, 1024, optimizer="cpu_offload"),
+    case("w-q05-lora-adamw4", Q05, "lora", 4, 1024, optimizer="adamw_4bit"),
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),
@@ -102,11 +109,12 @@ def model_dir(model: str) -> Path:
 
 
 def prepare_model(model: str) -> Path:
-    """Random bf16 weights at the catalog shape + a word-level tokenizer of the same vocabulary size."""
+    """Random bf16 weights at the catalog shape + the project's tiny byte-level BPE tokenizer (its ids are all
+    below every catalog vocabulary, so the embedding and lm_head keep the model's real vocabulary size)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ftjobs.tinymodel import build_tiny_tokenizer
     from planner.catalog import _DATA
 
     out = model_dir(model)
@@ -115,24 +123,23 @@ def prepare_model(model: str) -> Path:
     entry = json.loads(_DATA.read_text())["models"][model]
     cfg_values = dict(entry["config"])
     model_type = cfg_values.pop("model_type")
-    vocab = cfg_values["vocab_size"]
     cfg = AutoConfig.for_model(model_type, **cfg_values, max_position_embeddings=131072, bos_token_id=1,
                                eos_token_id=2, pad_token_id=0, architectures=[_ARCH[model_type]])
     with torch.device("cuda"):
-        net = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+        net = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out, safe_serialization=True)
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, vocab)}
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>", model_max_length=1 << 20).save_pretrained(out)
+    tokenizer = build_tiny_tokenizer("qwen2" if model_type == "qwen2" else "llama")
+    tokenizer.model_max_length = 1 << 20
+    tokenizer.save_pretrained(out)
     return out
 
 
 def prepare_dataset(c: dict) -> Path:
     """Text rows longer than max_seq_length: every sequence is cut at the limit (the planner's worst case)."""
     import random
+
+    from ftjobs.tinymodel import demo_texts
 
     spec = c["spec"]
     seq, mb = spec["training"]["max_seq_length"], spec["training"]["micro_batch_size"]
@@ -141,16 +148,29 @@ def prepare_dataset(c: dict) -> Path:
     if path.exists() and sum(1 for _ in path.open()) >= rows:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    words = sorted({word for text in demo_texts() for word in text.split()})
     rng = random.Random(0)
     with path.open("w") as f:
-        for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(4, 30000)}" for _ in range(seq + 64))}) + "\n")
+        for _ in range(rows):  # every word is at least one token
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq + 64))}) + "\n")
     return path
+
+
+def check_rows_reach_the_limit(base: Path, data: Path, seq: int) -> int:
+    """Guard against a silently short measurement: the first row must tokenize to at least max_seq_length."""
+    from worker.training.data import _tokenize_text, load_tokenizer
+
+    tokens = len(_tokenize_text(load_tokenizer(base), json.loads(data.open().readline())["text"])[0])
+    if tokens < seq:
+        raise RuntimeError(f"a dataset row is {tokens} tokens, under max_seq_length={seq}")
+    return tokens
 
 
 # ---- measurement ---------------------------------------------------------------------------------------------
 class NvmlSampler(threading.Thread):
-    """Max NVML used memory of this process, sampled every 20 ms (what nvidia-smi shows for it)."""
+    """Max NVML used memory of this process, sampled every 20 ms (what nvidia-smi shows for it). Also the
+    device's used memory above what it was before this process touched CUDA, in case a virtualised driver
+    hides per-process figures; the row says which one it holds."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -158,7 +178,9 @@ class NvmlSampler(threading.Thread):
 
         pynvml.nvmlInit()
         self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
-        self.max_used, self.stop = 0, threading.Event()
+        self.device_baseline = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        self.max_used = self.max_device_delta = 0
+        self.stop = threading.Event()
 
     def read(self) -> int:
         for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
@@ -166,9 +188,18 @@ class NvmlSampler(threading.Thread):
                 return proc.usedGpuMemory
         return 0
 
+    def sample(self) -> None:
+        self.max_used = max(self.max_used, self.read())
+        delta = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used - self.device_baseline
+        self.max_device_delta = max(self.max_device_delta, delta)
+
     def run(self):
         while not self.stop.wait(0.02):
-            self.max_used = max(self.max_used, self.read())
+            self.sample()
+
+    def peak(self) -> tuple[int, str]:
+        self.sample()
+        return (self.max_used, "nvml_process") if self.max_used else (self.max_device_delta, "nvml_device_delta")
 
 
 def run_case(c: dict) -> dict:
@@ -181,6 +212,7 @@ def run_case(c: dict) -> dict:
 
     spec = JobSpec.model_validate(c["spec"])
     base, data = model_dir(c["model"]), prepare_dataset(c)
+    row_tokens = check_rows_reach_the_limit(base, data, spec.training.max_seq_length)
     sampler = NvmlSampler()
     sampler.start()
     steps, t0 = [], time.time()
@@ -192,6 +224,7 @@ def run_case(c: dict) -> dict:
     sampler.join()
     peak_reserved = torch.cuda.max_memory_reserved()
     predicted = plan(spec, find_model(c["model"]), None, suggest=False)
+    nvml_used, nvml_source = sampler.peak()
     import bitsandbytes
     import peft
     import transformers
@@ -200,19 +233,30 @@ def run_case(c: dict) -> dict:
         "case": c,
         "peak_alloc": torch.cuda.max_memory_allocated(),
         "peak_reserved": peak_reserved,
-        "nvml_used": max(sampler.max_used, sampler.read()),
-        "nvml_minus_reserved": max(sampler.max_used, sampler.read()) - peak_reserved,
+        "nvml_used": nvml_used,
+        "nvml_source": nvml_source,
+        "nvml_minus_reserved": nvml_used - peak_reserved,
         "predicted_nvml": predicted.peak_vram_bytes,
         "predicted_breakdown": predicted.breakdown,
         "progress_calls": len(steps),
+        "first_row_tokens": row_tokens,
         "worker_peak_memory_bytes": getattr(result, "peak_memory_bytes", None),
         "wall_train_s": round(time.time() - t0, 1),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bnb": bitsandbytes.__version__,
+                     "peft": peft.__version__, "bnb": bitsandbytes.__version__, "torchao": _version("torchao"),
                      "cuda": torch.version.cuda},
         "gpu": torch.cuda.get_device_name(0),
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _child(mode: str, payload: str) -> None:
@@ -238,27 +282,45 @@ def main() -> int:
             print(c["name"], c["model"], json.dumps(c["spec"]))
         return 0
     selected, out = sys.argv[1], Path(sys.argv[2])
-    cases = CASES if selected == "all" else [c for c in CASES if c["name"] in selected.split(",")]
+    cases = [c for c in CASES if selected in ("all", _size_group(c["model"])) or c["name"] in selected.split(",")]
     timeout = int(os.environ.get("CASE_TIMEOUT", "900"))
-    for model in dict.fromkeys(c["model"] for c in cases):  # one fresh process per model to write weights
+    deadline = time.time() + float(os.environ.get("FTJOBS_VRAM_DEADLINE_S", "inf"))
+    for model in dict.fromkeys(c["model"] for c in cases):
+        if time.time() > deadline:
+            print("deadline reached: not run:", [c["name"] for c in cases if c["model"] == model], flush=True)
+            continue
+        # a fresh process writes the weights, so that its CUDA memory is gone before the first case
         subprocess.run([sys.executable, __file__, "--prepare", model], check=True, timeout=timeout)
-    for c in cases:
-        started = time.time()
-        env = dict(os.environ)
-        if c["expandable"]:
-            env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
-        else:
-            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"case": c, "error": "no result", "stderr": proc.stderr[-2000:]}
-        row["wall_s"] = round(time.time() - started, 1)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        short = {k: row.get(k) for k in ("peak_alloc", "peak_reserved", "nvml_used", "predicted_nvml", "error")}
-        print(c["name"], json.dumps(short), flush=True)
+        for c in (c for c in cases if c["model"] == model):
+            if time.time() > deadline:
+                print("deadline reached: not run:", c["name"], flush=True)
+                continue
+            _run_one(c, out, timeout)
+        if os.environ.get("FTJOBS_VRAM_KEEP") != "1":
+            shutil.rmtree(model_dir(model))
     return 0
+
+
+def _size_group(model: str) -> str:
+    return "big" if model in (Q7B, L8B, M7B, Q14B) else "small"
+
+
+def _run_one(c: dict, out: Path, timeout: int) -> None:
+    started = time.time()
+    env = dict(os.environ)
+    if c["expandable"]:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    row = json.loads(lines[-1][7:]) if lines else {"case": c, "error": "no result", "stderr": proc.stderr[-2000:]}
+    row["wall_s"] = round(time.time() - started, 1)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    short = {k: row.get(k) for k in ("peak_alloc", "peak_reserved", "nvml_used", "predicted_nvml", "error")}
+    print(c["name"], json.dumps(short), flush=True)
 
 
 if __name__ == "__main__":

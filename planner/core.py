@@ -33,11 +33,19 @@ FRAG_ALLOC = 0.04
 # Per-parameter blocks freed between steps (grads after zero_grad(set_to_none), optimizer temporaries,
 # autocast weight copies) stay cached but are too small for logits-sized blocks (full rows).
 FRAG_PARAM_POOL = 0.40
-# expandable_segments:True (the worker) maps pages into one growing segment per stream, so freed blocks
-# can be re-used for larger requests. NOT MEASURED: assumed to keep half the logits term, the slack, and
-# none of the per-parameter pool until a GPU run says otherwise.
-FRAG_LOGITS_EXPANDABLE = 0.25
-FRAG_PARAM_POOL_EXPANDABLE = 0.0
+# expandable_segments:True (the worker) maps pages into one growing segment per stream. Fitted on the worker's
+# own 20 H100 rows (calibration/h100-worker.jsonl; leave-one-out error in docs/planner-accuracy.md): at the loss
+# phases, reserved - allocated is FRAG_ALLOC of allocated bytes plus a share of the loss's largest tokens x vocab
+# fp32 block (all the logits, or one chunk of the fused loss) and of the per-parameter blocks freed between steps.
+FRAG_LOSS_EXPANDABLE = 0.4
+FRAG_FUSED_CHUNK_EXPANDABLE = 0.8  # the fused loss allocates and frees one chunk's blocks per chunk
+FRAG_PARAM_POOL_EXPANDABLE = 0.4
+# Gemma 2's final-logit soft-cap (divide, tanh, multiply) adds low-precision logits-sized blocks that are
+# freed within the loss forward; fitted on one row (w-g2b-lora-gc-2k).
+FRAG_SOFTCAP_EXPANDABLE = 0.8
+# With gradient checkpointing the backward of one layer holds its recomputed saved tensors and the gradient
+# temporaries of that layer's backward, which are freed as they are consumed: measured as this many layers.
+GC_BACKWARD_LAYERS = 1.2
 
 # Safety margin: 5% of the GPU, at least 1 GiB. The calibration's worst underestimate is below that.
 MARGIN_FRACTION = 0.05
@@ -249,7 +257,7 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
         acts["dora_weight_copies"] = dora_layer * t.grad_layers(shape, s)
     if s.gradient_checkpointing:
         # all grads + the layer inputs + one recomputed layer and its backward temporaries (x2)
-        backward = {"gradients": f.grads, "activations": saved + 2 * layer}
+        backward = {"gradients": f.grads, "activations": saved + int(GC_BACKWARD_LAYERS * layer)}
     elif saved + f.head_grads >= f.grads:
         # early in backward: every saved tensor + the head's grads + one layer's temporaries
         backward = {"gradients": f.head_grads} | acts
@@ -277,13 +285,14 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
 def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, allocated: int, pool: int) -> int:
     """Reserved - allocated of the caching allocator at this phase (fitted; see the constants above)."""
     frag = FRAG_ALLOC * allocated
-    if phase in ("forward_loss", "loss_backward"):
+    if phase not in ("forward_loss", "loss_backward"):
+        return int(frag)
+    if not recipe.expandable_segments:
         logits = 0 if s.fused_loss else t.logits_fp32_bytes(shape, s)
-        if recipe.expandable_segments:
-            frag += FRAG_LOGITS_EXPANDABLE * logits + FRAG_PARAM_POOL_EXPANDABLE * pool
-        else:
-            frag += FRAG_LOGITS * logits + FRAG_PARAM_POOL * pool
-    return int(frag)
+        return int(frag + FRAG_LOGITS * logits + FRAG_PARAM_POOL * pool)
+    block_share = FRAG_FUSED_CHUNK_EXPANDABLE if s.fused_loss else FRAG_LOSS_EXPANDABLE
+    frag += block_share * t.loss_block_bytes(shape, s) + FRAG_SOFTCAP_EXPANDABLE * t.softcap_bytes(shape, s)
+    return int(frag + FRAG_PARAM_POOL_EXPANDABLE * pool)
 
 
 # ---- public entry point -------------------------------------------------------------------------------------

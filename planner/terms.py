@@ -343,8 +343,15 @@ def loss_backward_bytes(shape: ModelShape, s: Setup) -> int:
     are all tokens x vocab fp32 at once (3x). gemma2's soft-cap keeps its tanh output too."""
     if s.fused_loss:
         return fused_loss_bytes(shape, s)
-    softcap = s.tokens * shape.vocab_size * s.compute_bytes if shape.final_logit_softcapping else 0
-    return 3 * logits_fp32_bytes(shape, s) + softcap
+    return 3 * logits_fp32_bytes(shape, s) + softcap_bytes(shape, s)
+
+
+def softcap_bytes(shape: ModelShape, s: Setup) -> int:
+    """gemma2's final-logit soft-cap saves its tanh output (low precision, tokens x vocab) for backward. The
+    fused loss applies no soft-cap (worker/training/loss.py)."""
+    if not shape.final_logit_softcapping or s.fused_loss:
+        return 0
+    return s.tokens * shape.vocab_size * s.compute_bytes
 
 
 def loss_forward_bytes(shape: ModelShape, s: Setup) -> int:
@@ -362,10 +369,16 @@ FUSED_CHUNK_TOKENS = 1024
 def fused_loss_bytes(shape: ModelShape, s: Setup) -> int:
     """The worker's fused loss (worker/training/loss.py _fused_loss_sum): lm_head + cross-entropy per chunk
     of 1024 positions under activation checkpointing, so one chunk's logits exist at a time: in its backward
-    the low-precision logits and 3 fp32 chunk x vocab buffers (as the unfused loss). The learned positions'
-    hidden states are gathered into one tokens x hidden tensor the chunks keep for their recomputation."""
-    chunk = min(FUSED_CHUNK_TOKENS, s.tokens)
-    return chunk * shape.vocab_size * (3 * 4 + s.compute_bytes) + s.tokens * shape.hidden_size * s.compute_bytes
+    3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are already freed:
+    calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one tokens x hidden
+    tensor the chunks keep for their recomputation."""
+    return 3 * loss_block_bytes(shape, s) + s.tokens * shape.hidden_size * s.compute_bytes
+
+
+def loss_block_bytes(shape: ModelShape, s: Setup) -> int:
+    """The largest fp32 tokens x vocab block of the loss: all the logits, or one chunk of the fused loss."""
+    tokens = min(FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
+    return tokens * shape.vocab_size * 4
 
 
 def lm_head_cast_bytes(shape: ModelShape, s: Setup) -> int:

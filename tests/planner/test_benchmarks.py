@@ -28,8 +28,9 @@ def test_harness_cases_are_valid_worker_specs():
     methods = {c["spec"]["method"] for c in harness.CASES}
     assert methods == {"qlora", "lora", "full", "freeze"}
     assert any(c["spec"].get("lora", {}).get("use_dora") for c in harness.CASES)
-    assert {c["spec"]["memory"]["optimizer"] for c in harness.CASES} == {
-        "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+    from planner.spec import Optimizer
+
+    assert {c["spec"]["memory"]["optimizer"] for c in harness.CASES} == {o.value for o in Optimizer}
     assert {c["spec"]["memory"]["fused_loss"] for c in harness.CASES} == {True, False}
     assert {c["spec"]["memory"]["gradient_checkpointing"] for c in harness.CASES} == {True, False}
     for c in harness.CASES:
