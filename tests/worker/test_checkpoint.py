@@ -32,7 +32,7 @@ def step_dirs(output_dir) -> list[str]:
     return sorted(path.name for path in (output_dir / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_4bit"])
 def test_optimizer_state_round_trips_through_safetensors_and_json(make_spec, tmp_path, optimizer):
     """Save after two steps, load into a fresh optimizer, take the same third step: bit-identical results."""
     spec = make_spec("lora", memory={"optimizer": optimizer})

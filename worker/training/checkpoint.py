@@ -39,7 +39,7 @@ MARKER = "COMPLETE"
 TEMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Tags in the JSON half of a saved tree, for what JSON cannot say itself.
-_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+_TENSOR, _TUPLE, _ITEMS, _DTYPE, _SUBCLASS = "__tensor__", "__tuple__", "__items__", "__dtype__", "__subclass__"
 
 
 @dataclasses.dataclass
@@ -155,6 +155,8 @@ def load_tree(directory: Path, name: str) -> Any:
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+        return _encode_subclass(value, tensors, path)
     if isinstance(value, torch.Tensor):
         if path in tensors:
             raise ValueError(f"two tensors would be saved as {path!r}")
@@ -170,9 +172,31 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         return {_TUPLE: [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]}
     if isinstance(value, list):
         return [_encode(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]
+    if isinstance(value, torch.dtype):
+        return {_DTYPE: str(value).removeprefix("torch.")}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path}")
+
+
+def _encode_subclass(value: torch.Tensor, tensors: dict[str, torch.Tensor], path: str) -> dict:
+    """A quantized optimizer state (torchao AdamW4bit's OptimState4bit): its plain inner tensors (codes, scale,
+    qmap) and its constructor attributes, through the subclass's own flatten protocol."""
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if name not in _tensor_subclasses():  # never an arbitrary class: load_tree may only rebuild these
+        raise TypeError(f"cannot checkpoint a {name} at {path}")
+    inner_names, attributes = value.__tensor_flatten__()
+    inner = {inner: _encode(getattr(value, inner), tensors, f"{path}.{inner}") for inner in inner_names}
+    return {_SUBCLASS: name, "inner": inner, "attributes": _encode(list(attributes), tensors, f"{path}.attributes")}
+
+
+def _tensor_subclasses() -> dict[str, type]:
+    """The only classes a checkpoint may name: a fixed list, never an import path read from the file."""
+    from torchao.optim.subclass_4bit import OptimState4bit  # torchao: imported only when such a state is met
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (OptimState4bit, OptimState8bit, OptimStateFp8)}
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -184,6 +208,14 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tensors[value[_TENSOR]]
     if _TUPLE in value:
         return tuple(_decode(item, tensors) for item in value[_TUPLE])
+    if _DTYPE in value:
+        dtype = getattr(torch, value[_DTYPE])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{value[_DTYPE]!r} is not a torch dtype")
+        return dtype
+    if _SUBCLASS in value:
+        cls = _tensor_subclasses()[value[_SUBCLASS]]
+        return cls.__tensor_unflatten__(_decode(value["inner"], tensors), _decode(value["attributes"], tensors))
     if _ITEMS in value:
         return {key: _decode(item, tensors) for key, item in value[_ITEMS]}
     return {key: _decode(item, tensors) for key, item in value.items()}
