@@ -78,6 +78,8 @@ CASES = [
     case("w-q05-full-adamw4", Q05, "full", 4, 1024, optimizer="adamw_4bit"),
     case("w-q05-full-cpuoffload", Q05, "full", 4, 1024, optimizer="cpu_offload"),
     case("w-q05-lora-adamw4", Q05, "lora", 4, 1024, optimizer="adamw_4bit"),
+    case("w-q05-full-galore", Q05, "full", 4, 1024, optimizer="galore_adamw"),
+    case("w-q05-full-bf16-galore8", Q05, "full", 4, 1024, precision="bf16", optimizer="galore_adamw_8bit"),
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),

@@ -184,6 +184,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         gradient_checkpointing=spec.memory.gradient_checkpointing,
         fused_loss=fused_loss,
         optimizer=spec.memory.optimizer.value,
+        galore_rank=spec.galore_options.rank if spec.galore_options else 0,
         quant_double=bool(quant and quant.double_quant),
         quant_bits=quant.bits if quant else 4,
         packing=spec.training.packing,
@@ -226,7 +227,10 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
     """Only micro-batch-independent fields of `s` are read."""
     tensors = t.trainable_tensors(shape, s)
     embed_fp32 = shape.embed_numel if (recipe.embedding_fp32_states and s.method == "full") else 0
-    states, paged = t.optimizer_state_bytes(tensors, s, embed_fp32)
+    if s.galore_rank:
+        states, paged = t.galore_state_bytes(shape, tensors, s), 0
+    else:
+        states, paged = t.optimizer_state_bytes(tensors, s, embed_fp32)
     weights = t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s)
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
     if s.method == "full" and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
@@ -238,7 +242,8 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
     }
     head = (shape.embed_numel + shape.lm_head_numel) * s.trained_bytes if s.method == "full" else 0
     return _Fixed(static, paged, t.gradient_bytes(tensors, s), head,
-                  t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw), t.autocast_cache_bytes(shape, s),
+                  t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw) + t.galore_temp_bytes(shape, s),
+                  t.autocast_cache_bytes(shape, s),
                   t.dequant_buffer_bytes(shape, s))
 
 

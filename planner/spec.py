@@ -41,6 +41,12 @@ class Optimizer(str, enum.Enum):
     paged_adamw_32bit = "paged_adamw_32bit"
     adamw_4bit = "adamw_4bit"  # torchao AdamW4bit: 4-bit block-quantized states
     cpu_offload = "cpu_offload"  # torchao CPUOffloadOptimizer around torch AdamW: states on the host (CUDA only)
+    galore_adamw = "galore_adamw"  # galore-torch GaLoreAdamW: Adam states on a low-rank projection (full/freeze)
+    galore_adamw_8bit = "galore_adamw_8bit"  # galore-torch GaLoreAdamW8bit: the same with 8-bit states (CUDA only)
+
+    @property
+    def is_galore(self) -> bool:
+        return self in (Optimizer.galore_adamw, Optimizer.galore_adamw_8bit)
 
 
 class _Strict(BaseModel):
@@ -88,6 +94,17 @@ class QuantizationOptions(_Strict):
         if self.bits == 8 and self.model_fields_set & {"quant_type", "double_quant"}:
             raise ValueError("quant_type and double_quant apply to bits=4 only")
         return self
+
+
+class GaloreOptions(_Strict):
+    """GaLore (Zhao et al., 2024): each 2-D weight of the decoder layers keeps its Adam states on a rank-`rank`
+    projection of its gradient, refreshed by an SVD every `update_proj_gap` steps; the update is projected back
+    and scaled by `scale`. Defaults: the galore-torch README's."""
+
+    rank: int = Field(128, ge=1, le=8192)
+    update_proj_gap: int = Field(200, ge=1, le=100_000, description="Optimizer steps between SVD refreshes")
+    scale: float = Field(0.25, gt=0, le=100)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
 
 
 class FreezeOptions(_Strict):
@@ -164,6 +181,7 @@ class JobSpec(_Strict):
     lora: LoraOptions | None = None
     quantization: QuantizationOptions | None = None
     freeze: FreezeOptions | None = None
+    galore: GaloreOptions | None = Field(None, description="Options of the galore_adamw(_8bit) optimizers")
     training: TrainingOptions = TrainingOptions()
     memory: MemoryOptions = MemoryOptions()
     output: OutputOptions = OutputOptions()
@@ -187,6 +205,11 @@ class JobSpec(_Strict):
             problems.append("lora.init 'pissa' needs an unquantized base: use method lora, not qlora")
         if self.output.merge_adapter and not adapters:
             problems.append(f"output.merge_adapter applies to lora and qlora, not {self.method.value}")
+        if self.memory.optimizer.is_galore and adapters:
+            problems.append(f"optimizer {self.memory.optimizer.value} projects full-rank weight gradients: use it "
+                            f"with full or freeze; {self.method.value}'s adapters are already low-rank")
+        if self.galore is not None and not self.memory.optimizer.is_galore:
+            problems.append("'galore' options apply to the galore_adamw and galore_adamw_8bit optimizers")
         if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
             problems.append("optimizer cpu_offload cannot unscale fp16 loss-scaled gradients: use bf16-mixed")
         if problems:
@@ -210,4 +233,10 @@ class JobSpec(_Strict):
     def freeze_options(self) -> FreezeOptions | None:
         if self.method is Method.freeze:
             return self.freeze or FreezeOptions()
+        return None
+
+    @property
+    def galore_options(self) -> GaloreOptions | None:
+        if self.memory.optimizer.is_galore:
+            return self.galore or GaloreOptions()
         return None

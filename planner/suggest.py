@@ -17,6 +17,7 @@ from planner.spec import JobSpec
 COST_FUSED_LOSS = 0.0  # the chunked lm_head + loss recomputes one small matmul per chunk: about free
 COST_ADAMW_8BIT = 0.02  # q05-full16: adamw_bnb_8bit 20.6k vs adamw 22.3k tok/s (noise-level on 6 steps)
 COST_PAGED = 0.04  # paged states add page migration under memory pressure
+COST_GALORE = 0.1  # NOT MEASURED: projections every step and an SVD per weight every update_proj_gap steps
 COST_BF16_PRECISION = 0.0  # bf16 weights drop the fp32 master copy: faster, but less exact updates
 COST_PER_HALVING = 0.05  # smaller matmuls per halving of the micro-batch (same tokens per step)
 COST_CHECKPOINTING = 0.5  # q05-lora: gc 10.8k vs no gc 22.1k tok/s
@@ -27,14 +28,21 @@ COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
 
 def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]]]:
     mem, out = spec.memory, []
+    galore_off = {"galore": None} if spec.galore is not None else {}  # its options need a galore optimizer
     if mem.fused_loss is False:  # None (the default) is already on for the worker
         out.append((COST_FUSED_LOSS, "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
                     {"memory": {"fused_loss": True}}))
     if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):
         out.append((COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}}))
+    if mem.optimizer.value == "galore_adamw":
+        out.append((COST_ADAMW_8BIT, "optimizer galore_adamw→galore_adamw_8bit (CUDA workers)",
+                    {"memory": {"optimizer": "galore_adamw_8bit"}}))
     if mem.optimizer.value != "paged_adamw_8bit":
         out.append((COST_PAGED, f"optimizer {mem.optimizer.value}→paged_adamw_8bit (states in unified memory)",
-                    {"memory": {"optimizer": "paged_adamw_8bit"}}))
+                    {"memory": {"optimizer": "paged_adamw_8bit"}, **galore_off}))
+    if spec.method.value in ("full", "freeze") and not mem.optimizer.is_galore:
+        out.append((COST_GALORE, f"optimizer {mem.optimizer.value}→galore_adamw (Adam states on rank-128 "
+                                 "projections of the layers' weights)", {"memory": {"optimizer": "galore_adamw"}}))
     if spec.method.value == "full" and mem.precision.value == "bf16-mixed":
         out.append((COST_BF16_PRECISION, "precision bf16-mixed→bf16 (no fp32 master weights)",
                     {"memory": {"precision": "bf16"}}))
@@ -50,7 +58,10 @@ def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]
     if spec.method.value == "lora":
         out.append((COST_QLORA, "method lora→qlora (NF4 base weights)", {"method": "qlora"}))
     if spec.method.value in ("full", "freeze"):
-        out.append((COST_LORA, f"method {spec.method.value}→lora", {"method": "lora", "freeze": None}))
+        patch = {"method": "lora", "freeze": None}
+        if mem.optimizer.is_galore:
+            patch |= {"memory": {"optimizer": "adamw"}, **galore_off}
+        out.append((COST_LORA, f"method {spec.method.value}→lora", patch))
     seq = spec.training.max_seq_length
     for shorter in (seq // 2, seq // 4, seq // 8):
         if shorter >= 256:

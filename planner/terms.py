@@ -77,6 +77,7 @@ class Setup:
     trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
     trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
+    galore_rank: int = 0  # galore optimizers: the projection rank (0: no GaLore)
 
     def with_tokens(self, tokens: int) -> Setup:
         """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
@@ -92,7 +93,8 @@ class Setup:
                 self.head_bytes, self.autocast, self.compute_bytes, self.residual_bytes, self.mlp_bytes, self.autocast_fp32_params, tuple(lin.name for lin in self.adapted), self.lora_r,
                 self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
                 self.fused_loss, self.optimizer, self.quant_double, self.quant_bits, self.packing,
-                self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors)
+                self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors,
+                self.galore_rank)
 
 
 # ---- weights ----------------------------------------------------------------------------------------
@@ -205,6 +207,8 @@ def optimizer_state_bytes(
     `embed_numel_fp32`: HF Trainer registers nn.Embedding weights for 32-bit states (trainer.py
     register_module_override) - the calibration recipe, not the worker."""
     pb = trainable_param_bytes(s)
+    if s.galore_rank:
+        raise ValueError("GaLore states depend on the weights' shapes: use galore_state_bytes")
     if s.optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(param)
         return trainable_numel(tensors) * 2 * pb, 0
     if s.optimizer == "adamw_4bit":  # exp_avg and exp_avg_sq, each 4-bit
@@ -221,6 +225,43 @@ def optimizer_state_bytes(
         else:
             device += size * count
     return device, paged
+
+
+def galore_state_bytes(shape: ModelShape, tensors: list[tuple[int, int]], s: Setup) -> int:
+    """galore-torch: a trained [out, in] weight of a decoder layer keeps Adam's two states on its projected
+    gradient, r x max(out, in) with r = min(rank, out, in), plus its projection matrix, r x min(out, in) in the
+    param dtype. Every other trained tensor (norms, biases, embeddings) keeps plain states. GaLoreAdamW's
+    states are zeros_like(the projected grad), in the param dtype; GaLoreAdamW8bit's are bitsandbytes' 8-bit
+    blockwise ones. freeze.trainable_modules gives no shapes: its tensors are counted unprojected (an
+    overestimate)."""
+    pb = trainable_param_bytes(s)
+
+    def states(numel: int) -> int:
+        if s.optimizer == "galore_adamw" or numel < BNB_MIN_8BIT_SIZE:
+            return 2 * numel * (pb if s.optimizer == "galore_adamw" else 4)
+        return 2 * numel + 2 * -(-numel // BNB_8BIT_BLOCKSIZE) * 4
+
+    layers = 0 if s.trained_tensors else s.trainable_layers
+    projected = unprojected = 0
+    for lin in shape.linears:
+        r = min(s.galore_rank, lin.in_features, lin.out_features)
+        big, small = max(lin.in_features, lin.out_features), min(lin.in_features, lin.out_features)
+        projected += states(r * big) + r * small * pb
+        unprojected += states(lin.weight_numel)
+    return sum(states(n) * c for n, c in tensors) + layers * (projected - unprojected)
+
+
+def galore_temp_bytes(shape: ModelShape, s: Setup) -> int:
+    """The projection refresh (every update_proj_gap steps, the first included): torch.linalg.svd of the
+    largest weight's gradient in fp32, with U and Vh (full_matrices=False). GaLoreAdamW8bit also clones the
+    weight it updates (p.saved_data)."""
+    if not s.galore_rank or not (s.trainable_layers or s.trained_tensors):
+        return 0
+    lin = max(shape.linears, key=lambda lin: lin.weight_numel)
+    k = min(lin.in_features, lin.out_features)
+    svd = (lin.weight_numel + lin.out_features * k + k * lin.in_features + k) * 4
+    saved = lin.weight_numel * trainable_param_bytes(s) if s.optimizer == "galore_adamw_8bit" else 0
+    return svd + saved
 
 
 def optimizer_temp_bytes(tensors: list[tuple[int, int]], s: Setup, foreach_adamw: bool) -> int:

@@ -46,6 +46,41 @@ def test_cpu_offload_gradients_leave_the_gpu_without_accumulation():
     assert t.gradient_bytes(tensors, kept) == (6144 + 2_000_000) * 4 == 8_024_576
 
 
+def test_galore_states_sit_on_rank_r_projections_of_the_decoder_weights():
+    s = setup_for({"method": "full", "memory": {"optimizer": "galore_adamw"}, "galore": {"rank": 128}})
+    tensors = t.trainable_tensors(Q05, s)
+    plain = t.trainable_numel(tensors) * 2 * 4  # fp32 params (bf16-mixed): two fp32 states each
+    # Per layer, [out, in] -> two fp32 states of 128 x max(out, in) + a 128 x min(out, in) fp32 projection:
+    # q, o 896x896: 2 x (2*128*896 + 128*896) ; k, v 128x896 (r = 128): 2 x (2*128*896 + 128*128);
+    # gate, up 4864x896 and down 896x4864: 3 x (2*128*4864 + 128*896)
+    projected = 4 * (2 * (3 * 128 * 896) + 2 * (2 * 128 * 896 + 128 * 128) + 3 * (2 * 128 * 4864 + 128 * 896))
+    unprojected = 8 * (2 * 896 * 896 + 2 * 128 * 896 + 3 * 896 * 4864)
+    assert t.galore_state_bytes(Q05, tensors, s) == plain + 24 * (projected - unprojected)
+    # the SVD refresh of the largest gradient (4864 x 896) in fp32: the matrix, U 4864x896, S, Vh 896x896
+    assert t.galore_temp_bytes(Q05, s) == (4864 * 896 + 4864 * 896 + 896 + 896 * 896) * 4 == 38_080_000
+    with pytest.raises(ValueError, match="galore_state_bytes"):
+        t.optimizer_state_bytes(tensors, s)
+
+
+def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
+    shape = find_model("Qwen/Qwen2.5-7B")
+    peak = {opt: sum(estimate(JobSpec(base_model=shape.name, method="full", galore={"rank": 128} if "galore" in opt
+                                      else None, memory={"optimizer": opt, "precision": "bf16"}), shape, 1)[1].values())
+            for opt in ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")}
+    assert peak["galore_adamw_8bit"] < peak["galore_adamw"] < peak["adamw_8bit"] < peak["adamw"]
+    from planner import plan
+
+    spec = JobSpec(base_model=shape.name, method="full", galore={"rank": 512},
+                   memory={"optimizer": "galore_adamw", "precision": "bf16"}, training={"micro_batch_size": 8})
+    result = plan(spec, shape, 40 * 2**30)
+    assert not result.fits and result.suggestions
+    for suggestion in result.suggestions:  # every patch re-validates: no galore options left on another optimizer
+        from planner.core import apply_patch
+
+        patched = apply_patch(spec, suggestion.patch)
+        assert patched.galore is None or patched.memory.optimizer.is_galore
+
+
 def test_new_optimizers_shrink_the_plan():
     peak = {opt: sum(estimate(JobSpec(base_model="Qwen/Qwen2.5-7B", method="full",
                                       memory={"optimizer": opt, "precision": "bf16"}),

@@ -30,6 +30,10 @@ def run(spec, base, dataset, out):
     ("qlora", {}, {"quantization": {"bits": 8}, "lora": {"loraplus_lr_ratio": 16}}),
     ("lora", {"fused_loss": False}, {"lora": {"init": "pissa"}, "training": {"packing": True}}),
     ("freeze", {"optimizer": "paged_adamw_8bit"}, {"freeze": {"trainable_modules": ["mlp", "lm_head"]}}),
+    ("full", {"optimizer": "galore_adamw", "precision": "bf16"}, {"galore": {"rank": 8, "update_proj_gap": 1}}),
+    ("freeze", {"optimizer": "galore_adamw"}, {"galore": {"proj_type": "full", "rank": 4}}),
+    pytest.param("full", {"optimizer": "galore_adamw_8bit"}, {}, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="galore-torch's GaLoreAdamW8bit synchronizes CUDA: needs CUDA")),
     pytest.param("lora", {"optimizer": "cpu_offload"}, {}, marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason=NEEDS_CUDA)),
     pytest.param("full", {"optimizer": "cpu_offload"}, {"training": {"gradient_accumulation_steps": 2}},
@@ -45,12 +49,26 @@ def test_new_options_train(make_spec, tiny_llama, demo_dataset, tmp_path, method
     assert saved in result.artifacts
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA worker runs cpu_offload")
-def test_cpu_offload_is_refused_on_a_cpu_worker_before_loading(make_spec, demo_dataset, tmp_path):
-    spec = make_spec("lora", memory={"optimizer": "cpu_offload"})
-    with pytest.raises(UnsupportedOnDevice, match="needs a CUDA device") as caught:  # the model does not exist
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA worker runs these optimizers")
+@pytest.mark.parametrize("method, optimizer", [("lora", "cpu_offload"), ("full", "galore_adamw_8bit")])
+def test_cuda_only_optimizers_are_refused_on_a_cpu_worker_before_loading(make_spec, demo_dataset, tmp_path,
+                                                                         method, optimizer):
+    spec = make_spec(method, memory={"optimizer": optimizer})
+    with pytest.raises(UnsupportedOnDevice, match="is not supported on a cpu worker") as caught:  # no model exists
         train(spec, base_model_dir=tmp_path / "no-model", dataset_path=demo_dataset, output_dir=tmp_path / "out")
     assert caught.value.code == "unsupported_on_device" and not (tmp_path / "out").exists()
+
+
+def test_galore_projects_the_decoder_layers_2d_weights_only(make_spec, tiny_llama):
+    spec = make_spec("full", memory={"optimizer": "galore_adamw"}, galore={"rank": 8})
+    model = loading.load_model(spec, tiny_llama, torch.device("cpu"), loading.precision_plan(spec.memory.precision))
+    projected, plain = loading.parameter_groups(spec, model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert projected["rank"] == 8 and projected["update_proj_gap"] == 200 and "rank" not in plain
+    assert {names[id(p)].split(".")[-2] for p in projected["params"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(p.ndim == 2 and ".layers." in names[id(p)] for p in projected["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {"model.embed_tokens.weight", "model.norm.weight"}
 
 
 def test_loraplus_groups(make_spec, tiny_llama):

@@ -16,8 +16,8 @@ Precision mapping (spec.memory.precision), the same on CUDA and on the CPU:
 - CPU autocast supports bf16 and fp16, and bitsandbytes 0.50 runs NF4/FP4 and LLM.int8 matmuls and its
   8-bit/paged optimizers on the CPU (paged optimizers fall back to unpaged there, with a warning), and torchao's
   AdamW4bit runs there too (torch.compile), so every method x precision runs on the CPU with every optimizer
-  but cpu_offload, which needs a GPU to offload from: a CPU-only worker refuses it (UnsupportedOnDevice) before
-  loading anything.
+  but cpu_offload, which needs a GPU to offload from, and galore_adamw_8bit, whose step calls
+  torch.cuda.synchronize(): a CPU-only worker refuses them (UnsupportedOnDevice) before loading anything.
 
 Optimizers (spec.memory.optimizer): adamw = torch AdamW (fused on CUDA); adamw_8bit / paged_adamw_8bit /
 paged_adamw_32bit = bitsandbytes; adamw_4bit = torchao AdamW4bit (4-bit states in blocks of 128 with an fp32
@@ -26,7 +26,8 @@ around torch AdamW: fp32 master copies and AdamW states live in pinned host memo
 the GPU keeps only the params (and the states of tensors under 4096 elements). Its gradients move to the host as
 backward produces them and are freed on the GPU (offload_gradients) when there is no gradient accumulation; with
 accumulation they stay on the GPU (the host copy would be overwritten, not summed). Clipping then runs on the
-host copies (clip_gradients). LoRA+ (lora.loraplus_lr_ratio): lora_B (and DoRA magnitudes) form a second param
+host copies (clip_gradients). galore_adamw / galore_adamw_8bit = galore-torch's GaLoreAdamW(8bit), full and
+freeze only: the decoder layers' 2-D weights keep their states on a low-rank projection (galore_groups). LoRA+ (lora.loraplus_lr_ratio): lora_B (and DoRA magnitudes) form a second param
 group at learning_rate x ratio, as peft.optimizers.create_loraplus_optimizer groups them.
 
 Learning-rate schedule: linear warmup over the first 3% of optimizer steps (at least one), then cosine decay
@@ -202,8 +203,11 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-CUDA_ONLY_OPTIMIZERS = {Optimizer.cpu_offload: "torchao CPUOffloadOptimizer offloads GPU optimizer states to "
-                                                  "the host, so it needs a CUDA device"}
+CUDA_ONLY_OPTIMIZERS = {
+    Optimizer.cpu_offload: "torchao CPUOffloadOptimizer offloads GPU optimizer states to the host, so it needs a "
+                           "CUDA device",
+    Optimizer.galore_adamw_8bit: "galore-torch's GaLoreAdamW8bit synchronizes CUDA in every step",
+}
 
 
 def check_device_support(spec: JobSpec, device: torch.device) -> None:
@@ -221,12 +225,27 @@ def parameter_groups(spec: JobSpec, model) -> list[dict]:
     at LR x ratio (peft.optimizers.loraplus grouping; this model has no LoRA embeddings)."""
     lr = spec.training.learning_rate
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    galore = spec.galore_options
+    if galore:
+        return galore_groups(named, lr, galore)
     ratio = spec.lora_options.loraplus_lr_ratio if spec.lora_options else None
     if not ratio:
         return [{"params": [p for _, p in named], "lr": lr}]
     fast = [p for name, p in named if "lora_B" in name or p.ndim == 1]
     slow = [p for name, p in named if not ("lora_B" in name or p.ndim == 1)]
     return [group for group in ({"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}) if group["params"]]
+
+
+def galore_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, galore) -> list[dict]:
+    """galore-torch projects the params of a group that carries `rank`: the 2-D weights of the decoder layers
+    (the GaLore paper's choice); embeddings, lm_head, norms and biases keep ordinary Adam states."""
+    projected = [p for name, p in named if p.ndim == 2 and ".layers." in f".{name}"]
+    ids = {id(p) for p in projected}
+    plain = [p for _, p in named if id(p) not in ids]
+    options = {"rank": galore.rank, "update_proj_gap": galore.update_proj_gap, "scale": galore.scale,
+               "proj_type": galore.proj_type}
+    return [group for group in ({"params": projected, "lr": lr, **options}, {"params": plain, "lr": lr})
+            if group["params"]]
 
 
 def build_optimizer(spec: JobSpec, parameters, device: torch.device):
@@ -249,6 +268,13 @@ def build_optimizer(spec: JobSpec, parameters, device: torch.device):
         offload_gradients = spec.training.gradient_accumulation_steps == 1
         return CPUOffloadOptimizer(parameters, torch.optim.AdamW, offload_gradients=offload_gradients,
                                    fused=True, **common)
+    if choice.is_galore:
+        check_device_support(spec, device)
+        from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
+
+        if choice is Optimizer.galore_adamw:
+            return GaLoreAdamW(parameters, eps=1e-8, no_deprecation_warning=True, **common)
+        return GaLoreAdamW8bit(parameters, **common)
     import bitsandbytes as bnb
 
     optimizer_class = {
