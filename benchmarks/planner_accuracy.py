@@ -64,9 +64,10 @@ def refbench_spec(case: dict) -> JobSpec:
     return JobSpec.model_validate(body)
 
 
-def load_rows() -> list[dict]:
+def load_rows(paths: list[Path] | None = None) -> list[dict]:
+    """Every measured row (errors skipped) of `paths`, by default calibration/*.jsonl."""
     rows = []
-    for path in sorted((ROOT / "calibration").glob("*.jsonl")):
+    for path in paths or sorted((ROOT / "calibration").glob("*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if line.strip() and "error" not in row and isinstance(row.get("nvml_used"), int):
@@ -95,12 +96,12 @@ def predict(row: dict, arch: dict) -> tuple[int, int, str]:
     return sum(breakdown.values()), alloc, phase
 
 
-def table() -> tuple[str, dict]:
+def table(rows: list[dict] | None = None) -> tuple[str, dict]:
     arch = _arch_table()
     lines = ["| case | method | bs×seq | gc | optim | measured GB | predicted GB | error | peak_alloc meas/pred GB | phase |",
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     errors = []
-    for row in load_rows():
+    for row in load_rows() if rows is None else rows:
         case = row["case"]
         pred, alloc, phase = predict(row, arch)
         err = (pred - row["nvml_used"]) / row["nvml_used"]

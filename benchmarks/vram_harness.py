@@ -1,7 +1,7 @@
 """Measure the worker's real peak GPU memory on a lent GPU, case by case, into a JSONL the planner is fitted on.
 
     python benchmarks/vram_harness.py --list
-    python benchmarks/vram_harness.py all calibration/h100-worker.jsonl          # every case
+    python benchmarks/vram_harness.py all calibration/h100-worker.jsonl          # every case, then the table
     python benchmarks/vram_harness.py small out.jsonl                              # 0.5-3B models (or: big)
     python benchmarks/vram_harness.py w-q05-qlora-gc,w-q05-lora-gc out.jsonl      # some cases
 Environment: FTJOBS_VRAM_DEADLINE_S starts no case after that many seconds (to fit a lease); a model's
@@ -300,6 +300,11 @@ def main() -> int:
             _run_one(c, out, timeout)
         if os.environ.get("FTJOBS_VRAM_KEEP") != "1":
             shutil.rmtree(model_dir(model))
+    if out.exists():  # predicted vs measured for every row of the output file, as docs/planner-accuracy.md shows
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import planner_accuracy
+
+        print(planner_accuracy.table(planner_accuracy.load_rows([out]))[0])
     return 0
 
 
