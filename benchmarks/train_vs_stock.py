@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--worker-steps", type=int, default=6)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker_steps < 2:
+        parser.error("--worker-steps must be at least 2: the first step is warm-up, not counted in tokens/s")
     if args.predict:
         for row in predict(args.worker_optimizer):
             print(json.dumps(row))

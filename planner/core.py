@@ -185,6 +185,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         fused_loss=fused_loss,
         optimizer=spec.memory.optimizer.value,
         galore_rank=spec.galore_options.rank if spec.galore_options else 0,
+        galore_proj_type=spec.galore_options.proj_type if spec.galore_options else "std",
         quant_double=bool(quant and quant.double_quant),
         quant_bits=quant.bits if quant else 4,
         packing=spec.training.packing,

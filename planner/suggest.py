@@ -87,9 +87,12 @@ def suggestions(spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Rec
 
 
 def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, recipe: Recipe) -> list[Suggestion]:
-    """Add patches in cost order until the spec fits, then drop the ones it does not need; offer that one."""
+    """Add patches in cost order until the spec fits, then drop the ones it does not need; offer that one.
+    A switch to GaLore is left out: it would replace the cheaper optimizer steps and then bar method→lora."""
     steps: list[tuple[str, dict]] = []
     for _, description, patch in candidates:
+        if _turns_on_galore(spec, patch):
+            continue
         # a later patch of the same field (paged after 8-bit, a smaller micro-batch) replaces the earlier one
         trial = [(d, p) for d, p in steps if _leaves(p) - _leaves(patch)] + [(description, patch)]
         result = _try(spec, shape, gpu, _merge_all(trial), recipe)
@@ -99,6 +102,10 @@ def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, reci
         if result.fits:
             return [_prune(spec, shape, gpu, steps, result, recipe)]
     return []
+
+
+def _turns_on_galore(spec: JobSpec, patch: dict) -> bool:
+    return str(patch.get("memory", {}).get("optimizer", "")).startswith("galore") and not spec.memory.optimizer.is_galore
 
 
 def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, recipe: Recipe) -> Suggestion:

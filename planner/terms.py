@@ -78,6 +78,7 @@ class Setup:
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
     trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
     galore_rank: int = 0  # galore optimizers: the projection rank (0: no GaLore)
+    galore_proj_type: str = "std"
 
     def with_tokens(self, tokens: int) -> Setup:
         """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
@@ -94,7 +95,7 @@ class Setup:
                 self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
                 self.fused_loss, self.optimizer, self.quant_double, self.quant_bits, self.packing,
                 self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors,
-                self.galore_rank)
+                self.galore_rank, self.galore_proj_type)
 
 
 # ---- weights ----------------------------------------------------------------------------------------
@@ -229,11 +230,11 @@ def optimizer_state_bytes(
 
 def galore_state_bytes(shape: ModelShape, tensors: list[tuple[int, int]], s: Setup) -> int:
     """galore-torch: a trained [out, in] weight of a decoder layer keeps Adam's two states on its projected
-    gradient, r x max(out, in) with r = min(rank, out, in), plus its projection matrix, r x min(out, in) in the
-    param dtype. Every other trained tensor (norms, biases, embeddings) keeps plain states. GaLoreAdamW's
-    states are zeros_like(the projected grad), in the param dtype; GaLoreAdamW8bit's are bitsandbytes' 8-bit
-    blockwise ones. freeze.trainable_modules gives no shapes: its tensors are counted unprojected (an
-    overestimate)."""
+    gradient and keeps its projection matrix (in the param dtype; the worker copies it out of the SVD's factor,
+    worker/training/galore.py). Every other trained tensor (norms, biases, embeddings) keeps plain states.
+    GaLoreAdamW's states are zeros_like(the projected grad), in the param dtype; GaLoreAdamW8bit's are
+    bitsandbytes' 8-bit blockwise ones. freeze.trainable_modules gives no shapes: its tensors are counted
+    unprojected (an overestimate)."""
     pb = trainable_param_bytes(s)
 
     def states(numel: int) -> int:
@@ -244,22 +245,33 @@ def galore_state_bytes(shape: ModelShape, tensors: list[tuple[int, int]], s: Set
     layers = 0 if s.trained_tensors else s.trainable_layers
     projected = unprojected = 0
     for lin in shape.linears:
-        r = min(s.galore_rank, lin.in_features, lin.out_features)
-        big, small = max(lin.in_features, lin.out_features), min(lin.in_features, lin.out_features)
-        projected += states(r * big) + r * small * pb
+        state_numel, matrix_numel = galore_projection_numels(lin.out_features, lin.in_features, s)
+        projected += states(state_numel) + matrix_numel * pb
         unprojected += states(lin.weight_numel)
     return sum(states(n) * c for n, c in tensors) + layers * (projected - unprojected)
 
 
+def galore_projection_numels(out: int, inp: int, s: Setup) -> tuple[int, int]:
+    """(projected gradient, projection matrices) elements of an [out, in] weight, by GaLoreProjector.project:
+    std projects on the smaller side (states r x max, matrix r x min), reverse_std on the larger, right keeps
+    Vh[:r] (r x in), left U[:, :r] (out x r), full both (states r x r). r = min(rank, out, in): the SVD has
+    min(out, in) singular vectors."""
+    r = min(s.galore_rank, out, inp)
+    big, small = max(out, inp), min(out, inp)
+    return {"std": (r * big, r * small), "reverse_std": (r * small, r * big), "right": (r * out, r * inp),
+            "left": (r * inp, r * out), "full": (r * r, r * (out + inp))}[s.galore_proj_type]
+
+
 def galore_temp_bytes(shape: ModelShape, s: Setup) -> int:
     """The projection refresh (every update_proj_gap steps, the first included): torch.linalg.svd of the
-    largest weight's gradient in fp32, with U and Vh (full_matrices=False). GaLoreAdamW8bit also clones the
-    weight it updates (p.saved_data)."""
+    largest weight's gradient in fp32 (a copy unless the grad is fp32), with U, S and Vh (full_matrices=False).
+    GaLoreAdamW8bit also clones the weight it updates (p.saved_data)."""
     if not s.galore_rank or not (s.trainable_layers or s.trained_tensors):
         return 0
     lin = max(shape.linears, key=lambda lin: lin.weight_numel)
     k = min(lin.in_features, lin.out_features)
-    svd = (lin.weight_numel + lin.out_features * k + k * lin.in_features + k) * 4
+    fp32_copy = lin.weight_numel * 4 if trainable_param_bytes(s) != 4 else 0  # an fp32 grad is used as it is
+    svd = fp32_copy + (lin.out_features * k + k * lin.in_features + k) * 4
     saved = lin.weight_numel * trainable_param_bytes(s) if s.optimizer == "galore_adamw_8bit" else 0
     return svd + saved
 

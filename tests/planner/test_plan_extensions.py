@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from planner import plan
 from planner import terms as t
 from planner.catalog import find_model
-from planner.core import HF_TRAINER, WORKER, build_setup, estimate, freeze_module_tensors
+from planner.core import HF_TRAINER, WORKER, apply_patch, build_setup, estimate, freeze_module_tensors
 from planner.spec import JobSpec
 
 Q05 = find_model("Qwen/Qwen2.5-0.5B")  # hidden 896, q 896, kv 128, intermediate 4864, 24 layers, tied, qkv bias
@@ -56,10 +57,27 @@ def test_galore_states_sit_on_rank_r_projections_of_the_decoder_weights():
     projected = 4 * (2 * (3 * 128 * 896) + 2 * (2 * 128 * 896 + 128 * 128) + 3 * (2 * 128 * 4864 + 128 * 896))
     unprojected = 8 * (2 * 896 * 896 + 2 * 128 * 896 + 3 * 896 * 4864)
     assert t.galore_state_bytes(Q05, tensors, s) == plain + 24 * (projected - unprojected)
-    # the SVD refresh of the largest gradient (4864 x 896) in fp32: the matrix, U 4864x896, S, Vh 896x896
-    assert t.galore_temp_bytes(Q05, s) == (4864 * 896 + 4864 * 896 + 896 + 896 * 896) * 4 == 38_080_000
+    # the SVD refresh of the largest gradient (4864 x 896, fp32: no copy): U 4864x896, S, Vh 896x896
+    assert t.galore_temp_bytes(Q05, s) == (4864 * 896 + 896 + 896 * 896) * 4 == 20_647_424
+    bf16 = setup_for({"method": "full", "memory": {"optimizer": "galore_adamw", "precision": "bf16"}})
+    assert t.galore_temp_bytes(Q05, bf16) == 20_647_424 + 4864 * 896 * 4  # + the bf16 grad's fp32 copy
     with pytest.raises(ValueError, match="galore_state_bytes"):
         t.optimizer_state_bytes(tensors, s)
+
+
+@pytest.mark.parametrize("proj_type, expected", [
+    # [out, in] = [4864, 896] at rank 128: (projected gradient, projection matrices) elements
+    ("std", (128 * 4864, 128 * 896)),  # the smaller side: Vh[:128] (128 x 896), grad @ Vh.T -> 4864 x 128
+    ("reverse_std", (128 * 896, 128 * 4864)),  # the larger: U[:, :128] (4864 x 128), U.T @ grad -> 128 x 896
+    ("right", (4864 * 128, 128 * 896)),
+    ("left", (128 * 896, 4864 * 128)),
+    ("full", (128 * 128, 128 * (4864 + 896))),
+])
+def test_galore_projection_shapes(proj_type, expected):
+    s = setup_for({"method": "full", "memory": {"optimizer": "galore_adamw"}, "galore": {"proj_type": proj_type}})
+    assert t.galore_projection_numels(4864, 896, s) == expected
+    assert t.galore_projection_numels(4864, 64, setup_for(  # rank capped by the SVD's 64 singular vectors
+        {"method": "full", "memory": {"optimizer": "galore_adamw"}}))[1] == 64 * 64
 
 
 def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
@@ -68,17 +86,21 @@ def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
                                       else None, memory={"optimizer": opt, "precision": "bf16"}), shape, 1)[1].values())
             for opt in ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")}
     assert peak["galore_adamw_8bit"] < peak["galore_adamw"] < peak["adamw_8bit"] < peak["adamw"]
-    from planner import plan
+    from planner.suggest import _candidates
 
-    spec = JobSpec(base_model=shape.name, method="full", galore={"rank": 512},
-                   memory={"optimizer": "galore_adamw", "precision": "bf16"}, training={"micro_batch_size": 8})
-    result = plan(spec, shape, 40 * 2**30)
-    assert not result.fits and result.suggestions
-    for suggestion in result.suggestions:  # every patch re-validates: no galore options left on another optimizer
-        from planner.core import apply_patch
-
-        patched = apply_patch(spec, suggestion.patch)
-        assert patched.galore is None or patched.memory.optimizer.is_galore
+    galore = JobSpec(base_model=shape.name, method="full", galore={"rank": 512},
+                     memory={"optimizer": "galore_adamw", "precision": "bf16"}, training={"micro_batch_size": 8})
+    patches = {description.split(" (")[0]: patch for _, description, patch in _candidates(galore, 8)}
+    assert patches["optimizer galore_adamw→paged_adamw_8bit"]["galore"] is None
+    assert patches["method full→lora"] == {"method": "lora", "freeze": None, "memory": {"optimizer": "adamw"},
+                                           "galore": None}
+    for patch in patches.values():  # each one validates on its own (apply_patch raises otherwise)
+        apply_patch(galore, patch)
+    plain = JobSpec(base_model=shape.name, method="full", training={"micro_batch_size": 8, "max_seq_length": 4096})
+    assert any("→galore_adamw" in description for _, description, _ in _candidates(plain, 8))
+    # not combined: with it, method→lora could not follow (lora + galore is invalid) and nothing was offered
+    assert [s.description for s in plan(plain, shape, 24 * 2**30).suggestions] == [
+        "micro_batch_size 8→1 with gradient_accumulation_steps ×8 (same effective batch); method full→lora"]
 
 
 def test_new_optimizers_shrink_the_plan():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from planner.spec import GaloreOptions
 from service.errors import UnsupportedOnDevice
 from worker.training import data, loading, train
 from worker.training.loss import loss_sum
@@ -69,6 +70,22 @@ def test_galore_projects_the_decoder_layers_2d_weights_only(make_spec, tiny_llam
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(p.ndim == 2 and ".layers." in names[id(p)] for p in projected["params"])
     assert {names[id(p)] for p in plain["params"]} >= {"model.embed_tokens.weight", "model.norm.weight"}
+
+
+@pytest.mark.parametrize("proj_type, kept_numel", [("std", 64 * 4), ("full", 64 * 4 + 4 * 128)])
+def test_galore_projection_keeps_only_its_rank_r_matrix(make_spec, proj_type, kept_numel):
+    # galore-torch slices U / Vh of an fp32 SVD: as a view the slice would keep the whole 64 x 64 U (or 64 x 128
+    # Vh) alive; the worker's projector copies the r-wide slice out (what the planner counts).
+    spec = make_spec("full", memory={"optimizer": "galore_adamw"})
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    options = GaloreOptions(rank=4, proj_type=proj_type)
+    optimizer = loading.build_optimizer(spec, loading.galore_groups([("model.layers.0.mlp.up_proj.weight", weight)],
+                                                                    1e-3, options), torch.device("cpu"))
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    matrix = optimizer.state[weight]["projector"].ortho_matrix
+    held = sum(m.untyped_storage().nbytes() for m in (matrix if isinstance(matrix, list) else [matrix]))
+    assert held == kept_numel * 4
 
 
 def test_loraplus_groups(make_spec, tiny_llama):

@@ -41,7 +41,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Tags in the JSON half of a saved tree, for what JSON cannot say itself.
 _TENSOR, _TUPLE, _ITEMS, _DTYPE, _SUBCLASS = "__tensor__", "__tuple__", "__items__", "__dtype__", "__subclass__"
 _GALORE = "__galore_projector__"
-_GALORE_SETTINGS = ("rank", "verbose", "update_proj_gap", "scale", "proj_type")
 
 
 @dataclasses.dataclass
@@ -178,7 +177,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         return {_DTYPE: str(value).removeprefix("torch.")}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if type(value).__module__ == "galore_torch.galore_projector":
+    if type(value).__name__ in ("GaLoreProjector", "CompactGaLoreProjector"):
         return _encode_galore_projector(value, tensors, path)
     raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path}")
 
@@ -186,11 +185,11 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
 def _encode_galore_projector(value: Any, tensors: dict[str, torch.Tensor], path: str) -> dict:
     """galore-torch keeps a GaLoreProjector object in each projected param's optimizer state: its settings
     and its projection matrix (None before the first step, a list of two for proj_type 'full')."""
-    from galore_torch.galore_projector import GaLoreProjector
+    from worker.training.galore import SETTINGS, GaLoreProjector
 
-    if type(value) is not GaLoreProjector:
+    if not isinstance(value, GaLoreProjector):
         raise TypeError(f"cannot checkpoint a {type(value).__name__} at {path}")
-    settings = {key: getattr(value, key) for key in _GALORE_SETTINGS}
+    settings = {key: getattr(value, key) for key in SETTINGS}
     return {_GALORE: settings, "ortho_matrix": _encode(value.ortho_matrix, tensors, f"{path}.ortho_matrix")}
 
 
@@ -232,9 +231,9 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         cls = _tensor_subclasses()[value[_SUBCLASS]]
         return cls.__tensor_unflatten__(_decode(value["inner"], tensors), _decode(value["attributes"], tensors))
     if _GALORE in value:
-        from galore_torch.galore_projector import GaLoreProjector
+        from worker.training.galore import SETTINGS, CompactGaLoreProjector
 
-        projector = GaLoreProjector(**{key: value[_GALORE][key] for key in _GALORE_SETTINGS})
+        projector = CompactGaLoreProjector(**{key: value[_GALORE][key] for key in SETTINGS})
         projector.ortho_matrix = _decode(value["ortho_matrix"], tensors)
         return projector
     if _ITEMS in value:
@@ -256,7 +255,10 @@ def _load_trainable(model, saved: dict[str, torch.Tensor]) -> None:
 def load_optimizer(optimizer, state_dict: dict) -> None:
     if not getattr(optimizer, "is_paged", False):
         optimizer.load_state_dict(state_dict)  # torch and bitsandbytes move the state to each parameter's device
-        _move_galore_projections(optimizer)
+        if any("rank" in group for group in optimizer.param_groups):  # GaLore
+            from worker.training import galore
+
+            galore.after_load(optimizer)
         return
     # bitsandbytes would copy paged states into ordinary device memory, which cannot be evicted to the host
     # under pressure: keep them on the host and copy each into a fresh paged buffer, as init_state makes them.
@@ -270,18 +272,6 @@ def load_optimizer(optimizer, state_dict: dict) -> None:
                     buffer.copy_(state[key])
                     state[key] = buffer
     # The rest (qmap, absmax) moves to the device in the optimizer's first step (bitsandbytes' to_gpu).
-
-
-def _move_galore_projections(optimizer) -> None:
-    """load_state_dict moves tensors, not the projection matrices inside GaLore's projector objects."""
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            projector = optimizer.state.get(parameter, {}).get("projector")
-            if projector is None or projector.ortho_matrix is None:
-                continue
-            matrix = projector.ortho_matrix
-            projector.ortho_matrix = ([m.to(parameter.device) for m in matrix] if isinstance(matrix, list)
-                                      else matrix.to(parameter.device))
 
 
 def rng_state() -> dict:

@@ -272,9 +272,14 @@ def build_optimizer(spec: JobSpec, parameters, device: torch.device):
         check_device_support(spec, device)
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit
 
+        from worker.training import galore
+
         if choice is Optimizer.galore_adamw:
-            return GaLoreAdamW(parameters, eps=1e-8, no_deprecation_warning=True, **common)
-        return GaLoreAdamW8bit(parameters, **common)
+            optimizer = GaLoreAdamW(parameters, eps=1e-8, no_deprecation_warning=True, **common)
+        else:
+            optimizer = GaLoreAdamW8bit(parameters, **common)
+        galore.install_projectors(optimizer)
+        return optimizer
     import bitsandbytes as bnb
 
     optimizer_class = {
