@@ -145,16 +145,16 @@ def micro_batches_per_epoch(dataset_size: int, micro_batch_size: int) -> int:
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in this micro-batch (not to max_seq_length: no wasted compute)."""
     length = max(len(example.input_ids) for example in batch)
-    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, example in enumerate(batch):
-        size = len(example.input_ids)
-        input_ids[row, :size] = torch.tensor(example.input_ids)
-        labels[row, :size] = torch.tensor(example.labels)
-        attention_mask[row, :size] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
-            "attention_mask": attention_mask.to(device)}
+    return {"input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
+            "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
+            "attention_mask": _right_padded([[1] * len(e.input_ids) for e in batch], length, 0, device)}
+
+
+def _right_padded(rows: Sequence[Sequence[int]], length: int, fill: int, device: torch.device) -> torch.Tensor:
+    out = torch.full((len(rows), length), fill, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
 
 
 # ---- validation split and sample packing -------------------------------------------------------------------
@@ -216,16 +216,11 @@ def collate_packed(batch: Sequence[PackedExample], pad_token_id: int, device: to
     """Right-pad packed rows; the padding is one more segment (positions from 0, labels ignored). No
     attention_mask: position_ids carry the example boundaries."""
     length = max(len(example.input_ids) for example in batch)
-    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, example in enumerate(batch):
-        size = len(example.input_ids)
-        input_ids[row, :size] = torch.tensor(example.input_ids)
-        labels[row, :size] = torch.tensor(example.labels)
-        position_ids[row, :size] = torch.tensor(example.position_ids)
-        position_ids[row, size:] = torch.arange(length - size)
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
+    # the padding is a segment of its own, positions 0.. (so it never looks like a continuation of the last one)
+    positions = [list(e.position_ids) + list(range(length - len(e.input_ids))) for e in batch]
+    return {"input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
+            "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
+            "position_ids": _right_padded(positions, length, 0, device)}
 
 
 def collate_any(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
