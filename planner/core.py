@@ -417,10 +417,16 @@ def plan(
     *,
     recipe: Recipe = WORKER,
     suggest: bool = True,
+    max_num_gpus: int = 1,
 ) -> Plan:
-    """Predict the peak and, when it does not fit, offer cheaper specs that do.
-    gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known (fits None,
-    and micro_batch_size "auto" resolves to 1)."""
+    """Predict the peak (one rank's when sharded) and, when it does not fit, offer cheaper specs that do; when
+    none does, name the smallest GPU and GPU count that would. Refuses (scope.PlanRefused) a spec it cannot plan
+    on this model. gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known
+    (fits None, and micro_batch_size "auto" resolves to 1). max_num_gpus: the most GPUs one worker has
+    (sharding suggestions go up to it)."""
+    from planner.scope import check_scope  # late: scope.py imports the spec and shapes only, but keep core light
+
+    check_scope(spec, shape)
     o = evaluate(spec, shape, gpu_memory_bytes, recipe)
     result = Plan(
         peak_vram_bytes=o.peak, breakdown=o.breakdown, peak_phase=o.phase, paged_optimizer_bytes=o.paged,
@@ -435,9 +441,12 @@ def plan(
     if o.fits is False:
         result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
         if suggest:
-            from planner.suggest import suggestions  # late: suggest.py imports this module
+            from planner.suggest import smallest_fit, suggestions  # late: suggest.py imports this module
 
-            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe)
+            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe, max_num_gpus)
+            if not result.suggestions:
+                result.min_gpu_memory_bytes, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
+                result.reasons.append(_nothing_fits_reason(result, max_num_gpus))
     return result
 
 
@@ -449,6 +458,17 @@ def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase:
         f"exceeds the GPU's {gpu / t.GIB:.1f} GiB by {(peak + margin - gpu) / t.GIB:.1f} GiB",
         f"largest terms: {parts}",
     ]
+
+
+def _nothing_fits_reason(result: Plan, max_num_gpus: int) -> str:
+    gpu = result.gpu_memory_bytes / t.GIB
+    text = (f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
+            f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB")
+    if result.min_num_gpus:
+        text += f", or {result.min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
+    else:
+        text += f"; even 8 GPUs of {gpu:.1f} GiB with zero3 do not fit it"
+    return text
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
