@@ -12,7 +12,8 @@ from huggingface_hub import try_to_load_from_cache
 
 from planner import ModelShape
 from planner.catalog import find_model
-from service.errors import BaseModelNotFound, InvalidSpec
+from service.errors import (BaseModelNotFound, InvalidSpec, ProblemError, UnsupportedArchitecture,
+                            UnsupportedQuantization)
 
 
 def resolve_base_model_dir(base_model: str) -> Path:
@@ -40,24 +41,43 @@ def _from_hub_cache(base_model: str) -> Path:
     return Path(cached).parent
 
 
-def model_shape(base_model: str, directory: Path | None) -> ModelShape:
-    """The architecture: from config.json when the model is on disk, else from the planner's catalog."""
-    if directory is not None:
-        config = json.loads((directory / "config.json").read_text())
+def model_shape(base_model: str, config_path: Path | None) -> ModelShape:
+    """The architecture: from config.json when one is on disk (it always wins over a catalog entry of the same
+    name), else from the planner's catalog. A config the planner does not model is refused with its code."""
+    if config_path is not None:
+        config = json.loads(config_path.read_text())
         try:
             return ModelShape.from_config(config, name=base_model)
         except (KeyError, ValueError) as exc:
-            raise InvalidSpec(f"cannot plan for {base_model!r}: unsupported config.json ({exc})") from exc
+            raise _refusal(exc, base_model) from exc
     known = find_model(base_model)
     if known is None:
         raise BaseModelNotFound(f"{base_model!r} is not on this machine and not in the planner's catalog")
     return known
 
 
-def locate_for_planning(base_model: str) -> ModelShape:
-    """Planning works offline: a model on disk, else a catalog entry."""
+def _refusal(exc: Exception, base_model: str) -> ProblemError:
+    error = {"unsupported_architecture": UnsupportedArchitecture,
+             "unsupported_quantization": UnsupportedQuantization}.get(getattr(exc, "code", ""), InvalidSpec)
+    return error(f"cannot plan for {base_model!r}: {exc}")
+
+
+def planning_config(base_model: str) -> Path | None:
+    """The config.json to plan from, weights or not (people download config.json alone to plan): a local
+    directory's, else the local hub cache's; None sends the lookup to the catalog."""
+    candidate = Path(base_model).expanduser()
+    if candidate.is_dir():
+        config = candidate.resolve() / "config.json"
+        if not config.is_file():
+            raise BaseModelNotFound(f"{base_model!r} has no config.json")
+        return config
     try:
-        directory = resolve_base_model_dir(base_model)
+        return _from_hub_cache(base_model) / "config.json"
     except BaseModelNotFound:
-        directory = None
-    return model_shape(base_model, directory)
+        return None
+
+
+def locate_for_planning(base_model: str) -> ModelShape:
+    """Planning works offline and needs no weights: a config.json on disk, else a catalog entry. Submitting a job
+    still resolves the weights (resolve_base_model_dir)."""
+    return model_shape(base_model, planning_config(base_model))

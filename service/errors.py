@@ -61,6 +61,30 @@ class DoesNotFit(ProblemError):
     status, code, title = 422, "does_not_fit", "The job does not fit on the GPU"
 
 
+class UnsupportedArchitecture(ProblemError):
+    status, code, title = 422, "unsupported_architecture", "The planner does not model this architecture"
+
+
+class UnsupportedQuantization(ProblemError):
+    status, code, title = 422, "unsupported_quantization", "Pre-quantized checkpoints are not supported"
+
+
+class InvalidLoraTargets(ProblemError):
+    status, code, title = 422, "invalid_lora_targets", "LoRA target_modules name no projection of the model"
+
+
+class SequenceTooLong(ProblemError):
+    status, code, title = 422, "sequence_too_long", "max_seq_length exceeds the model's context length"
+
+
+class UnsupportedNumGpus(ProblemError):
+    status, code, title = 422, "unsupported_num_gpus", "Multi-GPU training is not available on the workers yet"
+
+
+class UnsupportedSharding(ProblemError):
+    status, code, title = 422, "unsupported_sharding", "FSDP sharding is not available on the workers yet"
+
+
 class JobNotFound(ProblemError):
     status, code, title = 404, "job_not_found", "No such job"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from planner import ModelShape, Plan, plan
+from planner import Plan, plan
+from planner.scope import PlanRefused
 from planner.spec import JobSpec
 from service.base_models import locate_for_planning
-from service.errors import InvalidSpec
+from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong
 from service.jobs import repository
 from service.metrics import PLANNER_DURATION
 
@@ -24,7 +25,31 @@ def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
     return gpus[0].total_memory_bytes if gpus else None
 
 
+def max_gpus_per_worker(session: Session | None) -> int:
+    """The most GPUs one registered worker has: how far sharding suggestions may go (1 when none is known)."""
+    if session is None:
+        return 1
+    per_worker: dict[str, int] = {}
+    for gpu in repository.list_gpus(session):
+        per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
+    return max(per_worker.values(), default=1)
+
+
 def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
     located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec)
+    max_gpus = max_gpus_per_worker(session)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
-        return plan(spec, located, capacity)
+        try:
+            return plan(spec, located, capacity, max_num_gpus=max_gpus)
+        except PlanRefused as refused:
+            raise _refusal(refused) from refused
+
+
+_REFUSALS: dict[str, type[ProblemError]] = {"invalid_lora_targets": InvalidLoraTargets,
+                                            "sequence_too_long": SequenceTooLong}
+
+
+def _refusal(refused: PlanRefused) -> ProblemError:
+    """The first problem's code leads; every problem is listed."""
+    error = _REFUSALS.get(refused.code, InvalidSpec)
+    return error(str(refused), problems=[{"code": p.code, "detail": p.detail} for p in refused.problems])

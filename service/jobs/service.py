@@ -11,7 +11,8 @@ from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
 from service.datasets import validate_dataset
-from service.errors import DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound
+from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, UnsupportedNumGpus,
+                            UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
 from service.models import Job
@@ -27,6 +28,7 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
     """Validate everything the worker will need, plan, and store the job as queued; refuse what cannot fit."""
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
+    _refuse_sharding_until_workers_run_it(spec)
     job_plan = plan_spec(session, spec)
     if job_plan.fits is False:
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
@@ -38,6 +40,17 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
               plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir),
               dataset_path=str(dataset_path), predicted_peak_bytes=job_plan.peak_vram_bytes)
     return repository.add_job(session, job)
+
+
+def _refuse_sharding_until_workers_run_it(spec: JobSpec) -> None:
+    """The planner plans FSDP2 jobs (POST /v1/plans); the workers do not train them yet."""
+    res = spec.resources
+    if res.num_gpus > 1:
+        raise UnsupportedNumGpus(f"resources.num_gpus {res.num_gpus}: multi-GPU training is not available on the "
+                                 "workers yet; POST /v1/plans plans it per GPU")
+    if res.sharding is not None or res.offload.value != "none":
+        raise UnsupportedSharding("resources.sharding / offload: FSDP2 training is not available on the workers yet; "
+                                  "POST /v1/plans plans it")
 
 
 def _with_resolved_micro_batch(spec: JobSpec, job_plan: Plan) -> JobSpec:
