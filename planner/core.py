@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from planner import fsdp
 from planner import terms as t
+from planner.scope import check_scope, target_matches
 from planner.shapes import ModelShape
 from planner.spec import JobSpec
 
@@ -106,8 +107,7 @@ class Plan(BaseModel):
 def _adapted(shape: ModelShape, targets: Any) -> tuple:
     if targets == "all-linear":  # peft all-linear: every nn.Linear but the output layer
         return shape.linears
-    names = {name.rsplit(".", 1)[-1] for name in targets}
-    return tuple(lin for lin in shape.linears if lin.name in names)
+    return tuple(lin for lin in shape.linears if any(target_matches(t, lin, shape.num_layers) for t in targets))
 
 
 def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
@@ -424,8 +424,6 @@ def plan(
     on this model. gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known
     (fits None, and micro_batch_size "auto" resolves to 1). max_num_gpus: the most GPUs one worker has
     (sharding suggestions go up to it)."""
-    from planner.scope import check_scope  # late: scope.py imports the spec and shapes only, but keep core light
-
     check_scope(spec, shape)
     o = evaluate(spec, shape, gpu_memory_bytes, recipe)
     result = Plan(

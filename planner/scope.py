@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from planner.shapes import ModelShape
+from planner.shapes import Linear, ModelShape
 from planner.spec import JobSpec
 
 
@@ -33,20 +33,25 @@ class PlanRefused(ValueError):
 _LAYER_PREFIX = re.compile(r"^(?:model\.)?(?:layers\.(\d+)\.)?")
 
 
+def target_matches(target: str, lin: Linear, num_layers: int) -> bool:
+    """peft's suffix match of one target_modules entry against a decoder layer's nn.Linear (layers.N: any layer
+    below num_layers; the planner then adapts every layer, an overestimate)."""
+    match = _LAYER_PREFIX.match(target)
+    layer, rest = match.group(1), target[match.end():]
+    if layer is not None and int(layer) >= num_layers:
+        return False
+    return rest in (lin.name, f"{lin.parent}.{lin.name}") or f"{lin.parent}.{lin.name}".endswith("." + rest)
+
+
 def lora_target_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
     """Every listed target must name an nn.Linear of the decoder layers, as peft would match it; peft would fail
     later (a non-Linear module) or adapt nothing (a typo, c_attn on a llama)."""
     lora = spec.lora_options
     if lora is None or lora.target_modules == "all-linear":
         return None
-    known = set(shape.module_names())
-    leaves = {name.rsplit(".", 1)[-1] for name in known}
-    bad = []
-    for target in lora.target_modules:
-        match = _LAYER_PREFIX.match(target)
-        layer, rest = match.group(1), target[match.end():]
-        if (layer is not None and int(layer) >= shape.num_layers) or not (rest in leaves or rest in known):
-            bad.append(target)
+    leaves = {lin.name for lin in shape.linears}
+    bad = [target for target in lora.target_modules
+           if not any(target_matches(target, lin, shape.num_layers) for lin in shape.linears)]
     if not bad:
         return None
     experts = " (MoE experts are 3-D parameters, not nn.Linear: target_modules cannot adapt them)" \

@@ -40,9 +40,9 @@ PARAMS = [
     # norms 4,096 -> 570,560,512 x 24 = 13,693,452,288; + 2 x 151936 x 2048 = 622,329,856 + 2,048
     # = 14,315,784,192 (published: 14.3B)
     (QWEN_MOE, 14_315_784_192),
-    # Qwen-7B (first generation): c_attn 4096 x 12288 + bias 12,288; attn.c_proj 4096^2; w1, w2, mlp.c_proj
-    # 3 x 4096 x 11008 (22016 // 2); norms 8,192 -> 202,383,360 x 32 = 6,476,267,520; + 2 x 151936 x 4096 =
-    # 1,244,659,712 + 4,096 = 7,720,931,328 ... + the 12,288 bias x 32 is in the layer figure: 7,721,324,544
+    # Qwen-7B (first generation): c_attn 4096 x 12288 = 50,331,648 + bias 12,288; attn.c_proj 4096^2 = 16,777,216;
+    # w1, w2, mlp.c_proj 3 x 4096 x 11008 (22016 // 2) = 135,266,304; norms 8,192 -> 202,395,648 x 32 =
+    # 6,476,660,736; + 2 x 151936 x 4096 = 1,244,659,712 + 4,096 = 7,721,324,544 (published: 7.72B, not 12.05B)
     (QWEN1_7B, 7_721_324_544),
 ]
 
@@ -181,3 +181,11 @@ def test_catalog_without_context_is_not_refused():
     assert plan(spec(method="qlora", training={"max_seq_length": 65536, "micro_batch_size": 1}),
                 find_model("Qwen/Qwen2.5-7B"), None).peak_vram_bytes > 0
     assert len(model_ids()) == 25
+
+
+def test_targets_match_like_peft():
+    qwen1 = ModelShape.from_config(QWEN1_7B)
+    s = spec(method="lora", lora={"target_modules": ["mlp.c_proj"]})
+    adapted = plan(s, qwen1, None).breakdown["trainable_params"]
+    # only the MLP's c_proj (11008 -> 4096), not attn.c_proj: r=16 x (11008 + 4096) x 32 layers x 4 B
+    assert adapted == 16 * (11008 + 4096) * 32 * 4
