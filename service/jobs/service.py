@@ -67,6 +67,8 @@ def _does_not_fit_detail(job_plan: Plan) -> str:
               "safety margin")
     if job_plan.suggestions:
         detail += f"; try: {job_plan.suggestions[0].description}"
+    elif job_plan.min_gpu_memory_bytes:  # nothing fits: the plan's last reason names the smallest GPU / count
+        detail += f"; {job_plan.reasons[-1]}"
     return detail
 
 

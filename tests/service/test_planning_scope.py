@@ -104,3 +104,22 @@ def test_multi_gpu_plans_but_is_not_queued(api, tiny_model, data_root):
     assert "not available on the workers" in body["detail"] and job_count() == before
     one_rank = spec | {"resources": {"sharding": "zero3"}, "dataset": {"path": "scope.jsonl"}}
     assert_problem(api.post("/v1/jobs", json=one_rank), 422, "unsupported_sharding")
+
+
+@pytest.fixture()
+def eight_gpu_worker():
+    from service.jobs import repository
+
+    with transaction() as session:
+        repository.register_gpus(session, "scope-8gpu", [(i, "H100", 80 * GIB) for i in range(8)])
+    yield
+    with transaction() as session:
+        repository.unregister_gpus(session, "scope-8gpu")
+
+
+def test_does_not_fit_suggests_the_gpus_a_worker_has(api, eight_gpu_worker):
+    spec = {"base_model": "Qwen/Qwen2.5-7B", "method": "full", "memory": {"optimizer": "adamw"}}
+    plan = api.post("/v1/plans", json=spec).json()
+    assert plan["fits"] is False and plan["gpu_memory_bytes"] == 80 * GIB
+    sharded = [s for s in plan["suggestions"] if "num_gpus" in s["patch"].get("resources", {})]
+    assert sharded and all(s["patch"]["resources"]["num_gpus"] <= 8 for s in sharded)
