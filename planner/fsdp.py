@@ -2,8 +2,10 @@
 
 The facts the worker must obey to make these predictions true (say a fact once: the worker imports them):
   - GROUPS: fully_shard on model.embed_tokens, on every decoder layer, on [model.norm, lm_head] with
-    reshard_after_forward=False (its backward runs first, right after the loss; torchtitan parallelize_llama does
-    the same for its output layer), then on the root model.
+    reshard_after_forward=False (its backward runs first, right after the loss; torchtitan's apply_fsdp does the
+    same under its default reshard policy), then on the root model. The last decoder layer may also keep
+    reshard_after_forward=False (torchtitan-derived trainers do: backward would all-gather it again at once):
+    the one layer the loss phases hold covers it.
   - zero3: the other groups reshard_after_forward=True; zero2: every group reshard_after_forward=False.
   - -mixed precisions: MixedPrecisionPolicy(param_dtype=bf16|fp16, reduce_dtype=fp32) instead of torch.autocast:
     all-gathers cast the fp32 shards to the half dtype, so no autocast weight copies exist.
