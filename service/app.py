@@ -22,8 +22,10 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(error: ProblemError, request: Request) -> JSONResponse:
+    # A 503 is a passing state (storage or database unreachable): say when a retry is worth it.
+    headers = {"Retry-After": "5"} if error.status == 503 else None
     return JSONResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                        media_type=PROBLEM_JSON)
+                        media_type=PROBLEM_JSON, headers=headers)
 
 
 async def _on_problem(request: Request, error: ProblemError) -> JSONResponse:

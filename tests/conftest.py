@@ -88,8 +88,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_root(settings) -> Path:
-    settings.datasets_root.mkdir(parents=True, exist_ok=True)
-    return settings.datasets_root
+    root = Path(settings.resolved_data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def free_port() -> int:
