@@ -8,23 +8,24 @@ from planner import ModelShape, Plan, plan
 from planner.spec import JobSpec
 from service.base_models import locate_for_planning
 from service.errors import InvalidSpec
-from service.jobs import repository
+from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
+from service.settings import Settings
 
 GIB = 1024**3
 
 
-def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
-    """The spec's own GPU size if given, else the largest GPU a worker registered, else unknown."""
+def gpu_capacity_bytes(session: Session | None, settings: Settings, spec: JobSpec) -> int | None:
+    """The spec's own GPU size if given, else the largest GPU a live worker registered, else unknown."""
     if spec.resources.gpu_memory_gib is not None:
         return int(spec.resources.gpu_memory_gib * GIB)
     if session is None:
         return None
-    gpus = repository.list_gpus(session)
+    gpus = live_gpus(session, settings)
     return gpus[0].total_memory_bytes if gpus else None
 
 
-def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
-    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec)
+def plan_spec(session: Session | None, settings: Settings, spec: JobSpec) -> Plan:
+    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, settings, spec)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         return plan(spec, located, capacity)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -39,6 +41,33 @@ def _sender(broker_url: str) -> Celery:
 def enqueue_job(job_id: str) -> None:
     """Call only after the job's row is committed, so a fast worker always finds it."""
     _sender(get_settings().broker_url).send_task(RUN_JOB_TASK, args=[job_id])
+
+
+def pending_job_ids(settings: Settings) -> set[str] | None:
+    """Job ids with a message waiting in the training queue, or None where the broker cannot be looked into
+    (the embedded SQLite broker: the reconciler then re-sends on the grace period alone)."""
+    if not settings.redis_url:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        messages = client.lrange(settings.queue_name, 0, -1)
+    finally:
+        client.close()
+    return {job_id for raw in messages if (job_id := _job_id_of(raw))}
+
+
+def _job_id_of(raw: bytes) -> str | None:
+    """The job id a Celery (protocol 2) message carries: its body is base64 JSON [args, kwargs, embed]."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != RUN_JOB_TASK:
+            return None
+        args = json.loads(base64.b64decode(message["body"]))[0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not one of ours: another producer's message in the same list
+    return args[0] if args and isinstance(args[0], str) else None
 
 
 def queue_depth(settings: Settings) -> int | None:
