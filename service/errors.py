@@ -57,6 +57,10 @@ class UploadTooLarge(ProblemError):
     status, code, title = 413, "upload_too_large", "The upload exceeds the size limit"
 
 
+class DatabaseUnavailable(ProblemError):
+    status, code, title, retryable = 503, "database_unavailable", "The database connection was lost", True
+
+
 class StorageUnavailable(ProblemError):
     status, code, title, retryable = 503, "storage_unavailable", "The storage location cannot be reached", True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -31,16 +30,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-@lru_cache
-def _sender(broker_url: str) -> Celery:
-    app = Celery("ftjobs-api")
-    app.conf.update(celery_config(get_settings()))
-    return app
+_senders: dict[tuple[str, str], Celery] = {}
 
 
-def enqueue_job(job_id: str) -> None:
+def _sender(settings: Settings) -> Celery:
+    """One producer app per broker and queue, kept: its connection pool is reused across sends."""
+    key = (settings.broker_url, settings.queue_name)
+    if key not in _senders:
+        app = Celery("ftjobs-api")
+        app.conf.update(celery_config(settings))
+        _senders[key] = app
+    return _senders[key]
+
+
+def enqueue_job(job_id: str, settings: Settings | None = None) -> None:
     """Call only after the job's row is committed, so a fast worker always finds it."""
-    _sender(get_settings().broker_url).send_task(RUN_JOB_TASK, args=[job_id])
+    _sender(settings or get_settings()).send_task(RUN_JOB_TASK, args=[job_id])
 
 
 def pending_job_ids(settings: Settings) -> set[str] | None:

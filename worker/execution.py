@@ -12,6 +12,7 @@ Plain code with no Celery in it: the task in worker/tasks.py is a two-line adapt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import shutil
@@ -76,6 +77,8 @@ def execute_job(job_id: str, settings: Settings, hostname: str, shutdown: Shutdo
         return AttemptRunner(job, settings, workdir, shutdown or ShutdownRequest()).run()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # still holds another attempt's stage: that one removes it
+            workdir.parent.rmdir()
 
 
 class AttemptRunner:
@@ -250,7 +253,7 @@ class AttemptRunner:
                                                            self.settings.max_attempts))
         if status is JobStatus.queued:
             log.info("job %s: attempt %d ended (%s); back in the queue", *self._ids(), outcome)
-            _enqueue_or_leave_to_reconciler(self.fence.job_id)
+            _enqueue_or_leave_to_reconciler(self.fence.job_id, self.settings)
         return status
 
     def _ids(self) -> tuple[str, int]:
@@ -306,9 +309,9 @@ def _forget_all_checkpoints(session, job_id: str) -> list[str]:
     return keys
 
 
-def _enqueue_or_leave_to_reconciler(job_id: str) -> None:
+def _enqueue_or_leave_to_reconciler(job_id: str, settings: Settings) -> None:
     try:
-        enqueue_job(job_id)
+        enqueue_job(job_id, settings)
     except Exception as exc:  # the broker is down: the job is queued in the database, and the reconciler resends
         log.warning("job %s: could not send its message (%s); the reconciler will", job_id, exc)
 
@@ -342,5 +345,5 @@ def requeue_orphans(hostname: str, settings: Settings) -> list[str]:
     released = in_transaction(release_all)
     for job_id, status in released:
         if status is JobStatus.queued:
-            _enqueue_or_leave_to_reconciler(job_id)
+            _enqueue_or_leave_to_reconciler(job_id, settings)
     return [job_id for job_id, _ in released]

@@ -35,7 +35,6 @@ class ParentLink:
 
     def should_stop(self) -> bool:
         """Called before every micro-step: raises LeaseLost past the lease; a cancel is the parent's SIGTERM."""
-        self._read_pending()
         self._check_lease()
         return False
 
@@ -61,6 +60,7 @@ class ParentLink:
         return message["type"] == "ack"
 
     def _check_lease(self) -> None:
+        self._read_pending()  # renewals queue up in the pipe while the model loads
         if time.monotonic() > self.lease_deadline:
             from service.errors import LeaseLost
 

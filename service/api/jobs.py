@@ -28,7 +28,7 @@ def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     job = service.submit_job(session, settings, spec)
     session.commit()  # the row is the truth: once committed, the job is accepted whatever happens to the send
     try:
-        enqueue_job(job.id)
+        enqueue_job(job.id, settings)
     except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over
         log.warning("job %s accepted but not yet sent to the broker (%s); the reconciler will send it", job.id, exc)
     return JobOut.of(job)

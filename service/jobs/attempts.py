@@ -81,14 +81,14 @@ def status_of(session: Session, fence: Fence) -> JobStatus | None:
 def record_progress(session: Session, fence: Fence, progress: dict[str, Any]) -> bool:
     if not hold(session, fence, progress=progress):
         return False
-    repository.add_event(session, fence.job_id, "progress", progress)
+    repository.add_event(session, fence.job_id, "progress", {**progress, "attempt": fence.number})
     return True
 
 
 def add_event(session: Session, fence: Fence, kind: str, data: dict[str, Any]) -> bool:
     if not hold(session, fence):
         return False
-    repository.add_event(session, fence.job_id, kind, data)
+    repository.add_event(session, fence.job_id, kind, {**data, "attempt": fence.number})
     return True
 
 

@@ -61,7 +61,7 @@ def _release_expired_leases(settings: Settings, report: ReconcileReport) -> None
     for job_id, status in in_transaction(release_all):
         log.warning("job %s: lease expired; now %s", job_id, status.value)
         if status is JobStatus.queued:
-            enqueue_job(job_id)
+            enqueue_job(job_id, settings)
             report.requeued.append(job_id)
         else:
             report.ended.append(job_id)
@@ -73,5 +73,5 @@ def _resend_lost_messages(settings: Settings, report: ReconcileReport) -> None:
     for job_id in stale:
         if waiting is None or job_id not in waiting:
             log.warning("job %s: queued with no message in the broker; sending it again", job_id)
-            enqueue_job(job_id)
+            enqueue_job(job_id, settings)
             report.resent.append(job_id)
