@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.api import files, health, jobs, plans
-from service.errors import InvalidSpec, ProblemError, UploadTooLarge
+from service.db import is_disconnect
+from service.errors import DatabaseUnavailable, InvalidSpec, ProblemError, UploadTooLarge
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
 
@@ -22,8 +24,10 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(error: ProblemError, request: Request) -> JSONResponse:
+    # A 503 is a passing state (storage or database unreachable): say when a retry is worth it.
+    headers = {"Retry-After": "5"} if error.status == 503 else None
     return JSONResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                        media_type=PROBLEM_JSON)
+                        media_type=PROBLEM_JSON, headers=headers)
 
 
 async def _on_problem(request: Request, error: ProblemError) -> JSONResponse:
@@ -73,6 +77,42 @@ class UploadSizeGuard:
         return await self.app(scope, receive, send)
 
 
+class DatabaseReconnect:
+    """A request whose database connection was lost (a restarted server, pg_terminate_backend) runs again on a
+    fresh connection when it only reads (GET, HEAD), and otherwise answers 503 with Retry-After: the
+    transaction never committed, so the client's retry is safe. Never a 500 for what a retry fixes."""
+
+    RETRIES = 2
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        reads = scope["method"] in ("GET", "HEAD")
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return await self.app(scope, receive, tracking_send)
+            except DBAPIError as error:
+                if started or not is_disconnect(error):
+                    raise
+                log.warning("database connection lost during %s %s (%s)", scope["method"], scope["path"],
+                            type(error.orig).__name__)
+                if not reads or attempt == self.RETRIES:
+                    problem = DatabaseUnavailable("the database connection was lost; retry the request")
+                    response = JSONResponse(problem.to_problem(instance=scope["path"]), status_code=problem.status,
+                                            media_type=PROBLEM_JSON, headers={"Retry-After": "1"})
+                    return await response(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -91,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(UploadSizeGuard, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(DatabaseReconnect)
     metrics.install(app, settings)  # outermost, so refused uploads are measured too
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_api_route("/metrics", _metrics, include_in_schema=False)

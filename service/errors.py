@@ -57,6 +57,14 @@ class UploadTooLarge(ProblemError):
     status, code, title = 413, "upload_too_large", "The upload exceeds the size limit"
 
 
+class DatabaseUnavailable(ProblemError):
+    status, code, title, retryable = 503, "database_unavailable", "The database connection was lost", True
+
+
+class StorageUnavailable(ProblemError):
+    status, code, title, retryable = 503, "storage_unavailable", "The storage location cannot be reached", True
+
+
 class DoesNotFit(ProblemError):
     status, code, title = 422, "does_not_fit", "The job does not fit on the GPU"
 
@@ -116,6 +124,18 @@ class TrainingCrashed(ProblemError):
 
 class JobCancelled(ProblemError):
     status, code, title = 409, "cancelled", "The job was cancelled"
+
+
+class JobDrained(ProblemError):
+    """The worker is shutting down: the job stopped at a step boundary after its checkpoint, to run elsewhere."""
+
+    code, title, retryable = "drained", "The job was handed back to the queue", True
+
+
+class LeaseLost(ProblemError):
+    """This attempt's lease expired and a newer attempt may own the job: stop without writing anything."""
+
+    code, title, retryable = "lease_lost", "The attempt lost its lease", True
 
 
 class UnsupportedOnDevice(ProblemError):

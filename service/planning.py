@@ -9,35 +9,36 @@ from planner.scope import PlanRefused
 from planner.spec import JobSpec
 from service.base_models import locate_for_planning
 from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong
-from service.jobs import repository
+from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
+from service.settings import Settings
 
 GIB = 1024**3
 
 
-def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
-    """The spec's own GPU size if given, else the largest GPU a worker registered, else unknown."""
+def gpu_capacity_bytes(session: Session | None, settings: Settings, spec: JobSpec) -> int | None:
+    """The spec's own GPU size if given, else the largest GPU a live worker registered, else unknown."""
     if spec.resources.gpu_memory_gib is not None:
         return int(spec.resources.gpu_memory_gib * GIB)
     if session is None:
         return None
-    gpus = repository.list_gpus(session)
+    gpus = live_gpus(session, settings)
     return gpus[0].total_memory_bytes if gpus else None
 
 
-def max_gpus_per_worker(session: Session | None) -> int:
-    """The most GPUs one registered worker has: how far sharding suggestions may go (1 when none is known)."""
+def max_gpus_per_worker(session: Session | None, settings: Settings) -> int:
+    """The most GPUs one live worker has: how far sharding suggestions may go (1 when none is known)."""
     if session is None:
         return 1
     per_worker: dict[str, int] = {}
-    for gpu in repository.list_gpus(session):
+    for gpu in live_gpus(session, settings):
         per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
     return max(per_worker.values(), default=1)
 
 
-def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
-    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec)
-    max_gpus = max_gpus_per_worker(session)
+def plan_spec(session: Session | None, settings: Settings, spec: JobSpec) -> Plan:
+    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, settings, spec)
+    max_gpus = max_gpus_per_worker(session, settings)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         try:
             return plan(spec, located, capacity, max_num_gpus=max_gpus)

@@ -6,12 +6,12 @@ from fastapi import APIRouter
 
 from planner import Plan
 from planner.spec import JobSpec
-from service.api.deps import SessionDep
+from service.api.deps import SessionDep, SettingsDep
 from service.planning import plan_spec
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 
 @router.post("", response_model=Plan)
-def create_plan(spec: JobSpec, session: SessionDep) -> Plan:
-    return plan_spec(session, spec)
+def create_plan(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Plan:
+    return plan_spec(session, settings, spec)

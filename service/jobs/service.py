@@ -9,13 +9,13 @@ from sqlalchemy.orm import Session
 from planner import Plan
 from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
-from service.dataset_refs import resolve_dataset
+from service.dataset_refs import local_dataset, resolve_dataset
 from service.datasets import validate_dataset
 from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, UnsupportedNumGpus,
                             UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
-from service.models import Job
+from service.models import Job, utcnow
 from service.planning import plan_spec
 from service.settings import Settings
 
@@ -29,16 +29,17 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
     _refuse_sharding_until_workers_run_it(spec)
-    job_plan = plan_spec(session, spec)
+    job_plan = plan_spec(session, settings, spec)
     if job_plan.fits is False:
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
     model_dir = resolve_base_model_dir(spec.base_model)
-    dataset_path = resolve_dataset(session, settings, spec.dataset)
-    validate_dataset(dataset_path, spec.dataset_format)
+    dataset_url = resolve_dataset(session, settings, spec.dataset)
+    with local_dataset(dataset_url, settings) as dataset_path:
+        validate_dataset(dataset_path, spec.dataset_format)
     resolved = _with_resolved_micro_batch(spec, job_plan)
     job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
-              plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir),
-              dataset_path=str(dataset_path), predicted_peak_bytes=job_plan.peak_vram_bytes)
+              plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
+              predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow())
     return repository.add_job(session, job)
 
 
