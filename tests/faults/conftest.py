@@ -11,8 +11,11 @@ from harness import Stack, running_stack
 
 @pytest.fixture()
 def stack(database, settings, tmp_path) -> Iterator[Stack]:
+    """The API and two workers, w1 and w2."""
     with running_stack(tmp_path) as deployment:
         deployment.start_api()
+        for name in ("w1", "w2"):
+            deployment.start_worker(name)
         yield deployment
 
 

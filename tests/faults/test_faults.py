@@ -20,14 +20,16 @@ pytestmark = [pytest.mark.timeout(420)]
 STALE_EXIT_SECONDS = 5  # how long a superseded attempt's process may take to notice and exit once resumed
 
 
+def start_checkpointed_job(stack, watcher: ProcessWatcher, spec: dict) -> tuple[str, dict, dict]:
+    """Submit, and wait until attempt 1 runs and has stored a checkpoint: (job id, attempt, checkpoint event)."""
+    job_id = watcher.watch(stack.submit(spec))
+    first = stack.running_attempt(job_id, 1)
+    return job_id, first, stack.wait_for_checkpoint(job_id, 1)
+
+
 def test_worker_killed_with_its_training_process_is_taken_over_by_another(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     with ProcessWatcher(stack) as watcher:
-        job_id = stack.submit(job_spec(tiny_model, fault_dataset))
-        watcher.watch(job_id)
-        first = stack.running_attempt(job_id, 1)
-        checkpoint = stack.wait_for_checkpoint(job_id, 1)
+        job_id, first, checkpoint = start_checkpointed_job(stack, watcher, job_spec(tiny_model, fault_dataset))
         stack.worker_of(first["worker"]).signal_group(signal.SIGKILL)  # and it never comes back
         job = stack.wait_for_end(job_id)
     stack.assert_succeeded_once(job)
@@ -38,13 +40,8 @@ def test_worker_killed_with_its_training_process_is_taken_over_by_another(stack,
 
 
 def test_killed_training_process_resumes_as_a_new_attempt(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     with ProcessWatcher(stack) as watcher:
-        job_id = stack.submit(job_spec(tiny_model, fault_dataset))
-        watcher.watch(job_id)
-        stack.running_attempt(job_id, 1)
-        checkpoint = stack.wait_for_checkpoint(job_id, 1)
+        job_id, _, checkpoint = start_checkpointed_job(stack, watcher, job_spec(tiny_model, fault_dataset))
         os.kill(stack.child_pid(job_id, 1), signal.SIGKILL)
         job = stack.wait_for_end(job_id)
     stack.assert_succeeded_once(job)
@@ -55,8 +52,6 @@ def test_killed_training_process_resumes_as_a_new_attempt(stack, tiny_model, fau
 
 
 def test_redis_restarted_empty_while_jobs_queue_and_run(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     with ProcessWatcher(stack) as watcher:
         job_ids = [stack.submit(job_spec(tiny_model, fault_dataset, max_steps=60)) for _ in range(4)]
         for job_id in job_ids:
@@ -75,8 +70,6 @@ def test_redis_restarted_empty_while_jobs_queue_and_run(stack, tiny_model, fault
 
 
 def test_api_killed_during_a_burst_of_submissions(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     burst = uuid.uuid4().hex[:8]
     accepted: list[str] = []
     failures: list[str] = []
@@ -106,8 +99,6 @@ def test_api_killed_during_a_burst_of_submissions(stack, tiny_model, fault_datas
 
 
 def test_database_connections_terminated_mid_run(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     job_id = stack.submit(job_spec(tiny_model, fault_dataset))
     statuses: list[int | str] = []  # a status code, or the name of a transport error
     stop = threading.Event()
@@ -144,13 +135,9 @@ def test_database_connections_terminated_mid_run(stack, tiny_model, fault_datase
 
 def test_paused_worker_is_superseded_and_its_stale_process_exits_without_writing(stack, tiny_model,
                                                                                  fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     with ProcessWatcher(stack) as watcher:
-        job_id = stack.submit(job_spec(tiny_model, fault_dataset, max_steps=160))
-        watcher.watch(job_id)
-        first = stack.running_attempt(job_id, 1)
-        stack.wait_for_checkpoint(job_id, 1)
+        spec = job_spec(tiny_model, fault_dataset, max_steps=160)
+        job_id, first, _ = start_checkpointed_job(stack, watcher, spec)
         paused = stack.worker_of(first["worker"])
         stale_pid = stack.child_pid(job_id, 1)
         paused.signal_group(signal.SIGSTOP)
@@ -173,13 +160,8 @@ def test_paused_worker_is_superseded_and_its_stale_process_exits_without_writing
 
 
 def test_sigterm_drains_the_job_to_a_checkpoint_and_it_finishes_elsewhere(stack, tiny_model, fault_dataset):
-    for name in ("w1", "w2"):
-        stack.start_worker(name)
     with ProcessWatcher(stack) as watcher:
-        job_id = stack.submit(job_spec(tiny_model, fault_dataset))
-        watcher.watch(job_id)
-        first = stack.running_attempt(job_id, 1)
-        periodic = stack.wait_for_checkpoint(job_id, 1)
+        job_id, first, periodic = start_checkpointed_job(stack, watcher, job_spec(tiny_model, fault_dataset))
         draining = stack.worker_of(first["worker"])
         draining.process.send_signal(signal.SIGTERM)  # the main process only, as `docker stop` does
         assert draining.process.wait(timeout=60) == 0
