@@ -73,7 +73,8 @@ class JobOut(_Timestamps):
         return cls(id=job.id, status=job.status, spec=job.spec, progress=job.progress,
                    predicted_peak_bytes=job.predicted_peak_bytes, measured_peak_bytes=job.measured_peak_bytes,
                    peak_error_ratio=ratio, plan=job.plan, error=error, artifacts=artifacts,
-                   attempts=[AttemptOut.of(attempt) for attempt in job.attempts], created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
+                   attempts=[AttemptOut.of(attempt) for attempt in job.attempts], created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at)
 
 
 class JobPage(BaseModel):
