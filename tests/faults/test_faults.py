@@ -172,3 +172,21 @@ def test_sigterm_drains_the_job_to_a_checkpoint_and_it_finishes_elsewhere(stack,
     drain_checkpoint = [e for e in stack.events(job_id) if e["kind"] == "checkpoint" and e["data"]["attempt"] == 1][-1]
     assert finished["resumed_from_step"] == drain_checkpoint["data"]["step"] >= periodic["data"]["step"]
     assert not watcher.overlaps
+
+
+def test_a_second_sigterm_stops_the_job_at_once_and_it_is_still_requeued(stack, tiny_model, fault_dataset):
+    with ProcessWatcher(stack) as watcher:
+        job_id, first, periodic = start_checkpointed_job(stack, watcher, job_spec(tiny_model, fault_dataset))
+        stopping = stack.worker_of(first["worker"])
+        stopping.process.send_signal(signal.SIGTERM)
+        stopping.wait_for_line("draining the running job", 10)  # two signals sent at once would merge into one
+        stopping.process.send_signal(signal.SIGTERM)
+        assert stopping.process.wait(timeout=60) == 0
+        job = stack.wait_for_end(job_id)
+    stack.assert_succeeded_once(job)
+    stopped, finished = job["attempts"]
+    assert stopped["outcome"] == "drained" and finished["worker"] != stopped["worker"]
+    # Stopped at once, or drained if its step ended first: either way it resumed from a stored checkpoint.
+    assert finished["resumed_from_step"] >= periodic["data"]["step"] > 0
+    assert any("stopping the running job now" in line for line in stopping.lines)
+    assert not watcher.overlaps
