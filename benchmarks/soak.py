@@ -1,4 +1,4 @@
-"""Soak benchmark for issue 9: random faults injected into many jobs on a miniature deployment, then a count of
+"""Soak benchmark: random faults injected into many jobs on a miniature deployment, then a count of
 every job that was lost or ran twice.
 
 The deployment is tests/harness.py's (its own PostgreSQL database built by the migrations, its own Redis, the
@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_ATTEMPTS = 100
 SETTLE_SECONDS_MIN = 120  # of the deadline, kept for the jobs to end after the last fault
 DRAIN_WAIT_SECONDS = 90  # FTJOBS_DRAIN_SECONDS (60 in the harness) plus the worker's shutdown
+# A training process takes some seconds to import torch before its first step, so a fault on a worker waits this
+# long for an attempt that has stored a checkpoint, which makes the resume path the one exercised.
+TARGET_WAIT_SECONDS = 20
 KINDS = ("worker_killed", "training_killed", "redis_restarted", "api_killed", "db_connections_terminated",
          "worker_paused", "worker_drained")
 TARGETED = {"worker_killed", "training_killed", "worker_paused", "worker_drained"}
@@ -102,7 +104,8 @@ class Soak:
         import httpx
 
         try:
-            return httpx.post(f"{self.stack.url}/v1/jobs", json=self.spec(), timeout=30).status_code
+            return httpx.post(f"{self.stack.url}/v1/jobs", json=self.spec(), headers=self.stack.headers,
+                              timeout=30).status_code
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
@@ -116,35 +119,57 @@ class Soak:
         return [j for j in self.job_ids() if read_retrying(lambda: self.stack.job(j))["status"] not in TERMINAL]
 
     def top_up(self) -> None:
-        """Keep a little more work than workers in flight, so faults find running jobs, until all are in."""
-        missing = self.args.jobs - len(self.job_ids())
+        """Admit jobs in step with the faults injected, so they spread over all jobs instead of falling on an
+        idle deployment once the first jobs are done; keep a little more work in flight than workers."""
+        injected = sum(self.faults.values())
+        admitted = min(self.args.jobs, -(-self.args.jobs * (injected + 1) // self.args.faults))
+        missing = admitted - len(self.job_ids())
         wanted = self.args.workers + 1 - len(self.unfinished())
         for _ in range(max(0, min(missing, wanted))):
             self.post()
 
     # --- faults -----------------------------------------------------------------------------------------
 
-    def running_attempts(self) -> list[tuple[str, int, str, int]]:
-        """(job, attempt, worker name, training pid) of attempts running on a worker still in the stack."""
+    def running_attempts(self, checkpointed: bool) -> list[tuple[str, int, str, int]]:
+        """(job, attempt, worker name, training pid) of attempts running on a worker still in the stack; with
+        `checkpointed`, only those that have stored a checkpoint of their own."""
         from sqlalchemy import select
 
-        from service.models import JobAttempt
+        from service.models import JobAttempt, JobCheckpoint
 
-        def query():
+        query = (select(JobAttempt.job_id, JobAttempt.number, JobAttempt.worker_hostname, JobAttempt.child_pid)
+                 .where(JobAttempt.outcome.is_(None), JobAttempt.child_pid.is_not(None)))
+        if checkpointed:
+            query = query.where(select(JobCheckpoint.step).where(JobCheckpoint.job_id == JobAttempt.job_id,
+                                                                 JobCheckpoint.attempt == JobAttempt.number)
+                                .exists())
+
+        def read():
             with self.stack.sessions() as session:
-                return list(session.execute(
-                    select(JobAttempt.job_id, JobAttempt.number, JobAttempt.worker_hostname, JobAttempt.child_pid)
-                    .where(JobAttempt.outcome.is_(None), JobAttempt.child_pid.is_not(None))))
+                return list(session.execute(query))
 
-        return [(job, number, host.split("@", 1)[0], pid) for job, number, host, pid in read_retrying(query)
+        return [(job, number, host.split("@", 1)[0], pid) for job, number, host, pid in read_retrying(read)
                 if host.split("@", 1)[0] in self.stack.workers]
 
+    def find_target(self) -> tuple[str, int, str, int] | None:
+        """A checkpointed running attempt if one appears in time, else any running attempt, else none."""
+        deadline = time.monotonic() + TARGET_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if targets := self.running_attempts(checkpointed=True):
+                return self.rng.choice(targets)
+            time.sleep(0.2)
+        targets = self.running_attempts(checkpointed=False)
+        return self.rng.choice(targets) if targets else None
+
     def inject(self) -> None:
+        """One fault of a random kind; a fault on a worker with no running attempt becomes one elsewhere."""
         kind = self.rng.choice(KINDS)
-        targets = self.running_attempts() if kind in TARGETED else []
-        if kind in TARGETED and not targets:
-            kind = self.rng.choice([k for k in KINDS if k not in TARGETED])
-        getattr(self, kind)(*self.rng.choice(targets)) if targets else getattr(self, kind)()
+        target = self.find_target() if kind in TARGETED else None
+        if target:
+            getattr(self, kind)(*target)
+        else:
+            kind = kind if kind not in TARGETED else self.rng.choice([k for k in KINDS if k not in TARGETED])
+            getattr(self, kind)()
         self.faults[kind] += 1
 
     def worker_killed(self, _job, _attempt, worker: str, _pid) -> None:
@@ -204,15 +229,11 @@ class Soak:
 
     def run(self, deadline: float) -> None:
         """Faults until there are enough or the injection window closes, then let every job end."""
-        settle_seconds = max(SETTLE_SECONDS_MIN, (deadline - time.monotonic()) / 5)
-        inject_until = deadline - settle_seconds
-        # Spread the faults over the window, so they land on jobs throughout the run, not on the first few.
-        interval = (inject_until - time.monotonic()) / (self.args.faults + 1)
+        inject_until = deadline - max(SETTLE_SECONDS_MIN, (deadline - time.monotonic()) / 5)
         while sum(self.faults.values()) < self.args.faults and time.monotonic() < inject_until:
-            started = time.monotonic()
             self.top_up()
             self.inject()
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+            time.sleep(self.rng.uniform(1, 3))  # let the deployment notice one fault before the next
         while len(self.job_ids()) < self.args.jobs and time.monotonic() < deadline:
             self.post()
         while self.unfinished() and time.monotonic() < deadline:
