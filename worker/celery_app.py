@@ -57,7 +57,7 @@ def _on_ready(sender, **_kwargs) -> None:
         repository.register_gpus(session, hostname, [(g.index, g.name, g.total_memory_bytes) for g in gpus])
     log.info("worker %s ready with %s", hostname, [g.name for g in gpus] or "no GPU (training runs on the CPU)")
     if get_settings().worker_metrics_port:
-        worker_metrics.serve(get_settings().worker_metrics_port)
+        worker_metrics.serve(get_settings().worker_metrics_port, get_settings().worker_metrics_host)
     for job_id in recover_orphans(hostname):
         log.warning("job %s was running when this worker last stopped; marked failed (worker_lost)", job_id)
 

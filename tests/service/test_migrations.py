@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, inspect
 from service.migrate import upgrade_database
 from service.models import Base
 
-TABLES = {"jobs", "job_events", "files", "gpus", "alembic_version"}
+TABLES = {"jobs", "job_events", "files", "gpus", "tenants", "api_keys", "alembic_version"}
 
 
 def _diff(url: str) -> list:
