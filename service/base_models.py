@@ -1,27 +1,36 @@
 """Where a spec's base_model lives on disk, and its architecture for the planner.
 
-Nothing is downloaded: a hub id resolves only from the local Hugging Face cache.
+The API reads a model only inside the configured model roots (FTJOBS_MODEL_ROOTS) or the local Hugging Face
+cache: anything else is refused before a byte of it is read, whether it exists or not, so a client can neither
+train on an arbitrary server directory nor probe the filesystem. `ftjobs plan` on the command line is the
+operator's own tool and passes `model_roots=None` to plan any local path. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from planner import ModelShape
 from planner.catalog import find_model
-from service.errors import BaseModelNotFound, InvalidSpec
+from service.errors import BaseModelNotAllowed, BaseModelNotFound, InvalidSpec
+
+# config.json keys that carry the longest sequence a model was built for, by architecture family.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def resolve_base_model_dir(base_model: str) -> Path:
-    """The local directory holding config.json and safetensors weights, or BaseModelNotFound."""
-    candidate = Path(base_model).expanduser()
-    if candidate.is_dir():
-        directory = candidate.resolve()
+def resolve_base_model_dir(base_model: str, model_roots: list[Path] | None) -> Path:
+    """The directory holding config.json and safetensors weights; BaseModelNotAllowed or BaseModelNotFound."""
+    if model_roots is None:
+        candidate = Path(base_model).expanduser()
+        directory = candidate.resolve() if candidate.is_dir() else _from_hub_cache(base_model)
     else:
-        directory = _from_hub_cache(base_model)
+        directory = _inside_roots(base_model, model_roots)
     if not (directory / "config.json").is_file():
         raise BaseModelNotFound(f"{base_model!r} has no config.json")
     # Only safetensors: a pickled checkpoint could run code in the worker when loaded.
@@ -30,23 +39,66 @@ def resolve_base_model_dir(base_model: str) -> Path:
     return directory
 
 
+def _inside_roots(base_model: str, roots: list[Path]) -> Path:
+    name = PurePosixPath(base_model)
+    # Decided from the string alone: no filesystem call happens for a name that could leave the roots.
+    if (base_model.startswith("~") or ".." in name.parts or "\\" in base_model
+            or any(not ch.isprintable() for ch in base_model)):
+        raise _not_allowed(base_model)
+    if name.is_absolute():
+        normal = Path(os.path.normpath(base_model))
+        if not any(normal.is_relative_to(root) for root in roots):
+            raise _not_allowed(base_model)
+        candidates = [(normal, root) for root in roots if normal.is_relative_to(root)]
+    else:
+        candidates = [(root / name, root) for root in roots]
+    for candidate, root in candidates:
+        if candidate.is_dir():
+            resolved = candidate.resolve()
+            # resolve() follows symlinks: a link inside a root that points outside it is refused as well.
+            if not resolved.is_relative_to(root.resolve()):
+                raise _not_allowed(base_model)
+            return resolved
+    if name.is_absolute():
+        raise BaseModelNotFound(f"{base_model!r} is not a directory")
+    return _from_hub_cache(base_model)
+
+
+def _not_allowed(base_model: str) -> BaseModelNotAllowed:
+    return BaseModelNotAllowed(f"{base_model!r} is not a model under the configured model roots or a hub id; "
+                               "the server reads models nowhere else")
+
+
 def _from_hub_cache(base_model: str) -> Path:
     if base_model.count("/") != 1 or base_model.startswith(("/", ".", "~")):
-        raise BaseModelNotFound(f"{base_model!r} is neither a local directory nor a hub id")
-    cached = try_to_load_from_cache(base_model, "config.json")
+        raise BaseModelNotFound(f"{base_model!r} is neither a model directory nor a hub id")
+    try:
+        validate_repo_id(base_model)
+        cached = try_to_load_from_cache(base_model, "config.json")
+    except (HFValidationError, ValueError) as exc:
+        raise BaseModelNotFound(f"{base_model!r} is not a valid hub id: {exc}") from None
     if not isinstance(cached, str):
         raise BaseModelNotFound(
             f"{base_model!r} is not in the local Hugging Face cache; nothing is downloaded at run time")
     return Path(cached).parent
 
 
+def _read_config(directory: Path, base_model: str) -> dict:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidSpec(f"cannot read config.json of {base_model!r}: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidSpec(f"config.json of {base_model!r} is not a JSON object")
+    return config
+
+
 def model_shape(base_model: str, directory: Path | None) -> ModelShape:
     """The architecture: from config.json when the model is on disk, else from the planner's catalog."""
     if directory is not None:
-        config = json.loads((directory / "config.json").read_text())
         try:
-            return ModelShape.from_config(config, name=base_model)
-        except (KeyError, ValueError) as exc:
+            return ModelShape.from_config(_read_config(directory, base_model), name=base_model)
+        except (KeyError, ValueError, TypeError) as exc:
             raise InvalidSpec(f"cannot plan for {base_model!r}: unsupported config.json ({exc})") from exc
     known = find_model(base_model)
     if known is None:
@@ -54,10 +106,17 @@ def model_shape(base_model: str, directory: Path | None) -> ModelShape:
     return known
 
 
-def locate_for_planning(base_model: str) -> ModelShape:
-    """Planning works offline: a model on disk, else a catalog entry."""
+def context_length(directory: Path, base_model: str) -> int | None:
+    """The longest sequence the model was built for, from its config.json; None when it does not say."""
+    config = _read_config(directory, base_model)
+    lengths = [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int) and config[key] > 0]
+    return lengths[0] if lengths else None
+
+
+def locate_for_planning(base_model: str, model_roots: list[Path] | None) -> ModelShape:
+    """Planning works offline: a model on disk, else a catalog entry. A name outside the roots is refused."""
     try:
-        directory = resolve_base_model_dir(base_model)
+        directory = resolve_base_model_dir(base_model, model_roots)
     except BaseModelNotFound:
         directory = None
     return model_shape(base_model, directory)

@@ -32,6 +32,7 @@ class ProblemError(Exception):
 
 class Unauthenticated(ProblemError):
     status, code, title = 401, "unauthenticated", "A valid API key is required"
+    headers = {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it wants
 
 
 class RateLimited(ProblemError):

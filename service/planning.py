@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy.orm import Session
 
 from planner import ModelShape, Plan, plan
@@ -24,7 +26,8 @@ def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
     return gpus[0].total_memory_bytes if gpus else None
 
 
-def plan_spec(session: Session | None, spec: JobSpec) -> Plan:
-    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, spec)
+def plan_spec(session: Session | None, spec: JobSpec, model_roots: list[Path] | None) -> Plan:
+    """`model_roots`: where the model may be read (the API's roots); None plans any local path (the CLI)."""
+    located, capacity = locate_for_planning(spec.base_model, model_roots), gpu_capacity_bytes(session, spec)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         return plan(spec, located, capacity)

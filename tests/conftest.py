@@ -69,21 +69,49 @@ def redis_client(settings) -> Iterator[redis.Redis]:
     client.close()
 
 
+class TestKey:
+    """An API key made for a test: the secret to send, and the caller it authenticates as."""
+
+    def __init__(self, secret: str, caller) -> None:
+        self.secret, self.caller = secret, caller
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def create_test_key(tenant: str, *, admin: bool = False, max_active_jobs: int | None = None) -> TestKey:
+    """A real key in the test database, created exactly as `ftjobs keys create` does."""
+    from service.db import transaction
+    from service.tenancy.keys import Caller, create_key
+
+    with transaction() as session:
+        key, secret = create_key(session, tenant, admin=admin, max_active_jobs=max_active_jobs)
+        return TestKey(secret, Caller(key_id=key.id, tenant_id=key.tenant_id, admin=key.admin))
+
+
+@pytest.fixture(scope="session")
+def admin_key(database) -> TestKey:
+    """The key the shared `api` client sends: an admin, so tests that predate tenants see every job."""
+    return create_test_key("test-admins", admin=True, max_active_jobs=1000)
+
+
 @pytest.fixture()
-def api(database, settings):
+def api(database, settings, admin_key):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=admin_key.headers) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(settings) -> Path:
+    """Built under the first model root: the API reads base models nowhere else."""
     from ftjobs.tinymodel import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
+    return build_tiny_model(settings.model_root_dirs[0] / "tiny-llama", arch="llama", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +167,7 @@ def worker(database, redis_client) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def store_queued_job(database, settings):
+def store_queued_job(database, settings, admin_key):
     """Store a job exactly as POST /v1/jobs does, but send no message: the test decides when (and how often)."""
     from planner.spec import JobSpec
     from service.db import transaction
@@ -147,7 +175,7 @@ def store_queued_job(database, settings):
 
     def store(spec: dict) -> str:
         with transaction() as session:
-            return submit_job(session, settings, JobSpec.model_validate(spec)).id
+            return submit_job(session, settings, JobSpec.model_validate(spec), admin_key.caller).id
 
     return store
 
