@@ -91,6 +91,12 @@ def create_test_key(tenant: str, *, admin: bool = False, max_active_jobs: int | 
 
 
 @pytest.fixture(scope="session")
+def make_key(database):
+    """create_test_key(tenant, admin=False, max_active_jobs=None) -> TestKey."""
+    return create_test_key
+
+
+@pytest.fixture(scope="session")
 def admin_key(database) -> TestKey:
     """The key the shared `api` client sends: an admin, so tests that predate tenants see every job."""
     return create_test_key("test-admins", admin=True, max_active_jobs=1000)
