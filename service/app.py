@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import metrics
 from service.api import files, health, jobs, plans
@@ -66,8 +67,21 @@ async def _on_http(request: Request, error: StarletteHTTPException) -> Response:
     else:
         problem = ProblemError(str(error.detail))
         problem.status, problem.code, problem.title = error.status_code, f"http_{error.status_code}", str(error.detail)
-    # The Allow header of a 405 and any other header Starlette set travel on.
-    return problem_response(problem, request, dict(error.headers or {}))
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem_response(problem, request, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's Allow names only the first matching route's,
+    and GET and POST /v1/jobs are two routes."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
 
 
 async def _on_unexpected(request: Request, error: Exception) -> Response:

@@ -53,7 +53,7 @@ def _inside_roots(base_model: str, roots: list[Path]) -> Path:
     else:
         candidates = [(root / name, root) for root in roots]
     for candidate, root in candidates:
-        if candidate.is_dir():
+        if _is_dir(candidate):
             resolved = candidate.resolve()
             # resolve() follows symlinks: a link inside a root that points outside it is refused as well.
             if not resolved.is_relative_to(root.resolve()):
@@ -62,6 +62,13 @@ def _inside_roots(base_model: str, roots: list[Path]) -> Path:
     if name.is_absolute():
         raise BaseModelNotFound(f"{base_model!r} is not a directory")
     return _from_hub_cache(base_model)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the filesystem, a symlink loop: nothing a model could live at
+        return False
 
 
 def _not_allowed(base_model: str) -> BaseModelNotAllowed:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -130,6 +131,32 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextmanager
+def api_server(**env_overrides: str) -> Iterator[tuple[str, int]]:
+    """The API under uvicorn as deployed, with these FTJOBS_ settings; yields its URL and process id."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "FTJOBS_LOG_LEVEL": "WARNING", **env_overrides}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start (exit code {process.poll()})")
+            time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 class WorkerProcess:

@@ -19,9 +19,12 @@ from service.schemas import EventOut, EventPage, JobOut, JobPage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 # A job's id leads to its own routes: schemathesis' stateful tests follow these links.
-_JOB_LINKS = {name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
-              for name, operation in (("GetJob", "get_job"), ("CancelJob", "cancel_job"),
-                                      ("ListEvents", "list_events"))}
+def _job_links(job_id: str) -> dict:
+    return {name: {"operationId": operation, "parameters": {"job_id": job_id}}
+            for name, operation in (("GetJob", "get_job"), ("CancelJob", "cancel_job"), ("ListEvents", "list_events"))}
+
+
+_JOB_LINKS = _job_links("$response.body#/id")
 
 
 def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> JobOut:
@@ -48,7 +51,9 @@ def _fail_unqueued(session, job_id: str, exc: Exception) -> None:
     session.commit()
 
 
-@router.get("", response_model=JobPage, operation_id="list_jobs", responses=problems(400))
+@router.get("", response_model=JobPage, operation_id="list_jobs",
+            responses={200: {"description": "a page of jobs", "links": _job_links("$response.body#/data/0/id")},
+                       **problems(400)})
 def list_jobs(session: SessionDep, caller: CallerDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None,
               tenant: Annotated[str | None, Query(max_length=64, description="Admin keys: one tenant's jobs")] = None,

@@ -10,7 +10,7 @@ PROBLEM_JSON = "application/problem+json"
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 _DESCRIPTIONS = {
-    400: "malformed request (an invalid cursor)",
+    400: "malformed request: a body that cannot be parsed, an invalid cursor",
     401: "no valid API key (code unauthenticated)",
     404: "no such resource, or it belongs to another tenant",
     405: "method not allowed; Allow lists the allowed ones",
@@ -45,5 +45,6 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
                      **({"headers": _HEADERS[status]} if status in _HEADERS else {})} for status in statuses}
 
 
-# Every authenticated route: a missing or bad key, the rate limit, an invalid parameter, the unexpected.
-AUTHENTICATED = problems(401, 422, 429, 500)
+# Every authenticated route: an unparsable request, a missing or bad key, an invalid parameter, the rate limit,
+# the unexpected.
+AUTHENTICATED = problems(400, 401, 422, 429, 500)

@@ -8,46 +8,23 @@ resident memory).
 
 from __future__ import annotations
 
-import os
 import select
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import api_server
 
 UPLOAD_LIMIT_BYTES = 8 * 1024 * 1024
 CHUNK = b"x" * (256 * 1024)
 GIB, MIB = 1024**3, 1024**2
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(database):
-    port = free_port()
-    env = {**os.environ, "FTJOBS_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT_BYTES), "FTJOBS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.2)
-    yield port, process.pid
-    process.terminate()
-    process.wait(timeout=30)
+    with api_server(FTJOBS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT_BYTES)) as (url, pid):
+        yield int(url.rsplit(":", 1)[1]), pid
 
 
 def proc_field(pid: int, name: str, file: str) -> int:
