@@ -134,7 +134,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(**env_overrides: str) -> Iterator[tuple[str, int]]:
+def _uvicorn_api(**env_overrides: str) -> Iterator[tuple[str, int]]:
     """The API under uvicorn as deployed, with these FTJOBS_ settings; yields its URL and process id."""
     import httpx
 
@@ -157,6 +157,12 @@ def api_server(**env_overrides: str) -> Iterator[tuple[str, int]]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def uvicorn_api(database):
+    """uvicorn_api(**FTJOBS_settings): a context manager running the API under uvicorn; yields (url, pid)."""
+    return _uvicorn_api
 
 
 class WorkerProcess:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import api_server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES_PER_OPERATION = 100
@@ -22,7 +21,7 @@ EXAMPLES_PER_OPERATION = 100
 OPERATIONS_WITH_INPUT = 8
 
 
-def test_schemathesis_finds_nothing(make_key, settings, tiny_model, data_root):
+def test_schemathesis_finds_nothing(uvicorn_api, make_key, settings, tiny_model, data_root):
     from planner.spec import JobSpec
     from service.db import transaction
     from service.jobs.service import submit_job
@@ -36,7 +35,7 @@ def test_schemathesis_finds_nothing(make_key, settings, tiny_model, data_root):
         with transaction() as session:
             submit_job(session, settings, spec, key.caller)
     # The fuzzer sends thousands of requests with one key: a limit for clients would stop it, not test it.
-    with api_server(FTJOBS_RATE_LIMIT_REQUESTS=str(10**9)) as (url, _pid):
+    with uvicorn_api(FTJOBS_RATE_LIMIT_REQUESTS=str(10**9)) as (url, _pid):
         result = subprocess.run(
             [str(Path(sys.executable).with_name("st")), "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
              "--checks", "all", "--mode", "all", "--phases", "examples,coverage,fuzzing,stateful",

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import api_server
 
 UPLOAD_LIMIT_BYTES = 8 * 1024 * 1024
 CHUNK = b"x" * (256 * 1024)
@@ -22,8 +21,8 @@ GIB, MIB = 1024**3, 1024**2
 
 
 @pytest.fixture(scope="module")
-def server(database):
-    with api_server(FTJOBS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT_BYTES)) as (url, pid):
+def server(uvicorn_api):
+    with uvicorn_api(FTJOBS_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT_BYTES)) as (url, pid):
         yield int(url.rsplit(":", 1)[1]), pid
 
 
