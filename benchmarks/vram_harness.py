@@ -125,6 +125,8 @@ def prepare_model(model: str) -> Path:
     entry = json.loads(_DATA.read_text())["models"][model]
     cfg_values = dict(entry["config"])
     model_type = cfg_values.pop("model_type")
+    for context_key in ("max_position_embeddings", "rope_scaling"):  # the harness builds every shape at 131072
+        cfg_values.pop(context_key, None)
     cfg = AutoConfig.for_model(model_type, **cfg_values, max_position_embeddings=131072, bos_token_id=1,
                                eos_token_id=2, pad_token_id=0, architectures=[_ARCH[model_type]])
     with torch.device("cuda"):

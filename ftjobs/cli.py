@@ -113,26 +113,43 @@ def _worker(args) -> None:
 
 
 def _up(args) -> int:
-    """The API in this process and one worker beside it, sharing the same settings."""
+    """The API in this process and one worker beside it, sharing the same settings.
+
+    The worker runs in its own session, so a Ctrl-C on the terminal reaches it once, forwarded from here as
+    SIGTERM after the API has stopped: it drains (the running job checkpoints and goes back to the queue).
+    A second Ctrl-C or SIGTERM is forwarded too, and stops the job at once; it is requeued all the same.
+    """
     from service.migrate import upgrade_database
 
     settings = get_settings()
     settings.ensure_dirs()
     upgrade_database(settings)
     _ensure_local_admin_key(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy())
+    worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy(),
+                              start_new_session=True)
     # uvicorn re-raises the SIGTERM it shut down on; turning it into SystemExit lets `finally` stop the worker
     # instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         _api(args)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _drain_worker(worker, settings.drain_seconds + 30)
     return 0
+
+
+def _drain_worker(worker: subprocess.Popen, timeout_seconds: float) -> None:
+    forward = lambda *_: worker.send_signal(signal.SIGTERM)  # noqa: E731 - a signal handler
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    if worker.poll() is None:
+        print("stopping the worker: the running job checkpoints and goes back to the queue "
+              "(Ctrl-C again to stop it at once)", file=sys.stderr)
+        worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def _ensure_local_admin_key(settings) -> None:
@@ -224,7 +241,7 @@ def _plan(args) -> int:
     try:
         spec = _read_spec(args.spec)
         with _registry_session() as session:
-            result = plan_spec(session, spec, model_roots=None)  # the operator may plan any local path
+            result = plan_spec(session, get_settings(), spec, model_roots=None)  # the operator may plan any path
     except ValidationError as exc:
         return _problem(InvalidSpec(str(exc)).to_problem())
     except (OSError, json.JSONDecodeError) as exc:

@@ -48,7 +48,7 @@ def prepare_inputs() -> Path:
     if not (model_dir / "config.json").exists():
         print(f"building a tiny Llama model with a real tokenizer in {model_dir}")
         build_tiny_model(model_dir, arch="llama", seed=0)
-    target = settings.datasets_root / "demo" / "instructions.jsonl"
+    target = Path(settings.resolved_data_root) / "demo" / "instructions.jsonl"  # the embedded stack's local root
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEMO_DATASET, target)
     return model_dir

@@ -16,7 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from planner import fsdp
 from planner import terms as t
+from planner.scope import check_scope, target_matches
 from planner.shapes import ModelShape
 from planner.spec import JobSpec
 
@@ -88,16 +90,24 @@ class Plan(BaseModel):
     fits: bool | None = Field(description="peak + margin <= GPU; None when no GPU is known")
     headroom_bytes: int | None = Field(description="GPU - margin - peak; negative when it does not fit")
     micro_batch_size: int
+    num_gpus: int = Field(1, description="Ranks, one GPU each; peak_vram_bytes and breakdown are one rank's")
+    sharding: str | None = Field(None, description="zero2 | zero3 (FSDP2), or None: no sharding")
+    sharded_terms: list[str] = Field(default_factory=list, description="Breakdown terms that are one rank's shard")
+    host_breakdown: dict[str, int] = Field(default_factory=dict, description="One rank's offloaded bytes in host memory")
+    host_memory_bytes: int = Field(0, description="Host memory the offloaded terms need, all ranks together")
     reasons: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(default_factory=list)
+    min_gpu_memory_bytes: int | None = Field(
+        None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)")
+    min_num_gpus: int | None = Field(
+        None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on")
 
 
 # ---- setup ------------------------------------------------------------------------------------------------
 def _adapted(shape: ModelShape, targets: Any) -> tuple:
     if targets == "all-linear":  # peft all-linear: every nn.Linear but the output layer
         return shape.linears
-    names = {name.rsplit(".", 1)[-1] for name in targets}
-    return tuple(lin for lin in shape.linears if lin.name in names)
+    return tuple(lin for lin in shape.linears if any(target_matches(t, lin, shape.num_layers) for t in targets))
 
 
 def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
@@ -109,10 +119,12 @@ def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
               "post_feedforward_layernorm"])[:shape.norms_per_layer]
     for i in range(shape.num_layers):
         for lin in shape.linears:
-            group = "self_attn" if lin.name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            out.append((f"model.layers.{i}.{group}.{lin.name}.weight", lin.weight_numel, i))
+            out.append((f"model.layers.{i}.{lin.parent}.{lin.name}.weight", lin.weight_numel, i))
             if lin.bias:
-                out.append((f"model.layers.{i}.{group}.{lin.name}.bias", lin.out_features, i))
+                out.append((f"model.layers.{i}.{lin.parent}.{lin.name}.bias", lin.out_features, i))
+        if shape.num_experts:  # transformers 5.17 MoE blocks: mlp.gate (the router) and mlp.experts' 3-D tensors
+            out.append((f"model.layers.{i}.mlp.gate.weight", shape.router_numel, i))
+            out += [(f"model.layers.{i}.mlp.experts.{name}", numel, i) for name, numel in shape.expert_tensors]
         out += [(f"model.layers.{i}.{norm}.weight", shape.hidden_size, i) for norm in norms]
     return out
 
@@ -163,6 +175,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
             first_grad_layer = shape.num_layers
     fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
+    sharding = spec.resources.effective_sharding
     return t.Setup(
         method=method,
         tokens=micro_batch * spec.training.max_seq_length,
@@ -175,7 +188,8 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         compute_bytes=compute,
         residual_bytes=4 if ((method == "full" and trained == 4) or upcast or compute == 4) else 2,
         mlp_bytes=4 if (upcast or compute == 4) else 2,
-        autocast_fp32_params=autocast and trained == 4 and method in ("full", "freeze"),
+        # sharded: FSDP2's MixedPrecisionPolicy all-gathers the half dtype, so no matmul casts a weight
+        autocast_fp32_params=autocast and trained == 4 and method in ("full", "freeze") and sharding is None,
         adapted=_adapted(shape, lora.target_modules) if lora else (),
         lora_r=lora.r if lora else 0,
         lora_dropout=bool(lora and lora.dropout > 0),
@@ -193,6 +207,9 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         trained_numel=sum(n * c for n, c in trained_tensors),
         first_grad_layer=first_grad_layer,
         trained_tensors=trained_tensors,
+        num_gpus=spec.resources.num_gpus,
+        sharding=sharding.value if sharding else "",
+        offload=spec.resources.offload.value,
     )
 
 
@@ -232,7 +249,8 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
         states, paged = t.galore_state_bytes(shape, tensors, s), 0
     else:
         states, paged = t.optimizer_state_bytes(tensors, s, embed_fp32)
-    weights = t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s)
+    weights = (t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s)
+               + t.expert_weight_bytes(shape, s))
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
     if s.method == "full" and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
         static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
@@ -249,6 +267,12 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
 
 
 def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int]:
+    """(every phase's terms, paged bytes)."""
+    return _phases_with_host(shape, s, recipe)[:2]
+
+
+def _phases_with_host(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int, dict]:
+    """(every phase's terms, paged bytes, one rank's offloaded host terms)."""
     f = _fixed(shape, s, recipe)
     static = f.static
     saved = t.saved_activation_bytes(shape, s)
@@ -282,10 +306,16 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
         "optimizer_step": static | {"gradients": f.grads, "optimizer_temporaries": f.optimizer_temp},
     }
     pool = f.grads + f.optimizer_temp + f.autocast_cache
+    host: dict[str, int] = {}
+    if s.sharding:  # one rank's share (planner/fsdp.py); the host terms of every phase, each at its largest
+        pool = fsdp.shard_bytes(f.grads, s.num_gpus) + (f.optimizer_temp if s.offload == "none" else 0)
+        for name in phases:
+            phases[name], moved = fsdp.shard_phase(shape, s, name, phases[name])
+            host |= {k: max(v, host.get(k, 0)) for k, v in moved.items()}
     for name, terms in phases.items():
         terms["allocator_fragmentation"] = _fragmentation(shape, s, recipe, name, sum(terms.values()), pool)
         terms["cuda_context"] = t.CUDA_CONTEXT_BYTES
-    return phases, f.paged
+    return phases, f.paged, host
 
 
 def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, allocated: int, pool: int) -> int:
@@ -303,15 +333,15 @@ def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, al
 
 # ---- public entry point -------------------------------------------------------------------------------------
 def estimate(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER) -> tuple[str, dict, int]:
-    """(peak phase, its breakdown, paged bytes) for a fixed micro-batch."""
-    return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)
+    """(peak phase, its breakdown, paged bytes) for a fixed micro-batch (one rank's, when sharded)."""
+    return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)[:3]
 
 
-def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict, int]:
-    phases, paged = _phases(shape, s, recipe)
+def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict, int, dict]:
+    phases, paged, host = _phases_with_host(shape, s, recipe)
     name = max(phases, key=lambda n: sum(phases[n].values()))
     breakdown = {k: int(v) for k, v in phases[name].items() if v}
-    return name, breakdown, paged
+    return name, breakdown, paged, {k: int(v) for k, v in host.items() if v}
 
 
 def _peak(shape: ModelShape, s: t.Setup, recipe: Recipe) -> int:
@@ -352,6 +382,8 @@ class Outcome:
     peak: int
     gpu: int | None
     margin: int
+    host: dict = None  # one rank's host-memory terms (offload); None: nothing offloaded
+    num_gpus: int = 1
 
     @property
     def fits(self) -> bool | None:
@@ -373,8 +405,9 @@ def evaluate(spec: JobSpec, shape: ModelShape, gpu_memory_bytes: int | None, rec
         s = s1.with_tokens(s1.tokens * mb)
     else:
         s = build_setup(spec, shape, mb, recipe)
-    phase, breakdown, paged = _estimate(shape, s, recipe)
-    return Outcome(mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin)
+    phase, breakdown, paged, host = _estimate(shape, s, recipe)
+    return Outcome(mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin, host or None,
+                   s.num_gpus)
 
 
 def plan(
@@ -384,22 +417,34 @@ def plan(
     *,
     recipe: Recipe = WORKER,
     suggest: bool = True,
+    max_num_gpus: int = 1,
 ) -> Plan:
-    """Predict the peak and, when it does not fit, offer cheaper specs that do.
-    gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known (fits None,
-    and micro_batch_size "auto" resolves to 1)."""
+    """Predict the peak (one rank's when sharded) and, when it does not fit, offer cheaper specs that do; when
+    none does, name the smallest GPU and GPU count that would. Refuses (scope.PlanRefused) a spec it cannot plan
+    on this model. gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known
+    (fits None, and micro_batch_size "auto" resolves to 1). max_num_gpus: the most GPUs one worker has
+    (sharding suggestions go up to it)."""
+    check_scope(spec, shape)
     o = evaluate(spec, shape, gpu_memory_bytes, recipe)
     result = Plan(
         peak_vram_bytes=o.peak, breakdown=o.breakdown, peak_phase=o.phase, paged_optimizer_bytes=o.paged,
         gpu_memory_bytes=o.gpu, safety_margin_bytes=o.margin, fits=o.fits, headroom_bytes=o.headroom,
-        micro_batch_size=o.micro_batch,
+        micro_batch_size=o.micro_batch, num_gpus=o.num_gpus,
+        sharding=spec.resources.effective_sharding.value if spec.resources.effective_sharding else None,
+        host_breakdown=o.host or {}, host_memory_bytes=sum((o.host or {}).values()) * o.num_gpus,
     )
+    if result.sharding:
+        result.sharded_terms = [k for k in fsdp.sharded_term_names(build_setup(spec, shape, 1, recipe))
+                                if k in o.breakdown]
     if o.fits is False:
         result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
         if suggest:
-            from planner.suggest import suggestions  # late: suggest.py imports this module
+            from planner.suggest import smallest_fit, suggestions  # late: suggest.py imports this module
 
-            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe)
+            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe, max_num_gpus)
+            if not result.suggestions:
+                result.min_gpu_memory_bytes, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
+                result.reasons.append(_nothing_fits_reason(result, max_num_gpus))
     return result
 
 
@@ -411,6 +456,17 @@ def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase:
         f"exceeds the GPU's {gpu / t.GIB:.1f} GiB by {(peak + margin - gpu) / t.GIB:.1f} GiB",
         f"largest terms: {parts}",
     ]
+
+
+def _nothing_fits_reason(result: Plan, max_num_gpus: int) -> str:
+    gpu = result.gpu_memory_bytes / t.GIB
+    text = (f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
+            f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB")
+    if result.min_num_gpus:
+        text += f", or {result.min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
+    else:
+        text += f"; even 8 GPUs of {gpu:.1f} GiB with zero3 do not fit it"
+    return text
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

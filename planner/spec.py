@@ -178,9 +178,39 @@ class OutputOptions(_Strict):
         False, description="lora/qlora: also save the base with the adapter merged in, bf16 safetensors (model/)")
 
 
+class Sharding(str, enum.Enum):
+    zero2 = "zero2"  # FSDP2 fully_shard(reshard_after_forward=False): grads and states sharded, params kept whole
+    zero3 = "zero3"  # FSDP2 fully_shard(reshard_after_forward=True): params, grads and states sharded
+
+
+class Offload(str, enum.Enum):
+    none = "none"
+    optimizer = "optimizer"  # the optimizer states and step on the host; sharded params and grads stay on the GPU
+    params = "params"  # FSDP2 CPUOffloadPolicy: sharded params, grads and optimizer states on the host
+
+
 class Resources(_Strict):
     gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="Plan against this GPU size")
-    num_gpus: Literal[1] = Field(1, description="Multi-GPU sharding is not supported yet")
+    num_gpus: int = Field(1, ge=1, le=8, description="GPUs of one machine, one rank each (torchrun); more than one "
+                                                     "shards the model with FSDP2 (resources.sharding)")
+    sharding: Sharding | None = Field(
+        None, description="zero3: params, grads and optimizer states sharded; zero2: grads and states sharded, params "
+                          "kept whole from forward to backward. None: zero3 when num_gpus > 1, no FSDP on one GPU")
+    offload: Offload = Field(Offload.none, description="Move the sharded optimizer states ('optimizer') or params, "
+                                                       "grads and states ('params') to host memory; needs sharding")
+
+    @property
+    def effective_sharding(self) -> Sharding | None:
+        """The FSDP2 strategy the job runs with: zero3 by default on more than one GPU."""
+        if self.sharding is None and self.num_gpus > 1:
+            return Sharding.zero3
+        return self.sharding
+
+    @model_validator(mode="after")
+    def _offload_needs_sharding(self) -> Resources:
+        if self.offload is not Offload.none and self.effective_sharding is None:
+            raise ValueError("resources.offload needs FSDP2 sharding: set resources.sharding or num_gpus > 1")
+        return self
 
 
 class JobSpec(_Strict):
@@ -228,9 +258,29 @@ class JobSpec(_Strict):
             problems.append("'galore' options apply to the galore_adamw and galore_adamw_8bit optimizers")
         if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
             problems.append("optimizer cpu_offload cannot unscale fp16 loss-scaled gradients: use bf16-mixed")
+        problems += self._sharding_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _sharding_problems(self) -> list[str]:
+        """The combinations FSDP2 does not shard (the optimizer must step DTensor shards)."""
+        if self.resources.effective_sharding is None:
+            return []
+        sharding, optimizer, problems = self.resources.effective_sharding.value, self.memory.optimizer, []
+        if optimizer.value in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            problems.append(f"optimizer {optimizer.value} (bitsandbytes) steps whole tensors, not FSDP2's DTensor "
+                            f"shards: use adamw or adamw_4bit with sharding {sharding}")
+        if optimizer is Optimizer.cpu_offload:
+            problems.append("optimizer cpu_offload does not take DTensor shards: with sharding use adamw and "
+                            "resources.offload 'optimizer'")
+        if optimizer.is_galore:
+            problems.append(f"optimizer {optimizer.value} projects whole weight matrices; FSDP2 holds row shards: "
+                            "GaLore runs on one GPU only")
+        if self.method is Method.qlora and self.quantization_options.bits == 8:
+            problems.append("qlora with quantization.bits 8 (LLM.int8 Int8Params) does not shard: use bits 4 "
+                            "(FSDP-QLoRA stores NF4 codes in bnb_4bit_quant_storage = the compute dtype)")
+        return problems
 
     # The effective per-method options: the defaults when the spec leaves them out.
     @property

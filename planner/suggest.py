@@ -24,10 +24,53 @@ COST_CHECKPOINTING = 0.5  # q05-lora: gc 10.8k vs no gc 22.1k tok/s
 COST_QLORA = 0.8  # q05: qlora-gc 7.2k vs lora-gc 10.8k tok/s (0.34) + changes the trained model (NF4 base)
 COST_LORA = 0.9  # changes what trains (adapters instead of all weights)
 COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
+# NOT MEASURED: sharding over more GPUs costs their time and the all-gathers/reduce-scatters that do not overlap;
+# zero3 all-gathers every layer again in backward. Offered after the single-GPU changes that keep the job as it is.
+COST_SHARD_PER_DOUBLING = 0.3
+COST_ZERO3_EXTRA = 0.05
+COST_OFFLOAD = {"optimizer": 0.6, "params": 1.2}  # NOT MEASURED: PCIe traffic of the states / params every step
+# Optimizers FSDP2 cannot step (planner/spec.py JobSpec._sharding_problems): a sharding patch swaps them for adamw.
+_UNSHARDABLE_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "cpu_offload", "galore_adamw",
+                           "galore_adamw_8bit")
 
 
-def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]]]:
-    mem, out = spec.memory, []
+def sharding_patch(spec: JobSpec, num_gpus: int, sharding: str) -> dict[str, Any] | None:
+    """resources.num_gpus/sharding, with the optimizer swapped for adamw where FSDP2 cannot step it; None where the
+    spec cannot shard at all (qlora with 8-bit weights)."""
+    if spec.method.value == "qlora" and spec.quantization_options.bits == 8:
+        return None
+    patch: dict[str, Any] = {"resources": {"num_gpus": num_gpus, "sharding": sharding}}
+    if spec.memory.optimizer.value in _UNSHARDABLE_OPTIMIZERS:
+        patch["memory"] = {"optimizer": "adamw"}
+        if spec.galore is not None:
+            patch["galore"] = None
+    return patch
+
+
+def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[tuple[float, str, dict[str, Any]]]:
+    """More GPUs of one worker (2, 4, 8 up to what a worker has), zero2 and zero3; offload when already sharded."""
+    out, res = [], spec.resources
+    current = res.effective_sharding.value if res.effective_sharding else None
+    for n in (2, 4, 8):
+        for sharding in ("zero2", "zero3"):
+            if n > max_num_gpus or (n < res.num_gpus) or (n == res.num_gpus and sharding == current):
+                continue
+            patch = sharding_patch(spec, n, sharding)
+            if patch is None:
+                continue
+            cost = COST_SHARD_PER_DOUBLING * (n.bit_length() - 1) + (COST_ZERO3_EXTRA if sharding == "zero3" else 0)
+            swap = f", optimizer {spec.memory.optimizer.value}→adamw" if "memory" in patch else ""
+            out.append((cost, f"num_gpus {res.num_gpus}→{n} with {sharding} (FSDP2){swap}", patch))
+    if current:
+        for offload in ("optimizer", "params"):
+            if res.offload.value == "none" or (res.offload.value == "optimizer" and offload == "params"):
+                out.append((COST_OFFLOAD[offload], f"offload {offload} to host memory",
+                            {"resources": {"offload": offload}}))
+    return out
+
+
+def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[float, str, dict[str, Any]]]:
+    mem, out = spec.memory, _sharding_candidates(spec, max_num_gpus)
     galore_off = {"galore": None} if spec.galore is not None else {}  # its options need a galore optimizer
     if mem.fused_loss is False:  # None (the default) is already on for the worker
         out.append((COST_FUSED_LOSS, "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
@@ -70,11 +113,13 @@ def _candidates(spec: JobSpec, mb: int) -> list[tuple[float, str, dict[str, Any]
     return sorted(out, key=lambda c: c[0])
 
 
-def suggestions(spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Recipe) -> list[Suggestion]:
-    """Single patches that fit; if none does, one combined patch built greedily in cost order."""
+def suggestions(spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Recipe,
+                max_num_gpus: int = 1) -> list[Suggestion]:
+    """Single patches that fit; if none does, one combined patch built greedily in cost order. Sharding patches
+    only up to max_num_gpus (the most GPUs one worker has)."""
     found: list[Suggestion] = []
     offered_mb = offered_seq = False
-    candidates = _candidates(spec, mb)
+    candidates = _candidates(spec, mb, max_num_gpus)
     for _, description, patch in candidates:
         is_mb, is_seq = "micro_batch_size" in patch.get("training", {}), "max_seq_length" in patch.get("training", {})
         if (is_mb and offered_mb) or (is_seq and offered_seq):
@@ -102,6 +147,21 @@ def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, reci
         if result.fits:
             return [_prune(spec, shape, gpu, steps, result, recipe)]
     return []
+
+
+def smallest_fit(spec: JobSpec, shape: ModelShape, gpu: int, peak: int, recipe: Recipe) -> tuple[int, int | None]:
+    """When nothing fits: (the smallest GPU memory the spec fits on as it is: peak + max(5%, 1 GiB), rounded up to a
+    GiB; the fewest GPUs of `gpu` bytes, at most 8, on which it fits with zero3, or None)."""
+    from planner.core import MARGIN_FLOOR_BYTES, MARGIN_FRACTION
+
+    need = max(peak + MARGIN_FLOOR_BYTES, -(-peak * 100 // int(round((1 - MARGIN_FRACTION) * 100))))
+    need = -(-need // 2**30) * 2**30
+    for n in range(max(2, spec.resources.num_gpus), 9):
+        patch = sharding_patch(spec, n, "zero3")
+        result = _try(spec, shape, gpu, patch, recipe) if patch else None
+        if result is not None and result.fits:
+            return need, n
+    return need, None
 
 
 def _turns_on_galore(spec: JobSpec, patch: dict) -> bool:

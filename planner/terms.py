@@ -79,6 +79,9 @@ class Setup:
     trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
     galore_rank: int = 0  # galore optimizers: the projection rank (0: no GaLore)
     galore_proj_type: str = "std"
+    num_gpus: int = 1  # ranks, one GPU each (resources.num_gpus)
+    sharding: str = ""  # "zero2" | "zero3" (FSDP2, planner/fsdp.py); "": none
+    offload: str = "none"  # resources.offload: none | optimizer | params
 
     def with_tokens(self, tokens: int) -> Setup:
         """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
@@ -95,7 +98,7 @@ class Setup:
                 self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
                 self.fused_loss, self.optimizer, self.quant_double, self.quant_bits, self.packing,
                 self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors,
-                self.galore_rank, self.galore_proj_type)
+                self.galore_rank, self.galore_proj_type, self.num_gpus, self.sharding, self.offload)
 
 
 # ---- weights ----------------------------------------------------------------------------------------
@@ -133,6 +136,18 @@ def quant_constant_bytes(shape: ModelShape, s: Setup) -> int:
     return shape.num_layers * per_layer
 
 
+def expert_weight_bytes(shape: ModelShape, s: Setup) -> int:
+    """MoE: every routed expert's weights of every layer (all of them, not the top-k). They are 3-D nn.Parameters,
+    so qlora leaves them in the frozen half dtype (bnb replaces nn.Linear only); full and freeze's trained layers
+    hold them in the trained dtype. 0 for dense models."""
+    if not shape.num_experts:
+        return 0
+    if s.trained_tensors:  # freeze.trainable_modules: the matched tensors' extra bytes are in unquantized_weight_bytes
+        return shape.layer_expert_numel * shape.num_layers * s.frozen_bytes
+    frozen = shape.num_layers - s.trainable_layers
+    return shape.layer_expert_numel * (s.trainable_layers * s.trained_bytes + frozen * s.frozen_bytes)
+
+
 def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
     """Embeddings, untied lm_head, norms and biases: never quantized (bnb skips lm_head and embeddings).
     Freeze: the trained layers' norms are in the trained dtype (worker loading._train_last_layers)."""
@@ -159,6 +174,9 @@ def trainable_tensors(shape: ModelShape, s: Setup) -> list[tuple[int, int]]:
     layer = [(lin.weight_numel, s.trainable_layers) for lin in shape.linears]
     layer += [(lin.out_features, s.trainable_layers) for lin in shape.linears if lin.bias]
     layer.append((shape.hidden_size, shape.norms_per_layer * s.trainable_layers))
+    if shape.num_experts:  # MoE: the router and both 3-D expert tensors train, all experts (each keeps states)
+        layer += [(shape.router_numel, s.trainable_layers)]
+        layer += [(numel, s.trainable_layers) for _, numel in shape.expert_tensors]
     if s.method == "freeze":  # embeddings, lm_head and the final norm stay frozen
         return layer
     head = [(shape.embed_numel, 2 if shape.lm_head_numel else 1), (shape.hidden_size, 1)]
@@ -328,13 +346,33 @@ def base_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool
     kv = shape.q_dim if has_attention_mask(s) else shape.kv_dim
     attn = c * (2 * shape.q_dim + 2 * kv)
     # gated MLP: act_fn saves gate's output, the product saves act(gate) and up's output.
-    mlp = 3 * i * s.mlp_bytes
+    mlp = 3 * shape.active_mlp_width * s.mlp_bytes
     linears = 0
     if trainable:  # trainable projections save their input; autocast casts it once per projection
         shared = 3 if s.autocast_fp32_params else 1  # q/k/v read the same normed tensor
         mlp_in = 2 if s.autocast_fp32_params else 1  # gate/up too
         linears = c * ((shared + mlp_in) * h + shape.q_dim + i)
+    if shape.num_experts:
+        mlp += moe_activation_bytes_per_token(shape, s, trainable)
+        if trainable:  # the dense MLP's inputs above belong to the experts: moe_activation_bytes_per_token
+            linears = c * ((shared + (mlp_in if shape.shared_expert_intermediate_size else 0)) * h + shape.q_dim
+                           + shape.shared_expert_intermediate_size)
     return norms + attn + mlp + linears
+
+
+def moe_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool) -> int:
+    """transformers 5.17 MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock, beyond the top-k experts' gated-MLP
+    tensors (active_mlp_width): the router's softmax(router_logits.float()) output [tokens, E] fp32; each of the
+    top-k expert outputs is multiplied by its routing weight, which saves the output (h); with trainable experts
+    F.linear saves the gathered input hidden_states[token_idx] (h) and act(gate)*up (i_e) per routed token.
+    qwen2_moe: sigmoid(shared_expert_gate) x shared output saves the shared output (h). NOT MEASURED on hardware."""
+    h, k, c = shape.hidden_size, shape.experts_per_token, s.compute_bytes
+    total = shape.num_experts * 4 + k * h * c
+    if trainable:
+        total += k * (h + shape.expert_intermediate_size) * c
+    if shape.shared_expert_intermediate_size:
+        total += h * c
+    return total
 
 
 def layer_activation_bytes(shape: ModelShape, s: Setup, trainable: bool) -> int:

@@ -18,25 +18,26 @@ from huggingface_hub.utils import validate_repo_id
 
 from planner import ModelShape
 from planner.catalog import find_model
-from service.errors import BaseModelNotAllowed, BaseModelNotFound, InvalidSpec
-
-# config.json keys that carry the longest sequence a model was built for, by architecture family.
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+from service.errors import (BaseModelNotAllowed, BaseModelNotFound, InvalidSpec, ProblemError,
+                            UnsupportedArchitecture, UnsupportedQuantization)
 
 
 def resolve_base_model_dir(base_model: str, model_roots: list[Path] | None) -> Path:
     """The directory holding config.json and safetensors weights; BaseModelNotAllowed or BaseModelNotFound."""
-    if model_roots is None:
-        candidate = Path(base_model).expanduser()
-        directory = candidate.resolve() if candidate.is_dir() else _from_hub_cache(base_model)
-    else:
-        directory = _inside_roots(base_model, model_roots)
+    directory = _model_dir(base_model, model_roots)
     if not (directory / "config.json").is_file():
         raise BaseModelNotFound(f"{base_model!r} has no config.json")
     # Only safetensors: a pickled checkpoint could run code in the worker when loaded.
     if not any(directory.glob("*.safetensors")):
         raise BaseModelNotFound(f"{base_model!r} has no *.safetensors weights")
     return directory
+
+
+def _model_dir(base_model: str, model_roots: list[Path] | None) -> Path:
+    if model_roots is None:
+        candidate = Path(base_model).expanduser()
+        return candidate.resolve() if candidate.is_dir() else _from_hub_cache(base_model)
+    return _inside_roots(base_model, model_roots)
 
 
 def _inside_roots(base_model: str, roots: list[Path]) -> Path:
@@ -90,9 +91,9 @@ def _from_hub_cache(base_model: str) -> Path:
     return Path(cached).parent
 
 
-def _read_config(directory: Path, base_model: str) -> dict:
+def _read_config(config_path: Path, base_model: str) -> dict:
     try:
-        config = json.loads((directory / "config.json").read_text())
+        config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidSpec(f"cannot read config.json of {base_model!r}: {exc}") from None
     if not isinstance(config, dict):
@@ -100,30 +101,41 @@ def _read_config(directory: Path, base_model: str) -> dict:
     return config
 
 
-def model_shape(base_model: str, directory: Path | None) -> ModelShape:
-    """The architecture: from config.json when the model is on disk, else from the planner's catalog."""
-    if directory is not None:
+def model_shape(base_model: str, config_path: Path | None) -> ModelShape:
+    """The architecture: from config.json when one is on disk (it always wins over a catalog entry of the same
+    name), else from the planner's catalog. A config the planner does not model is refused with its code."""
+    if config_path is not None:
         try:
-            return ModelShape.from_config(_read_config(directory, base_model), name=base_model)
+            return ModelShape.from_config(_read_config(config_path, base_model), name=base_model)
         except (KeyError, ValueError, TypeError) as exc:
-            raise InvalidSpec(f"cannot plan for {base_model!r}: unsupported config.json ({exc})") from exc
+            raise _refusal(exc, base_model) from exc
     known = find_model(base_model)
     if known is None:
         raise BaseModelNotFound(f"{base_model!r} is not on this machine and not in the planner's catalog")
     return known
 
 
-def context_length(directory: Path, base_model: str) -> int | None:
-    """The longest sequence the model was built for, from its config.json; None when it does not say."""
-    config = _read_config(directory, base_model)
-    lengths = [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int) and config[key] > 0]
-    return lengths[0] if lengths else None
+def _refusal(exc: Exception, base_model: str) -> ProblemError:
+    error = {"unsupported_architecture": UnsupportedArchitecture,
+             "unsupported_quantization": UnsupportedQuantization}.get(getattr(exc, "code", ""), InvalidSpec)
+    return error(f"cannot plan for {base_model!r}: {exc}")
+
+
+def planning_config(base_model: str, model_roots: list[Path] | None) -> Path | None:
+    """The config.json to plan from, weights or not (people download config.json alone to plan): a model
+    directory's (inside the roots, when there are roots), else the local hub cache's; None sends the lookup to
+    the catalog. A name outside the roots is refused, never looked up."""
+    try:
+        directory = _model_dir(base_model, model_roots)
+    except BaseModelNotFound:
+        return None
+    config = directory / "config.json"
+    if not config.is_file():
+        raise BaseModelNotFound(f"{base_model!r} has no config.json")
+    return config
 
 
 def locate_for_planning(base_model: str, model_roots: list[Path] | None) -> ModelShape:
-    """Planning works offline: a model on disk, else a catalog entry. A name outside the roots is refused."""
-    try:
-        directory = resolve_base_model_dir(base_model, model_roots)
-    except BaseModelNotFound:
-        directory = None
-    return model_shape(base_model, directory)
+    """Planning works offline and needs no weights: a config.json on disk, else a catalog entry. Submitting a job
+    still resolves the weights (resolve_base_model_dir)."""
+    return model_shape(base_model, planning_config(base_model, model_roots))

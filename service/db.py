@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, get_settings
@@ -27,7 +31,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Small pools: a worker holds one connection at a time per thread, and PostgreSQL's 100 are shared.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
 @lru_cache
@@ -51,3 +56,31 @@ def transaction(settings: Settings | None = None) -> Iterator[Session]:
     """A unit of work for code outside a request: commits on success, rolls back on error."""
     with session_factory(settings)() as session, session.begin():
         yield session
+
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+RETRY_DELAYS_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def is_disconnect(error: Exception) -> bool:
+    """A lost connection (a restarted server, pg_terminate_backend, a network blip): running the unit again
+    on a fresh connection can succeed."""
+    return isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
+def in_transaction(work: Callable[[Session], T], settings: Settings | None = None) -> T:
+    """Run `work` as one transaction, again from the start on a fresh connection if the connection was lost.
+
+    `work` must be safe to run twice: it is only ever retried when its transaction did not commit.
+    """
+    for delay in (*RETRY_DELAYS_SECONDS, None):
+        try:
+            with transaction(settings) as session:
+                return work(session)
+        except DBAPIError as error:
+            if delay is None or not is_disconnect(error):
+                raise
+            log.warning("database connection lost (%s); retrying in %.1f s", type(error.orig).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

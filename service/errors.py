@@ -101,10 +101,42 @@ class UploadTooLarge(ProblemError):
 
 class DatasetTooLarge(ProblemError):
     status, code, title = 422, "dataset_too_large", "The dataset exceeds the size or row limit"
+class DatabaseUnavailable(ProblemError):
+    status, code, title, retryable = 503, "database_unavailable", "The database connection was lost", True
+    headers = {"Retry-After": "1"}  # the transaction did not commit: a retry is safe
+
+
+class StorageUnavailable(ProblemError):
+    status, code, title, retryable = 503, "storage_unavailable", "The storage location cannot be reached", True
+    headers = {"Retry-After": "5"}
 
 
 class DoesNotFit(ProblemError):
     status, code, title = 422, "does_not_fit", "The job does not fit on the GPU"
+
+
+class UnsupportedArchitecture(ProblemError):
+    status, code, title = 422, "unsupported_architecture", "The planner does not model this architecture"
+
+
+class UnsupportedQuantization(ProblemError):
+    status, code, title = 422, "unsupported_quantization", "Pre-quantized checkpoints are not supported"
+
+
+class InvalidLoraTargets(ProblemError):
+    status, code, title = 422, "invalid_lora_targets", "LoRA target_modules name no projection of the model"
+
+
+class SequenceTooLong(ProblemError):
+    status, code, title = 422, "sequence_too_long", "max_seq_length exceeds the model's context length"
+
+
+class UnsupportedNumGpus(ProblemError):
+    status, code, title = 422, "unsupported_num_gpus", "Multi-GPU training is not available on the workers yet"
+
+
+class UnsupportedSharding(ProblemError):
+    status, code, title = 422, "unsupported_sharding", "FSDP sharding is not available on the workers yet"
 
 
 class JobNotFound(ProblemError):
@@ -138,6 +170,18 @@ class TrainingCrashed(ProblemError):
 
 class JobCancelled(ProblemError):
     status, code, title = 409, "cancelled", "The job was cancelled"
+
+
+class JobDrained(ProblemError):
+    """The worker is shutting down: the job stopped at a step boundary after its checkpoint, to run elsewhere."""
+
+    code, title, retryable = "drained", "The job was handed back to the queue", True
+
+
+class LeaseLost(ProblemError):
+    """This attempt's lease expired and a newer attempt may own the job: stop without writing anything."""
+
+    code, title, retryable = "lease_lost", "The attempt lost its lease", True
 
 
 class UnsupportedOnDevice(ProblemError):

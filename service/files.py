@@ -1,20 +1,24 @@
-"""Storing uploaded datasets: streamed to disk under a size limit, hashed, optionally validated."""
+"""Storing uploaded datasets: streamed to a local spool under a size limit, hashed, optionally validated, then
+put in the job storage, where every worker can read them."""
 
 from __future__ import annotations
 
 import hashlib
-import os
+import tempfile
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
 from planner.spec import DatasetFormat
+from service.dataset_refs import upload_key
 from service.datasets import validate_dataset
 from service.errors import UploadTooLarge
 from service.jobs import repository
 from service.jobs.service import new_id
 from service.models import UploadedFile
 from service.settings import Settings
+from service.storage import job_storage
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -24,15 +28,12 @@ def store_upload(session: Session, settings: Settings, source: BinaryIO, filenam
     """Store the upload for the tenant. With a format, every row is checked now and the result remembered,
     so a job using the file does not read it again."""
     file_id = new_id("file")
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    final = settings.uploads_dir / f"{file_id}.jsonl"
-    partial = final.with_suffix(".partial")
-    try:
-        size_bytes, sha256 = _copy_limited(source, partial, settings.max_upload_bytes)
-        rows = validate_dataset(partial, dataset_format, max_rows=settings.max_dataset_rows) if dataset_format else None
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".upload-", suffix=".jsonl") as spool:
+        size_bytes, sha256 = _copy_limited(source, spool, settings.max_upload_bytes)
+        spool.flush()
+        rows = (validate_dataset(Path(spool.name), dataset_format, max_rows=settings.max_dataset_rows)
+                if dataset_format else None)
+        job_storage(settings).put_file(Path(spool.name), upload_key(file_id))
     uploaded = UploadedFile(id=file_id, tenant_id=tenant_id, filename=_printable(filename)[:255],
                             size_bytes=size_bytes, sha256=sha256, rows=rows,
                             validated_format=dataset_format.value if dataset_format else None)
@@ -45,13 +46,12 @@ def _printable(filename: str) -> str:
     return cleaned or "dataset.jsonl"
 
 
-def _copy_limited(source: BinaryIO, target, limit_bytes: int) -> tuple[int, str]:
+def _copy_limited(source: BinaryIO, target: BinaryIO, limit_bytes: int) -> tuple[int, str]:
     digest, size_bytes = hashlib.sha256(), 0
-    with open(target, "wb") as out:
-        while chunk := source.read(CHUNK_BYTES):
-            size_bytes += len(chunk)
-            if size_bytes > limit_bytes:
-                raise UploadTooLarge(f"uploads are limited to {limit_bytes} bytes", limit_bytes=limit_bytes)
-            digest.update(chunk)
-            out.write(chunk)
+    while chunk := source.read(CHUNK_BYTES):
+        size_bytes += len(chunk)
+        if size_bytes > limit_bytes:
+            raise UploadTooLarge(f"uploads are limited to {limit_bytes} bytes", limit_bytes=limit_bytes)
+        digest.update(chunk)
+        target.write(chunk)
     return size_bytes, digest.hexdigest()

@@ -136,11 +136,12 @@ class ServiceStateCollector(Collector):
 
     def _from_database(self) -> Iterator[GaugeMetricFamily]:
         from service.db import transaction
+        from service.gpus import live_gpus
         from service.jobs import repository
 
         with transaction(self.settings) as session:
             counts = repository.count_jobs_by_status(session)
-            gpus = repository.list_gpus(session)
+            gpus = live_gpus(session, self.settings)
         jobs = GaugeMetricFamily("ftjobs_jobs", _STATE_HELP["ftjobs_jobs"], labels=["state"])
         for state in JobStatus:  # every state, 0 included: "no failed jobs" is a reading, and alerts need it
             jobs.add_metric([state.value], counts.get(state.value, 0))

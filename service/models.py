@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JsonDocument = JSON().with_variant(JSONB(), "postgresql")
 # SQLite has no 64-bit autoincrementing BIGINT primary key; INTEGER there is already 64-bit.
@@ -48,6 +48,9 @@ class ApiKey(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # The reconciler's two scans: expired leases of running jobs, and jobs queued for too long.
+    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+                      Index("ix_jobs_status_queued_at", "status", "queued_at"))
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True)
@@ -58,7 +61,7 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     plan: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     base_model_path: Mapped[str] = mapped_column(Text)
-    dataset_path: Mapped[str] = mapped_column(Text)
+    dataset_url: Mapped[str] = mapped_column(Text)  # a local path or s3:// URL (service/storage.py)
     predicted_peak_bytes: Mapped[int] = mapped_column(BigInteger)
     measured_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
@@ -67,10 +70,48 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     worker_hostname: Mapped[str | None] = mapped_column(String(255))
     child_pid: Mapped[int | None] = mapped_column(Integer)
+    # The number of the newest attempt (0 before the first claim). Every write an attempt makes is fenced by it:
+    # UPDATE ... WHERE attempt = :mine, so an attempt that lost its lease can no longer write anything.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # when it last became queued
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    attempts: Mapped[list[JobAttempt]] = relationship(order_by="JobAttempt.number", lazy="selectin",
+                                                      viewonly=True)
+
+
+class JobAttempt(Base):
+    """One run of a job on one worker, from its claim to its outcome."""
+
+    __tablename__ = "job_attempts"
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_hostname: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # succeeded | failed | cancelled | crashed | drained | lease_expired | requeued; null while it runs
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer)  # null for a fresh start
+    child_pid: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobCheckpoint(Base):
+    """A complete checkpoint in storage. Only a fenced write by the attempt that owns the job adds one, so a
+    resume never picks up what a stale attempt wrote."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    storage_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class JobEvent(Base):
@@ -110,3 +151,5 @@ class RegisteredGpu(Base):
     name: Mapped[str] = mapped_column(String(255))
     total_memory_bytes: Mapped[int] = mapped_column(BigInteger)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Renewed by the worker while it lives; planning ignores GPUs whose worker stopped heartbeating.
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -6,28 +6,55 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from planner import ModelShape, Plan, plan
+from planner import Plan, plan
+from planner.scope import PlanRefused
 from planner.spec import JobSpec
 from service.base_models import locate_for_planning
-from service.errors import InvalidSpec
-from service.jobs import repository
+from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong
+from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
+from service.settings import Settings
 
 GIB = 1024**3
 
 
-def gpu_capacity_bytes(session: Session | None, spec: JobSpec) -> int | None:
-    """The spec's own GPU size if given, else the largest GPU a worker registered, else unknown."""
+def gpu_capacity_bytes(session: Session | None, settings: Settings, spec: JobSpec) -> int | None:
+    """The spec's own GPU size if given, else the largest GPU a live worker registered, else unknown."""
     if spec.resources.gpu_memory_gib is not None:
         return int(spec.resources.gpu_memory_gib * GIB)
     if session is None:
         return None
-    gpus = repository.list_gpus(session)
+    gpus = live_gpus(session, settings)
     return gpus[0].total_memory_bytes if gpus else None
 
 
-def plan_spec(session: Session | None, spec: JobSpec, model_roots: list[Path] | None) -> Plan:
+def max_gpus_per_worker(session: Session | None, settings: Settings) -> int:
+    """The most GPUs one live worker has: how far sharding suggestions may go (1 when none is known)."""
+    if session is None:
+        return 1
+    per_worker: dict[str, int] = {}
+    for gpu in live_gpus(session, settings):
+        per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
+    return max(per_worker.values(), default=1)
+
+
+def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_roots: list[Path] | None) -> Plan:
     """`model_roots`: where the model may be read (the API's roots); None plans any local path (the CLI)."""
-    located, capacity = locate_for_planning(spec.base_model, model_roots), gpu_capacity_bytes(session, spec)
+    located = locate_for_planning(spec.base_model, model_roots)
+    capacity = gpu_capacity_bytes(session, settings, spec)
+    max_gpus = max_gpus_per_worker(session, settings)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
-        return plan(spec, located, capacity)
+        try:
+            return plan(spec, located, capacity, max_num_gpus=max_gpus)
+        except PlanRefused as refused:
+            raise _refusal(refused) from refused
+
+
+_REFUSALS: dict[str, type[ProblemError]] = {"invalid_lora_targets": InvalidLoraTargets,
+                                            "sequence_too_long": SequenceTooLong}
+
+
+def _refusal(refused: PlanRefused) -> ProblemError:
+    """The first problem's code leads; every problem is listed."""
+    error = _REFUSALS.get(refused.code, InvalidSpec)
+    return error(str(refused), problems=[{"code": p.code, "detail": p.detail} for p in refused.problems])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import base64
+import json
 from typing import Any
 
 from celery import Celery
@@ -29,16 +30,49 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-@lru_cache
-def _sender(broker_url: str) -> Celery:
-    app = Celery("ftjobs-api")
-    app.conf.update(celery_config(get_settings()))
-    return app
+_senders: dict[tuple[str, str], Celery] = {}
 
 
-def enqueue_job(job_id: str) -> None:
+def _sender(settings: Settings) -> Celery:
+    """One producer app per broker and queue, kept: its connection pool is reused across sends."""
+    key = (settings.broker_url, settings.queue_name)
+    if key not in _senders:
+        app = Celery("ftjobs-api")
+        app.conf.update(celery_config(settings))
+        _senders[key] = app
+    return _senders[key]
+
+
+def enqueue_job(job_id: str, settings: Settings | None = None) -> None:
     """Call only after the job's row is committed, so a fast worker always finds it."""
-    _sender(get_settings().broker_url).send_task(RUN_JOB_TASK, args=[job_id])
+    _sender(settings or get_settings()).send_task(RUN_JOB_TASK, args=[job_id])
+
+
+def pending_job_ids(settings: Settings) -> set[str] | None:
+    """Job ids with a message waiting in the training queue, or None where the broker cannot be looked into
+    (the embedded SQLite broker: the reconciler then re-sends on the grace period alone)."""
+    if not settings.redis_url:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        messages = client.lrange(settings.queue_name, 0, -1)
+    finally:
+        client.close()
+    return {job_id for raw in messages if (job_id := _job_id_of(raw))}
+
+
+def _job_id_of(raw: bytes) -> str | None:
+    """The job id a Celery (protocol 2) message carries: its body is base64 JSON [args, kwargs, embed]."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != RUN_JOB_TASK:
+            return None
+        args = json.loads(base64.b64decode(message["body"]))[0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # not one of ours: another producer's message in the same list
+    return args[0] if args and isinstance(args[0], str) else None
 
 
 def queue_depth(settings: Settings) -> int | None:

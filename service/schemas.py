@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_serializer
 
-from service.models import Job, JobEvent, UploadedFile
+from service.models import Job, JobAttempt, JobEvent, UploadedFile
 
 
 class _Timestamps(BaseModel):
@@ -30,6 +30,23 @@ class Artifact(BaseModel):
     url: str
 
 
+class AttemptOut(_Timestamps):
+    number: int
+    worker: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None = Field(description="succeeded | failed | cancelled | crashed | drained | lease_expired | "
+                                            "worker_restarted | staging_failed; null while the attempt runs")
+    detail: str | None
+    resumed_from_step: int | None = Field(description="the checkpoint step it resumed from; null for a fresh start")
+
+    @classmethod
+    def of(cls, attempt: JobAttempt) -> AttemptOut:
+        return cls(number=attempt.number, worker=attempt.worker_hostname, started_at=attempt.started_at,
+                   ended_at=attempt.ended_at, outcome=attempt.outcome, detail=attempt.detail,
+                   resumed_from_step=attempt.resumed_from_step)
+
+
 class JobOut(_Timestamps):
     id: str
     status: str
@@ -45,6 +62,7 @@ class JobOut(_Timestamps):
     plan: dict[str, Any]
     error: JobError | None
     artifacts: list[Artifact]
+    attempts: list[AttemptOut]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -59,7 +77,8 @@ class JobOut(_Timestamps):
                    cancelled_by_key_id=job.cancelled_by_key_id, spec=job.spec, progress=job.progress,
                    predicted_peak_bytes=job.predicted_peak_bytes, measured_peak_bytes=job.measured_peak_bytes,
                    peak_error_ratio=ratio, plan=job.plan, error=error, artifacts=artifacts,
-                   created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
+                   attempts=[AttemptOut.of(attempt) for attempt in job.attempts], created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at)
 
 
 class JobPage(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,7 +17,16 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=AliasChoices("FTJOBS_DATABASE_URL", "DATABASE_URL"))
     redis_url: str | None = Field(None, validation_alias=AliasChoices("FTJOBS_REDIS_URL", "REDIS_URL"))
 
-    data_root: Path | None = Field(None, description="Datasets given by path are resolved under this directory")
+    # Uploads, datasets given by path, checkpoints and artifacts all live under this one location, so the API and
+    # workers on different machines see the same files: a local directory (also an NFS or ReadWriteMany mount)
+    # or s3://bucket/prefix (service/storage.py). Unset: FTJOBS_HOME/storage.
+    storage_url: str | None = None
+    # An S3-compatible endpoint other than AWS (MinIO, Ceph, moto); credentials come from the usual AWS_* variables.
+    s3_endpoint_url: str | None = None
+    data_root: str | None = Field(None, description="Datasets given by path are resolved under this URL or "
+                                                    "directory (default: the storage location's data/)")
+    # Where a worker stages a job's dataset and checkpoints on its own disk. Unset: FTJOBS_HOME/work.
+    worker_dir: Path | None = None
     # base_model resolves only inside these directories (':'-separated, as PATH) and the Hugging Face cache;
     # unset: FTJOBS_HOME/models. The API never reads a model directory anywhere else.
     model_roots: str | None = None
@@ -38,8 +47,18 @@ class Settings(BaseSettings):
     # Redis redelivers unacknowledged tasks after this long; see worker/celery_app.py for the ack policy.
     visibility_timeout_seconds: int = 3600
     cancel_poll_seconds: float = 1.0
-    # Attempts in all for a job whose training process dies without a result or fails with a retryable error.
+    # Attempts in all, across workers, for a job whose worker or training process is lost or drained.
     max_attempts: int = Field(3, ge=1)
+    # A running attempt holds a lease that its worker renews every lease_renew_seconds while training goes on;
+    # once it has expired, any worker's reconciler hands the job to a new attempt (service/jobs/reconcile.py).
+    lease_seconds: float = 60.0
+    lease_renew_seconds: float | None = Field(None, description="default: a third of lease_seconds")
+    # A job queued this long with no message left for it in the broker is sent again (a restarted Redis,
+    # an API killed between its commit and its send).
+    requeue_grace_seconds: float = 30.0
+    reconcile_interval_seconds: float = 10.0
+    # On SIGTERM a worker asks the running job to checkpoint and waits this long before stopping it anyway.
+    drain_seconds: float = 120.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     log_level: str = "INFO"
@@ -48,6 +67,31 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9101
     # Loopback by default: the worker's metrics are for a local scraper, not for the network.
     worker_metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _lease_outlasts_its_renewal(self) -> Settings:
+        if not 0 < self.renew_seconds < self.lease_seconds:
+            raise ValueError(f"need lease_seconds ({self.lease_seconds}) > lease_renew_seconds "
+                             f"({self.renew_seconds}) > 0")
+        if self.requeue_grace_seconds <= 0 or self.reconcile_interval_seconds <= 0 or self.drain_seconds <= 0:
+            raise ValueError("requeue_grace_seconds, reconcile_interval_seconds and drain_seconds must be > 0")
+        return self
+
+    @property
+    def renew_seconds(self) -> float:
+        return self.lease_renew_seconds if self.lease_renew_seconds is not None else self.lease_seconds / 3
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str(self.resolved_home / "storage")
+
+    @property
+    def resolved_data_root(self) -> str:
+        return self.data_root or self.resolved_storage_url.rstrip("/") + "/data"
+
+    @property
+    def resolved_worker_dir(self) -> Path:
+        return (self.worker_dir or self.resolved_home / "work").expanduser().resolve()
 
     @property
     def resolved_home(self) -> Path:
@@ -66,18 +110,6 @@ class Settings(BaseSettings):
         return self.redis_url or f"sqla+sqlite:///{self.resolved_home / 'broker.db'}"
 
     @property
-    def datasets_root(self) -> Path:
-        return (self.data_root or self.resolved_home / "data").expanduser().resolve()
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.resolved_home / "files"
-
-    @property
-    def artifacts_dir(self) -> Path:
-        return self.resolved_home / "artifacts"
-
-    @property
     def model_root_dirs(self) -> list[Path]:
         if not self.model_roots:
             return [self.resolved_home / "models"]
@@ -92,9 +124,13 @@ class Settings(BaseSettings):
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def ensure_dirs(self) -> None:
-        for path in (self.resolved_home, self.datasets_root, self.uploads_dir, self.artifacts_dir,
-                     *self.model_root_dirs[:1]):
+        """The local directories this process writes: the home, the first model root, and local storage (an S3
+        URL needs none)."""
+        for path in (self.resolved_home, *self.model_root_dirs[:1]):
             path.mkdir(parents=True, exist_ok=True)
+        for url in (self.resolved_storage_url, self.resolved_data_root):
+            if "://" not in url or url.startswith("file://"):
+                Path(url.removeprefix("file://")).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 @lru_cache

@@ -123,8 +123,9 @@ def tiny_model(settings) -> Path:
 
 @pytest.fixture(scope="session")
 def data_root(settings) -> Path:
-    settings.datasets_root.mkdir(parents=True, exist_ok=True)
-    return settings.datasets_root
+    root = Path(settings.resolved_data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def free_port() -> int:
@@ -234,3 +235,30 @@ def _wait_for_status(api, job_id: str, statuses: set[str], timeout_seconds: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} stayed {job['status']}; wanted {statuses}: {job}")
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """A real S3 HTTP endpoint: moto's standalone server (the one available here), with a bucket `ftjobs`.
+
+    Credentials are moto's dummies, set in the environment, so every process the tests start can use it."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ftjobs")
+            break
+        except Exception:  # not listening yet
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    yield endpoint
+    os.killpg(server.pid, 9)
+    server.wait()

@@ -5,9 +5,10 @@ visibility_timeout (1 h by default, celery#5935); with late acks a training job 
 handed to a second worker while the first is still training. Acking on receipt means a long job's message is
 never redelivered. The jobs table, not the broker, guarantees exactly-once starts: every delivery must win the
 guarded `UPDATE jobs SET status='running' WHERE status='queued'`, so even a redelivered or duplicated message is
-a no-op. The price of early acks is a message lost if the worker dies between ack and claim; the job then stays
-queued in the database, where it is visible, and a worker that dies mid-job has its jobs failed as
-`worker_lost` when it restarts (worker/execution.py: recover_orphans).
+a no-op. A message lost anyway (the worker died between ack and claim, Redis restarted empty) is re-sent by
+the reconciler once its job has been queued past the grace period, and a worker that dies mid-job loses its
+lease, so the reconciler hands the job to a new attempt (service/jobs/reconcile.py). The reconciler runs in
+every worker process (worker/maintenance.py).
 
 One job at a time per worker (solo pool, no prefetch): a worker owns its GPU, and a prefetched message would
 wait behind a long job while another GPU sits idle.
@@ -19,13 +20,15 @@ import logging
 
 from celery import Celery, signals
 
+from service.db import in_transaction
 from service.jobs import repository
-from service.db import transaction
 from service.queue import celery_config
 from service.settings import get_settings
-from worker.execution import recover_orphans
-from worker.gpus import list_gpus
 from worker import metrics as worker_metrics
+from worker.execution import requeue_orphans
+from worker.gpus import list_gpus
+from worker.maintenance import start_maintenance
+from worker.shutdown import install_drain_handlers
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +54,18 @@ app = create_celery()
 
 @signals.worker_ready.connect
 def _on_ready(sender, **_kwargs) -> None:
-    hostname = sender.hostname
-    gpus = list_gpus()
-    with transaction() as session:
-        repository.register_gpus(session, hostname, [(g.index, g.name, g.total_memory_bytes) for g in gpus])
-    log.info("worker %s ready with %s", hostname, [g.name for g in gpus] or "no GPU (training runs on the CPU)")
-    if get_settings().worker_metrics_port:
-        worker_metrics.serve(get_settings().worker_metrics_port, get_settings().worker_metrics_host)
-    for job_id in recover_orphans(hostname):
-        log.warning("job %s was running when this worker last stopped; marked failed (worker_lost)", job_id)
+    hostname, settings = sender.hostname, get_settings()
+    gpus = [(g.index, g.name, g.total_memory_bytes) for g in list_gpus()]
+    in_transaction(lambda session: repository.register_gpus(session, hostname, gpus))
+    install_drain_handlers()
+    start_maintenance(hostname, settings)
+    log.info("worker %s ready with %s", hostname, [g[1] for g in gpus] or "no GPU (training runs on the CPU)")
+    if settings.worker_metrics_port:
+        worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+    for job_id in requeue_orphans(hostname, settings):
+        log.warning("job %s was running when this worker last stopped; handed to a new attempt", job_id)
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(sender, **_kwargs) -> None:
-    with transaction() as session:
-        repository.unregister_gpus(session, sender.hostname)
+    in_transaction(lambda session: repository.unregister_gpus(session, sender.hostname))

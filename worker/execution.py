@@ -1,28 +1,38 @@
-"""Running one job: claim it, train it in a child process, relay progress, honour cancels, record the outcome.
+"""Running one attempt of a job: claim it, stage its files, train it in a child process under a lease, relay
+progress and checkpoints with fenced writes, honour cancels and drains, record the outcome.
 
-A child that dies without a result (a signal: the kernel's OOM killer, a SIGKILL) or fails with a retryable
-error is replaced by a fresh one, up to Settings.max_attempts in all; it trains in the same output dir, so it
-resumes from the last checkpoint the previous one wrote (worker/training/checkpoint.py).
+Every write goes through service/jobs/attempts.py fenced by the attempt's number, so an attempt that lost
+its lease (its worker was paused or cut off, and the reconciler handed the job to a newer attempt) writes
+nothing: it stops its training process and returns. A training process that dies, a drain (SIGTERM), and a
+retryable error all end the attempt and put the job back in the queue, where any worker can claim it and
+resume from the last complete checkpoint in storage, up to Settings.max_attempts attempts in all.
 
 Plain code with no Celery in it: the task in worker/tasks.py is a two-line adapter around execute_job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.db import transaction
-from service.jobs import repository
+from service.db import in_transaction, transaction
+from service.errors import StorageUnavailable
+from service.jobs import attempts, repository
+from service.jobs.attempts import Fence
 from service.jobs.states import JobStatus
-from service.models import Job
+from service.queue import enqueue_job
 from service.settings import Settings
+from service.storage import job_storage, local_copy
 from worker import metrics as worker_metrics
 from worker.job_process import job_process_main
+from worker.shutdown import ShutdownRequest
 
 log = logging.getLogger(__name__)
 TERMINATE_GRACE_SECONDS = 10
@@ -30,114 +40,284 @@ TERMINATE_GRACE_SECONDS = 10
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    id: str
+    fence: Fence
     spec: dict[str, Any]
     base_model_dir: str
-    dataset_path: str
+    dataset_url: str
     predicted_peak_bytes: int
+    resume_key: str | None  # the newest complete checkpoint in storage, if any
+    resume_step: int | None
+    lease_deadline: float  # monotonic time by which the claim's lease runs out
 
 
-def claim(job_id: str, hostname: str) -> ClaimedJob | None:
+def claim(job_id: str, hostname: str, settings: Settings) -> ClaimedJob | None:
     """The guarded queued→running UPDATE: whoever wins it runs the job; a redelivered message loses."""
-    with transaction() as session:
-        if not repository.transition(session, job_id, JobStatus.running, worker_hostname=hostname):
+    deadline = time.monotonic() + settings.lease_seconds  # taken before the claim: never later than the lease
+
+    def work(session) -> ClaimedJob | None:
+        fence = attempts.claim(session, job_id, hostname, settings.lease_seconds)
+        if fence is None:
             return None
-        job: Job = repository.get_job(session, job_id)
-        return ClaimedJob(job.id, job.spec, job.base_model_path, job.dataset_path, job.predicted_peak_bytes)
+        job = repository.get_job(session, job_id)
+        latest = attempts.latest_checkpoint(session, job_id)
+        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.predicted_peak_bytes,
+                          latest.storage_key if latest else None, latest.step if latest else None, deadline)
+
+    return in_transaction(work)
 
 
-def execute_job(job_id: str, settings: Settings, hostname: str) -> JobStatus | None:
-    job = claim(job_id, hostname)
+def execute_job(job_id: str, settings: Settings, hostname: str, shutdown: ShutdownRequest | None = None
+                ) -> JobStatus | None:
+    job = claim(job_id, hostname, settings)
     if job is None:
         log.info("job %s is not queued any more; skipping this delivery", job_id)
         return None
-    output_dir = settings.artifacts_dir / job.id
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return _supervise(job, output_dir, settings.cancel_poll_seconds, settings.max_attempts)
-
-
-def _supervise(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float, max_attempts: int) -> JobStatus:
-    started = time.monotonic()
-    worker_metrics.job_started(job.id, job.predicted_peak_bytes)
-    for attempt in range(1, max_attempts + 1):
-        process, outcome = _run_attempt(job, output_dir, cancel_poll_seconds)
-        if attempt == max_attempts or not _retryable(job.id, outcome):
-            break
-        _reap(process)  # its exit code goes into the retry's reason
-        _log_event(job.id, f"attempt {attempt + 1} of {max_attempts} after: {_failure(outcome, process.exitcode)[1]}")
-    status = _record_outcome(job.id, outcome, process, output_dir)
-    worker_metrics.job_finished(job.id, status.value, time.monotonic() - started, outcome.get("measured_peak_bytes"),
-                                job.predicted_peak_bytes, outcome.get("code"))
-    return status
-
-
-def _run_attempt(job: ClaimedJob, output_dir: Path, cancel_poll_seconds: float) -> tuple[Any, dict[str, Any]]:
-    """One training process for the job, from its start to its last message or its death."""
-    context = multiprocessing.get_context("spawn")
-    parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(target=job_process_main, name=f"ftjobs-{job.id}", daemon=False,
-                              args=(job.spec, job.base_model_dir, job.dataset_path, str(output_dir), child_end))
-    process.start()
-    child_end.close()
-    with transaction() as session:
-        repository.set_job_fields(session, job.id, child_pid=process.pid)
-    _log_event(job.id, f"training process {process.pid} started")
+    workdir = settings.resolved_worker_dir / job_id / f"a{job.fence.number}"
     try:
-        return process, _relay_until_done(job.id, process, parent_end, cancel_poll_seconds)
+        return AttemptRunner(job, settings, workdir, shutdown or ShutdownRequest()).run()
     finally:
-        parent_end.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # still holds another attempt's stage: that one removes it
+            workdir.parent.rmdir()
 
 
-def _retryable(job_id: str, outcome: dict[str, Any]) -> bool:
-    """Died without a result, or failed with an error that says running again could help; never when cancelling."""
-    retryable = outcome["type"] == "crashed" or (outcome["type"] == "error" and outcome.get("retryable", False))
-    return retryable and not _cancel_requested(job_id)
+class AttemptRunner:
+    def __init__(self, job: ClaimedJob, settings: Settings, workdir: Path, shutdown: ShutdownRequest) -> None:
+        self.job, self.fence, self.settings, self.workdir = job, job.fence, settings, workdir
+        self.shutdown, self.storage = shutdown, job_storage(settings)
+        self.output_dir = workdir / "output"
+        self.lost = threading.Event()
 
+    def run(self) -> JobStatus | None:
+        started = time.monotonic()
+        worker_metrics.job_started(self.fence.job_id, self.job.predicted_peak_bytes)
+        outcome = self._train()
+        status = self._record(outcome)
+        worker_metrics.job_finished(self.fence.job_id, status.value if status else None,
+                                    time.monotonic() - started, outcome.get("measured_peak_bytes"),
+                                    self.job.predicted_peak_bytes, outcome.get("code"))
+        return status
 
-def _log_event(job_id: str, message: str) -> None:
-    with transaction() as session:
-        repository.add_event(session, job_id, "log", {"message": message})
+    # --- one training process -----------------------------------------------------------------------------
 
+    def _train(self) -> dict[str, Any]:
+        try:
+            dataset = self._stage()
+        except (StorageUnavailable, FileNotFoundError) as exc:
+            return {"type": "error", "code": "staging_failed", "retryable": True,
+                    "message": f"could not stage the job's files: {exc}"}
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe(duplex=True)
+        process = context.Process(target=job_process_main, name=f"ftjobs-{self.fence.job_id}", daemon=False,
+                                  args=(self.job.spec, self.job.base_model_dir, str(dataset), str(self.output_dir),
+                                        child_end, self.job.lease_deadline))
+        process.start()
+        child_end.close()
+        link = ChildLink(parent_end)
+        keeper = LeaseKeeper(self.fence, self.settings, link, process, self.lost)
+        keeper.start()
+        try:
+            self._write(lambda s: attempts.set_child_pid(s, self.fence, process.pid))
+            self._write(lambda s: attempts.add_event(s, self.fence, "log", {
+                "message": f"training process {process.pid} started (attempt {self.fence.number})"}))
+            outcome = self._relay(process, link)
+        finally:
+            keeper.stop()
+            _reap(process)
+            parent_end.close()
+        if outcome["type"] == "crashed":  # a SIGKILL (the kernel's OOM killer, an operator) leaves no message
+            outcome["message"] = f"the training process exited with code {process.exitcode} without a result"
+        return outcome
 
-def _relay_until_done(job_id: str, process, conn, cancel_poll_seconds: float) -> dict[str, Any]:
-    next_cancel_check = 0.0
-    while True:
-        if conn.poll(cancel_poll_seconds):
-            try:
-                message = conn.recv()
-            except EOFError:  # the child is gone without a last word
-                return {"type": "crashed"}
-            if message["type"] in ("result", "error"):
-                return message
-            _record_message(job_id, message)
-        elif not process.is_alive():
-            return {"type": "crashed"}
-        if time.monotonic() >= next_cancel_check:
-            next_cancel_check = time.monotonic() + cancel_poll_seconds
-            if _cancel_requested(job_id):
+    def _stage(self) -> Path:
+        """The dataset and the checkpoint to resume from, on this machine's disk."""
+        if self.job.resume_key:
+            target = self.output_dir / "checkpoints" / f"step-{self.job.resume_step:06d}"
+            self.storage.get_tree(self.job.resume_key, target)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", self.settings.s3_endpoint_url)
+
+    def _relay(self, process, link: ChildLink) -> dict[str, Any]:
+        next_status_check, drain_deadline = 0.0, None
+        while True:
+            if self.lost.is_set():
                 _stop(process)
-                return {"type": "cancelled"}
+                return {"type": "lost"}
+            if self.shutdown.stop_now.is_set():
+                _stop(process)
+                return {"type": "drained", "detail": "the worker was told to stop at once"}
+            if self.shutdown.drain.is_set() and drain_deadline is None:
+                drain_deadline = time.monotonic() + self.settings.drain_seconds
+                link.send({"type": "drain"})
+            if drain_deadline is not None and time.monotonic() > drain_deadline:
+                _stop(process)
+                return {"type": "drained", "detail": f"no checkpoint within {self.settings.drain_seconds} s"}
+            if link.conn.poll(self.settings.cancel_poll_seconds):
+                try:
+                    message = link.conn.recv()
+                except EOFError:  # the child is gone without a last word
+                    return {"type": "crashed"}
+                if message["type"] in ("result", "error"):
+                    return message
+                self._on_message(message, link)
+            elif not process.is_alive():
+                return {"type": "crashed"}
+            if time.monotonic() >= next_status_check:
+                next_status_check = time.monotonic() + self.settings.cancel_poll_seconds
+                status = in_transaction(lambda s: attempts.status_of(s, self.fence))
+                if status is None:
+                    self.lost.set()
+                elif status is JobStatus.cancelling:
+                    _stop(process)
+                    return {"type": "cancelled"}
+
+    def _on_message(self, message: dict[str, Any], link: ChildLink) -> None:
+        kind = message["type"]
+        data = {key: value for key, value in message.items() if key != "type"}
+        if kind == "progress":
+            if self._write(lambda s: attempts.record_progress(s, self.fence, data)):
+                worker_metrics.job_progress(self.fence.job_id, data)
+        elif kind == "checkpoint":
+            if self._publish_checkpoint(data["step"], self.output_dir / data["path"]):
+                link.send({"type": "ack"})
+        else:  # "log" ({message, ...}) becomes a job event as it is
+            self._write(lambda s: attempts.add_event(s, self.fence, kind, data))
+
+    def _publish_checkpoint(self, step: int, local_dir: Path) -> bool:
+        """Upload under this attempt's own prefix (parts, then COMPLETE), then record it, fenced; prune."""
+        key = f"jobs/{self.fence.job_id}/checkpoints/a{self.fence.number}-step-{step:06d}"
+        if in_transaction(lambda s: attempts.status_of(s, self.fence)) is None:
+            self.lost.set()
+            return False
+        self.storage.put_tree(local_dir, key)
+        keep = self.job.spec["training"]["keep_checkpoints"]
+
+        def record(session) -> list[str] | None:
+            if not attempts.record_checkpoint(session, self.fence, step, key):
+                return None
+            dropped = [c.storage_key for c in attempts.checkpoints_of(session, self.fence.job_id)[keep:]]
+            attempts.forget_checkpoints(session, self.fence.job_id, dropped)
+            return dropped
+
+        dropped = self._write(record)
+        for old_key in dropped or []:
+            self.storage.delete_tree(old_key)
+        return dropped is not None
+
+    def _write(self, work) -> Any:
+        """A fenced write; a falsy answer means the attempt was superseded, which stops it."""
+        result = in_transaction(work)
+        if result is None or result is False:
+            self.lost.set()
+        return result
+
+    # --- the outcome --------------------------------------------------------------------------------------
+
+    def _record(self, outcome: dict[str, Any]) -> JobStatus | None:
+        kind, code = outcome["type"], outcome.get("code")
+        if kind == "lost" or code == "lease_lost" or self.lost.is_set():
+            log.warning("job %s: attempt %d lost its lease; stopped without writing", *self._ids())
+            return None
+        if kind == "result":
+            return self._succeed(outcome)
+        if kind == "cancelled" or code == "cancelled":
+            return self._finish(JobStatus.cancelled, "cancelled")
+        if kind == "drained" or code == "drained":
+            return self._release("drained", outcome.get("detail") or outcome.get("message", "drained"))
+        if kind == "crashed" or outcome.get("retryable"):
+            return self._release("crashed" if kind == "crashed" else code, _failure(outcome))
+        return self._finish(JobStatus.failed, "failed", error_code=code, error_message=outcome["message"])
+
+    def _succeed(self, outcome: dict[str, Any]) -> JobStatus | None:
+        prefix = f"jobs/{self.fence.job_id}/artifacts"
+        artifacts = []
+        for name in outcome["artifacts"]:
+            self.storage.put_file(self.output_dir / name, f"{prefix}/{name}")
+            artifacts.append({"name": name, "size_bytes": (self.output_dir / name).stat().st_size})
+        status = self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
+                              measured_peak_bytes=outcome.get("measured_peak_bytes"))
+        if status is not None:  # nothing is left to resume: the checkpoints are not artifacts
+            keys = in_transaction(lambda s: _forget_all_checkpoints(s, self.fence.job_id))
+            for key in keys:
+                self.storage.delete_tree(key)
+        return status
+
+    def _finish(self, to: JobStatus, outcome: str, **fields: Any) -> JobStatus | None:
+        if not in_transaction(lambda s: attempts.finish(s, self.fence, to, outcome, **fields)):
+            log.warning("job %s: attempt %d was superseded before it could record %s", *self._ids(), outcome)
+            return None
+        return to
+
+    def _release(self, outcome: str, detail: str) -> JobStatus | None:
+        status = in_transaction(lambda s: attempts.release(s, self.fence, outcome, detail,
+                                                           self.settings.max_attempts))
+        if status is JobStatus.queued:
+            log.info("job %s: attempt %d ended (%s); back in the queue", *self._ids(), outcome)
+            _enqueue_or_leave_to_reconciler(self.fence.job_id, self.settings)
+        return status
+
+    def _ids(self) -> tuple[str, int]:
+        return self.fence.job_id, self.fence.number
 
 
-def _record_message(job_id: str, message: dict[str, Any]) -> None:
-    if message["type"] == "progress":
-        _record_progress(job_id, message)
-        return
-    # "checkpoint" ({step, path}) and "log" ({message, ...}) become job events of that kind as they are.
-    with transaction() as session:
-        repository.add_event(session, job_id, message["type"], {k: v for k, v in message.items() if k != "type"})
+class ChildLink:
+    """The parent's end of the pipe; the lease keeper and the relay loop both send on it."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self._lock = conn, threading.Lock()
+
+    def send(self, message: dict) -> None:
+        with self._lock:
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, OSError):
+                pass  # the child is gone; the relay loop sees that and records the outcome
 
 
-def _record_progress(job_id: str, message: dict[str, Any]) -> None:
-    progress = {key: value for key, value in message.items() if key != "type"}
-    with transaction() as session:
-        repository.record_progress(session, job_id, progress)
-    worker_metrics.job_progress(job_id, progress)
+class LeaseKeeper(threading.Thread):
+    """Renews the attempt's lease every renew interval and passes the new deadline to the child. A renewal the
+    database refuses (the job moved on to a newer attempt) kills the child at once; one that cannot reach the
+    database is tried again next interval, and the child stops itself if its deadline passes meanwhile."""
+
+    def __init__(self, fence: Fence, settings: Settings, link: ChildLink, process, lost: threading.Event) -> None:
+        super().__init__(name=f"lease-{fence.job_id}", daemon=True)
+        self.fence, self.settings, self.link, self.process, self.lost = fence, settings, link, process, lost
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.settings.renew_seconds):
+            sent_at = time.monotonic()
+            try:
+                with transaction() as session:
+                    renewed = attempts.renew_lease(session, self.fence, self.settings.lease_seconds)
+            except Exception as exc:  # the database is unreachable: try again next interval
+                log.warning("job %s: lease renewal failed (%s: %s)", self.fence.job_id, type(exc).__name__, exc)
+                continue
+            if not renewed:
+                self.lost.set()
+                self.process.kill()
+                return
+            self.link.send({"type": "lease", "deadline": sent_at + self.settings.lease_seconds})
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
-def _cancel_requested(job_id: str) -> bool:
-    with transaction() as session:
-        return repository.current_status(session, job_id) is JobStatus.cancelling
+def _forget_all_checkpoints(session, job_id: str) -> list[str]:
+    keys = [checkpoint.storage_key for checkpoint in attempts.checkpoints_of(session, job_id)]
+    attempts.forget_checkpoints(session, job_id, keys)
+    return keys
+
+
+def _enqueue_or_leave_to_reconciler(job_id: str, settings: Settings) -> None:
+    try:
+        enqueue_job(job_id, settings)
+    except Exception as exc:  # the broker is down: the job is queued in the database, and the reconciler resends
+        log.warning("job %s: could not send its message (%s); the reconciler will", job_id, exc)
+
+
+def _failure(outcome: dict[str, Any]) -> str:
+    return f"{outcome['code']}: {outcome['message']}" if outcome["type"] == "error" else outcome["message"]
 
 
 def _stop(process) -> None:
@@ -154,42 +334,16 @@ def _reap(process) -> None:
         _stop(process)
 
 
-def _record_outcome(job_id: str, outcome: dict[str, Any], process, output_dir: Path) -> JobStatus:
-    _reap(process)
-    kind = outcome["type"]
-    with transaction() as session:
-        if kind == "result":
-            artifacts = [{"name": name, "size_bytes": (output_dir / name).stat().st_size}
-                         for name in outcome["artifacts"]]
-            repository.transition(session, job_id, JobStatus.succeeded, artifacts=artifacts,
-                                  measured_peak_bytes=outcome.get("measured_peak_bytes"))
-            return JobStatus.succeeded
-        if kind == "cancelled":
-            repository.transition(session, job_id, JobStatus.cancelled)
-            return JobStatus.cancelled
-        if kind == "error" and outcome["code"] == "cancelled":
-            repository.transition(session, job_id, JobStatus.cancelled)
-            return JobStatus.cancelled
-        code, message = _failure(outcome, process.exitcode)
-        repository.transition(session, job_id, JobStatus.failed, error_code=code, error_message=message)
-        return JobStatus.failed
+def requeue_orphans(hostname: str, settings: Settings) -> list[str]:
+    """Attempts this worker name was running when it last stopped are dead: hand their jobs on now rather than
+    a lease later. (A worker name is one process at a time.)"""
+    def release_all(session) -> list[tuple[str, JobStatus | None]]:
+        return [(fence.job_id, attempts.release(session, fence, "worker_restarted",
+                                                f"worker {hostname} restarted", settings.max_attempts))
+                for fence in attempts.running_on(session, hostname)]
 
-
-def _failure(outcome: dict[str, Any], exitcode: int | None) -> tuple[str, str]:
-    if outcome["type"] == "error":
-        return outcome["code"], outcome["message"]
-    # A child killed by the kernel's OOM killer (SIGKILL) leaves no message behind.
-    return "training_crashed", f"the training process exited with code {exitcode} without a result"
-
-
-def recover_orphans(hostname: str) -> list[str]:
-    """Jobs this worker was running when it last died can never finish: fail them so nobody waits forever."""
-    with transaction() as session:
-        orphans = repository.jobs_running_on(session, hostname)
-        for job_id in orphans:
-            if repository.current_status(session, job_id) is JobStatus.cancelling:
-                repository.transition(session, job_id, JobStatus.cancelled)
-                continue
-            repository.transition(session, job_id, JobStatus.failed, error_code="worker_lost",
-                                  error_message=f"worker {hostname} stopped while the job was running; resubmit it")
-    return orphans
+    released = in_transaction(release_all)
+    for job_id, status in released:
+        if status is JobStatus.queued:
+            _enqueue_or_leave_to_reconciler(job_id, settings)
+    return [job_id for job_id, _ in released]

@@ -1,19 +1,76 @@
-"""The training child process: one per job, started with spawn so all its GPU memory dies with it.
+"""The training child process: one per attempt, started with spawn so all its GPU memory dies with it.
 
-It talks to its parent over a pipe and never touches the database: the parent is the only writer.
-Messages are plain dicts: {"type": "progress" | "checkpoint" | "log" | "result" | "error", ...}.
+It never touches the database or the shared storage: the parent (worker/execution.py) is the only writer, and
+every write it makes is fenced by the attempt. The two talk over one duplex pipe of plain dicts:
+  child -> parent  {"type": "progress" | "checkpoint" | "log" | "result" | "error", ...}
+  parent -> child  {"type": "lease", "deadline": monotonic seconds}   the lease was renewed until then
+                   {"type": "drain"}                                  checkpoint at the next step, then stop
+                   {"type": "ack"}                                    the last checkpoint is in storage
+A checkpoint message waits for its ack, so the local copy cannot be pruned while the parent uploads it.
+
+The child stops by itself, writing nothing more, once its lease deadline passes without a renewal: a worker
+that was paused (SIGSTOP) or cut off from the database past its lease may already have been replaced, and
+CLOCK_MONOTONIC is the same clock in parent and child. It ignores SIGINT, so a Ctrl-C on `ftjobs up` reaches
+the job as a drain from its worker, and it dies with its parent (PR_SET_PDEATHSIG) so an orphan never trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import sys
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 
+class ParentLink:
+    def __init__(self, conn: Connection, lease_deadline: float) -> None:
+        self.conn, self.lease_deadline, self.drain_requested = conn, lease_deadline, False
+
+    def send(self, message: dict) -> None:
+        self._check_lease()
+        self.conn.send(message)
+
+    def should_stop(self) -> bool:
+        """Called before every micro-step: raises LeaseLost past the lease; a cancel is the parent's SIGTERM."""
+        self._check_lease()
+        return False
+
+    def should_drain(self) -> bool:
+        self._read_pending()
+        return self.drain_requested
+
+    def checkpoint_saved(self, step: int, path: str) -> None:
+        self.send({"type": "checkpoint", "step": step, "path": path})
+        while not self._handle(self.conn.recv()):
+            pass
+
+    def _read_pending(self) -> None:
+        while self.conn.poll(0):
+            self._handle(self.conn.recv())
+
+    def _handle(self, message: dict) -> bool:
+        """Apply one parent message; True for the checkpoint ack."""
+        if message["type"] == "lease":
+            self.lease_deadline = max(self.lease_deadline, message["deadline"])
+        elif message["type"] == "drain":
+            self.drain_requested = True
+        return message["type"] == "ack"
+
+    def _check_lease(self) -> None:
+        self._read_pending()  # renewals queue up in the pipe while the model loads
+        if time.monotonic() > self.lease_deadline:
+            from service.errors import LeaseLost
+
+            raise LeaseLost("the lease ran out without a renewal; a newer attempt may own the job")
+
+
 def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str,
-                     conn: Connection) -> None:
+                     conn: Connection, lease_deadline: float) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Must be set before torch initialises CUDA: expandable segments cut fragmentation for varying shapes.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from service.logs import configure_logging
@@ -23,30 +80,44 @@ def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, ou
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
+    link = ParentLink(conn, lease_deadline)
     try:
-        result = _train(spec_json, base_model_dir, dataset_path, output_dir, conn)
+        result = _train(spec_json, base_model_dir, dataset_path, output_dir, link)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
         conn.send({"type": "error", **_describe(exc)})
         raise
     conn.send({"type": "result", **result})
 
 
-def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str, conn: Connection) -> dict:
+def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str, link: ParentLink) -> dict:
     from planner.spec import JobSpec
     from worker.gpus import process_used_bytes
     from worker.training.recipe import train
 
     result = train(JobSpec.model_validate(spec_json), base_model_dir=Path(base_model_dir),
                    dataset_path=Path(dataset_path), output_dir=Path(output_dir),
-                   on_progress=lambda p: conn.send({"type": "progress", **dataclasses.asdict(p),
+                   on_progress=lambda p: link.send({"type": "progress", **dataclasses.asdict(p),
                                                     **_resident_memory()}),
-                   on_checkpoint=lambda step, path: conn.send({"type": "checkpoint", "step": step, "path": path}),
-                   on_resume=lambda step: conn.send({"type": "log", "message": f"resumed from step {step}",
+                   should_stop=link.should_stop, should_drain=link.should_drain,
+                   on_checkpoint=link.checkpoint_saved,
+                   on_resume=lambda step: link.send({"type": "log", "message": f"resumed from step {step}",
                                                      "step": step}))
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
     nvml_bytes = process_used_bytes(os.getpid())
     return {**dataclasses.asdict(result), "measured_peak_bytes": nvml_bytes or result.peak_memory_bytes}
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when the worker that started it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call: nobody would ever read our results
+        os._exit(1)
 
 
 def _resident_memory() -> dict:

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import SessionDep, SettingsDep
 from service.migrate import pending_migrations
+from service.storage import job_storage
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +20,8 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={200: {"description": "ready"}, 503: {"description": "not ready; checks says why"}})
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     checks = {"database": _check(lambda: _database_current(session, settings)),
-              "broker": _check(lambda: _ping_broker(settings.redis_url))}
+              "broker": _check(lambda: _ping_broker(settings.redis_url)),
+              "storage": _check(lambda: job_storage(settings).check())}
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from planner.spec import JobSpec
 from service.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
@@ -16,6 +18,9 @@ from service.jobs.states import JobStatus
 from service.metrics import SubmissionRoute
 from service.queue import enqueue_job
 from service.schemas import EventOut, EventPage, JobOut, JobPage
+from service.storage import CHUNK_BYTES, job_storage
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 # A job's id leads to its own routes: schemathesis' stateful tests follow these links.
@@ -29,12 +34,11 @@ _JOB_LINKS = _job_links("$response.body#/id")
 
 def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> JobOut:
     job = service.submit_job(session, settings, spec, caller)
-    session.commit()
+    session.commit()  # the row is the truth: once committed, the job is accepted whatever happens to the send
     try:
-        enqueue_job(job.id)
-    except Exception as exc:
-        _fail_unqueued(session, job.id, exc)
-        raise
+        enqueue_job(job.id, settings)
+    except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over
+        log.warning("job %s accepted but not yet sent to the broker (%s); the reconciler will send it", job.id, exc)
     return JobOut.of(job)
 
 
@@ -43,12 +47,6 @@ router.add_api_route("", submit_job, methods=["POST"], status_code=201, response
                      operation_id="submit_job", route_class_override=SubmissionRoute,
                      responses={201: {"description": "the job, queued", "links": _JOB_LINKS},
                                 **problems(413, 415)})
-
-
-def _fail_unqueued(session, job_id: str, exc: Exception) -> None:
-    repository.transition(session, job_id, JobStatus.failed, error_code="queue_unavailable",
-                          error_message=f"the job could not be queued: {exc}")
-    session.commit()
 
 
 @router.get("", response_model=JobPage, operation_id="list_jobs",
@@ -90,11 +88,25 @@ def list_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse, operation_id="download_artifact",
             responses={200: {"description": "the file", "content": {"application/octet-stream": {}}},
                        **problems(404)})
-def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
-    # Only names the worker recorded are served, so no path from the URL ever reaches the filesystem unchecked.
+def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> Response:
+    # Only names the worker recorded are served, so no path from the URL ever reaches storage unchecked.
     if name not in {artifact["name"] for artifact in job.artifacts or []}:
         raise ArtifactNotFound(f"job {job.id} has no artifact {name!r}")
-    path = settings.artifacts_dir / job.id / name
-    if not path.is_file():
+    storage, key = job_storage(settings), f"jobs/{job.id}/artifacts/{name}"
+    filename = name.rsplit("/", 1)[-1]
+    local = storage.local_path(key)
+    if local is not None:
+        if not local.is_file():
+            raise ArtifactNotFound(f"artifact {name!r} of job {job.id} is gone from storage")
+        return FileResponse(local, filename=filename, media_type="application/octet-stream")
+    if not storage.exists(key):
         raise ArtifactNotFound(f"artifact {name!r} of job {job.id} is gone from storage")
-    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    return StreamingResponse(_chunks(storage, key), media_type="application/octet-stream",
+                             headers={"Content-Length": str(storage.size(key)),
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _chunks(storage, key: str) -> Iterator[bytes]:
+    with storage.open_read(key) as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk

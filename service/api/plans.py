@@ -15,4 +15,4 @@ router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 @router.post("", response_model=Plan, operation_id="create_plan", responses=problems(413, 415))
 def create_plan(spec: JobSpec, session: SessionDep, settings: SettingsDep, _caller: CallerDep) -> Plan:
-    return plan_spec(session, spec, settings.model_root_dirs)
+    return plan_spec(session, settings, spec, settings.model_root_dirs)

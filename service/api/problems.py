@@ -20,10 +20,12 @@ _DESCRIPTIONS = {
     422: "invalid input: the spec, model, dataset or a parameter (see code)",
     429: "rate_limited (see Retry-After) or quota_exceeded",
     500: "an unexpected error",
+    503: "database_unavailable or storage_unavailable: a passing state (see Retry-After); the request did not commit",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
     429: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds until the key may call again"}},
+    503: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds until a retry is worth it"}},
 }
 
 
@@ -46,5 +48,5 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Every authenticated route: an unparsable request, a missing or bad key, an invalid parameter, the rate limit,
-# the unexpected.
-AUTHENTICATED = problems(400, 401, 422, 429, 500)
+# the unexpected, a lost database connection or unreachable storage.
+AUTHENTICATED = problems(400, 401, 422, 429, 500, 503)

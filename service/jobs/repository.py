@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -46,25 +47,28 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-def transition(session: Session, job_id: str, to: JobStatus, **fields: Any) -> bool:
-    """Move a job to `to` if its current state allows it; False if another actor got there first."""
+def transition(session: Session, job_id: str, to: JobStatus, *, attempt: int | None = None,
+               event: dict[str, Any] | None = None, **fields: Any) -> bool:
+    """Move a job to `to` if its current state allows it; False if another actor got there first.
+
+    With `attempt`, the move is fenced: it happens only while that attempt is still the job's newest one.
+    """
     now = utcnow()
     values: dict[str, Any] = {"status": to.value, "updated_at": now, **fields}
-    if to is JobStatus.running:
-        values["started_at"] = now
     if to.is_terminal:
         values["finished_at"] = now
+        values["lease_expires_at"] = None
     allowed = [state.value for state in ALLOWED_FROM[to]]
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if attempt is not None:
+        query = query.where(Job.attempt == attempt)
+    result = session.execute(query.values(**values).execution_options(synchronize_session=False))
     if result.rowcount != 1:
         return False
-    event = {"status": to.value}
+    data = {"status": to.value, **(event or {})}
     if fields.get("error_code"):
-        event["error"] = {"code": fields["error_code"], "message": fields.get("error_message")}
-    add_event(session, job_id, "state", event)
+        data["error"] = {"code": fields["error_code"], "message": fields.get("error_message")}
+    add_event(session, job_id, "state", data)
     return True
 
 
@@ -90,12 +94,6 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) ->
 def list_events(session: Session, job_id: str, *, after_seq: int, limit: int) -> list[JobEvent]:
     query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
              .order_by(JobEvent.seq).limit(limit))
-    return list(session.scalars(query))
-
-
-def jobs_running_on(session: Session, hostname: str) -> list[str]:
-    query = select(Job.id).where(Job.worker_hostname == hostname,
-                                 Job.status.in_([JobStatus.running.value, JobStatus.cancelling.value]))
     return list(session.scalars(query))
 
 
@@ -129,5 +127,19 @@ def unregister_gpus(session: Session, hostname: str) -> None:
     session.execute(delete(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname))
 
 
-def list_gpus(session: Session) -> list[RegisteredGpu]:
-    return list(session.scalars(select(RegisteredGpu).order_by(RegisteredGpu.total_memory_bytes.desc())))
+def heartbeat_gpus(session: Session, hostname: str) -> None:
+    session.execute(update(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname)
+                    .values(heartbeat_at=utcnow()))
+
+
+def expire_gpus(session: Session, heartbeat_before: datetime) -> int:
+    """Forget GPUs whose worker stopped heartbeating (a crashed worker, a lost spot machine)."""
+    return session.execute(delete(RegisteredGpu).where(RegisteredGpu.heartbeat_at < heartbeat_before)).rowcount
+
+
+def list_gpus(session: Session, *, heartbeat_after: datetime | None = None) -> list[RegisteredGpu]:
+    """Registered GPUs, largest first; with `heartbeat_after`, only those of workers alive since then."""
+    query = select(RegisteredGpu).order_by(RegisteredGpu.total_memory_bytes.desc())
+    if heartbeat_after is not None:
+        query = query.where(RegisteredGpu.heartbeat_at >= heartbeat_after)
+    return list(session.scalars(query))

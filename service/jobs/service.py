@@ -9,12 +9,13 @@ from sqlalchemy.orm import Session
 
 from planner import Plan
 from planner.spec import JobSpec
-from service.base_models import context_length, resolve_base_model_dir
+from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
-from service.errors import DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, QuotaExceeded
+from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, QuotaExceeded,
+                            UnsupportedNumGpus, UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
-from service.models import Job
+from service.models import Job, utcnow
 from service.planning import plan_spec
 from service.settings import Settings
 from service.tenancy import repository as tenancy
@@ -34,27 +35,31 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
     refuse what cannot fit or would pass the tenant's active-jobs quota."""
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
+    _refuse_sharding_until_workers_run_it(spec)
     # Planning locates the model inside the model roots first: a name outside them is refused unread.
-    job_plan = plan_spec(session, spec, settings.model_root_dirs)
+    job_plan = plan_spec(session, settings, spec, settings.model_root_dirs)
     if job_plan.fits is False:
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
     model_dir = resolve_base_model_dir(spec.base_model, settings.model_root_dirs)
-    _check_context_length(spec, model_dir)
-    dataset_path = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
+    dataset_url = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
     _check_quota(session, settings, caller.tenant_id)
     resolved = _with_resolved_micro_batch(spec, job_plan)
     job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
-              plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir),
-              dataset_path=str(dataset_path), predicted_peak_bytes=job_plan.peak_vram_bytes,
+              plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
+              predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow(),
               tenant_id=caller.tenant_id, created_by_key_id=caller.key_id)
     return repository.add_job(session, job)
 
 
-def _check_context_length(spec: JobSpec, model_dir) -> None:
-    limit = context_length(model_dir, spec.base_model)
-    if limit is not None and spec.training.max_seq_length > limit:
-        raise InvalidSpec(f"training.max_seq_length {spec.training.max_seq_length} exceeds the model's context "
-                          f"length {limit}", context_length=limit)
+def _refuse_sharding_until_workers_run_it(spec: JobSpec) -> None:
+    """The planner plans FSDP2 jobs (POST /v1/plans); the workers do not train them yet."""
+    res = spec.resources
+    if res.num_gpus > 1:
+        raise UnsupportedNumGpus(f"resources.num_gpus {res.num_gpus}: multi-GPU training is not available on the "
+                                 "workers yet; POST /v1/plans plans it per GPU")
+    if res.sharding is not None or res.offload.value != "none":
+        raise UnsupportedSharding("resources.sharding / offload: FSDP2 training is not available on the workers yet; "
+                                  "POST /v1/plans plans it")
 
 
 def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:
@@ -80,6 +85,8 @@ def _does_not_fit_detail(job_plan: Plan) -> str:
               "safety margin")
     if job_plan.suggestions:
         detail += f"; try: {job_plan.suggestions[0].description}"
+    elif job_plan.min_gpu_memory_bytes:  # nothing fits: the plan's last reason names the smallest GPU / count
+        detail += f"; {job_plan.reasons[-1]}"
     return detail
 
 

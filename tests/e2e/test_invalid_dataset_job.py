@@ -4,6 +4,7 @@ error.code invalid_dataset with the line number, before any model is loaded or s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,5 +44,5 @@ def test_malformed_row_fails_the_job_with_its_line(api, worker, tiny_model, data
     assert job["error"]["message"].startswith("line 3:")
     events = api.get(f"/v1/jobs/{job_id}/events").json()["data"]
     assert not [e for e in events if e["kind"] == "progress"]
-    assert not [e for e in events if "attempt" in e["data"].get("message", "")]  # bad data is not retried
-    assert not (settings.artifacts_dir / job_id / "adapter").exists()
+    assert [(a["number"], a["outcome"]) for a in job["attempts"]] == [(1, "failed")]  # bad data is not retried
+    assert not (Path(settings.resolved_storage_url) / "jobs" / job_id / "artifacts").exists()

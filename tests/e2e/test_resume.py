@@ -1,5 +1,6 @@
-"""A training process SIGKILLed mid-job (what the kernel's OOM killer does) is replaced by a fresh one that
-resumes from the job's last checkpoint, and the job ends with the adapter an uninterrupted run produces."""
+"""A training process SIGKILLed mid-job (what the kernel's OOM killer does) ends its attempt; the job goes back
+to the queue as a new attempt that resumes from its last checkpoint in storage, and ends with the adapter an
+uninterrupted run produces."""
 
 from __future__ import annotations
 
@@ -53,14 +54,17 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_last_checkpoi
     assert child_pid(job_id) != killed_pid  # the row names the process that finished the job
 
     events = all_events(api, job_id)
-    messages = [e["data"]["message"] for e in events if e["kind"] == "log"]
-    assert f"attempt 2 of 3 after: the training process exited with code -{signal.SIGKILL} without a result" \
-        in messages
+    first, second = job["attempts"]
+    assert (first["number"], first["outcome"], first["resumed_from_step"]) == (1, "crashed", None)
+    assert first["detail"] == f"the training process exited with code -{signal.SIGKILL} without a result"
+    assert (second["number"], second["outcome"]) == (2, "succeeded")
     resumed = [e["data"] for e in events if e["kind"] == "log" and e["data"]["message"].startswith("resumed")]
     assert len(resumed) == 1 and resumed[0]["message"] == f"resumed from step {resumed[0]['step']}"
-    assert resumed[0]["step"] >= first_checkpoint["data"]["step"] > 0
-    assert first_checkpoint["data"]["path"] == f"checkpoints/step-{first_checkpoint['data']['step']:06d}"
-    assert [e["data"]["status"] for e in events if e["kind"] == "state"] == ["queued", "running", "succeeded"]
+    assert resumed[0]["step"] == second["resumed_from_step"] >= first_checkpoint["data"]["step"] > 0
+    assert first_checkpoint["data"]["path"] == \
+        f"jobs/{job_id}/checkpoints/a1-step-{first_checkpoint['data']['step']:06d}"
+    assert [e["data"]["status"] for e in events if e["kind"] == "state"] == \
+        ["queued", "running", "queued", "running", "succeeded"]
 
     reference_id = api.post("/v1/jobs", json=spec).json()["id"]
     reference = wait_for_status(reference_id, {"succeeded", "failed", "cancelled"})

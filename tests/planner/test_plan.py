@@ -236,7 +236,7 @@ def test_catalog_lookup():
     assert find_model("QWEN/qwen2.5-7b") is find_model("Qwen/Qwen2.5-7B-Instruct")
     assert find_model("/models/Qwen2.5-7B") is find_model("Qwen/Qwen2.5-7B")
     assert find_model("nobody/unknown-1b") is None
-    assert len(model_ids()) == 16
+    assert len(model_ids()) == 25  # 16 + issue 14: Llama-3.1-70B/405B, 3.3-70B, Mistral-7B-v0.1, Mixtral, 3 Phi-3, Qwen1.5-MoE
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma2"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import json
 
 import pytest
@@ -106,6 +107,8 @@ def test_oversized_upload_is_refused(database, settings, admin_key, nothing_stor
     from service.app import create_app
 
     small = settings.model_copy(update={"max_upload_bytes": 1024})
+    stored = Path(settings.resolved_storage_url) / "files"
+    stored_before = set(stored.glob("*"))
     with TestClient(create_app(small), headers=admin_key.headers) as client:
         big = b'{"text": "' + b"x" * 200_000 + b'"}\n'
         response = client.post("/v1/files", files={"file": ("big.jsonl", big)})
@@ -121,7 +124,8 @@ def test_oversized_upload_is_refused(database, settings, admin_key, nothing_stor
         response = client.post("/v1/files", content=chunks(),
                                headers={"content-type": "multipart/form-data; boundary=b"})
         assert_problem(response, 413, "upload_too_large")
-    assert not list(settings.uploads_dir.glob("*.partial"))
+    assert not list(settings.resolved_home.glob(".upload-*"))  # no spool left behind
+    assert set(stored.glob("*")) == stored_before  # and nothing stored
 
 
 def test_upload_with_format_validates_rows(api, nothing_stored):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -52,8 +53,9 @@ def alpha_job(keys, settings, tiny_model, dataset) -> str:
     with transaction() as session:
         job = submit_job(session, settings, JobSpec.model_validate(spec(tiny_model, dataset)), keys["alpha"].caller)
         repository.set_job_fields(session, job.id, artifacts=[{"name": "summary.json", "size_bytes": 2}])
-    (settings.artifacts_dir / job.id).mkdir(parents=True, exist_ok=True)
-    (settings.artifacts_dir / job.id / "summary.json").write_text("{}")
+    artifacts = Path(settings.resolved_storage_url) / "jobs" / job.id / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "summary.json").write_text("{}")
     return job.id
 
 

@@ -3,6 +3,8 @@
 `train` is what the job process calls. It raises:
   InvalidDataset       a malformed row (checked before any model is loaded) or nothing left to learn
   JobCancelled         should_stop() answered True (checked before every micro-step)
+  JobDrained           should_drain() answered True (checked before every optimizer step); a checkpoint of the
+                       last completed step is saved first, so the job resumes there
   TrainingOutOfMemory  the accelerator ran out of memory (chained to torch's error)
   ValueError           a spec the planner should have resolved ("auto" batch size) or that cannot apply
                        to this model (more freeze layers than it has)
@@ -24,7 +26,7 @@ import torch
 
 from planner.spec import JobSpec, Method
 from service.datasets import iter_examples
-from service.errors import JobCancelled, TrainingOutOfMemory
+from service.errors import JobCancelled, JobDrained, TrainingOutOfMemory
 from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
@@ -65,6 +67,7 @@ def train(
     output_dir: Path,
     on_progress: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
+    should_drain: Callable[[], bool] = lambda: False,
     on_checkpoint: Callable[[int, str], None] = lambda step, path: None,  # path relative to output_dir
     on_resume: Callable[[int], None] = lambda step: None,
 ) -> TrainResult:
@@ -125,7 +128,14 @@ def train(
         micro_steps = resumed.micro_steps
         loss_curve: list[dict] = resumed.loss_curve
         losses_since_report: list[float] = resumed.losses_since_report
+        last_saved_step = resumed.step
         for step in range(resumed.step + 1, total_steps + 1):
+            if should_drain():
+                if step - 1 > last_saved_step:
+                    state = checkpoint.RunState(step - 1, micro_steps, tokens_seen,
+                                                time.perf_counter() - train_start, loss_curve, losses_since_report)
+                    on_checkpoint(step - 1, checkpoints.save(state, model, optimizer, scheduler, scaler))
+                raise JobDrained(f"drained after step {step - 1}")
             window = [next(stream) for _ in range(accumulation)]
             # Normalise by the learned tokens of the whole step, so accumulation equals one big batch.
             learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
@@ -176,6 +186,7 @@ def train(
                 state = checkpoint.RunState(step, micro_steps, tokens_seen, time.perf_counter() - train_start,
                                             loss_curve, losses_since_report)
                 on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
+                last_saved_step = step
         train_seconds = time.perf_counter() - train_start
 
         # --- save ---------------------------------------------------------------------------------------

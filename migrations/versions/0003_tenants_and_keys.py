@@ -3,8 +3,8 @@
 Jobs and files that existed before tenants belong to a tenant named "default", which only admin keys see
 unless a key is created for it (`ftjobs keys create --tenant default`).
 
-Revision ID: 0002_tenants_and_keys
-Revises: 0001
+Revision ID: 0003_tenants_and_keys
+Revises: 0002_attempts_leases
 Create Date: 2026-12-01
 """
 from datetime import datetime, timezone
@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002_tenants_and_keys'
-down_revision = '0001'
+revision = '0003_tenants_and_keys'
+down_revision = '0002_attempts_leases'
 branch_labels = None
 depends_on = None
 
