@@ -58,7 +58,8 @@ def list_jobs(session: SessionDep, caller: CallerDep, status: JobStatus | None =
               ) -> JobPage:
     before_seq = None
     if after is not None:
-        anchor = repository.get_job(session, after, caller.tenant_scope) if service.ID_PATTERN.fullmatch(after) else None
+        well_formed = service.ID_PATTERN.fullmatch(after)
+        anchor = repository.get_job(session, after, caller.tenant_scope) if well_formed else None
         if anchor is None:
             raise InvalidCursor(f"no job {after!r} to continue after")
         before_seq = anchor.seq
