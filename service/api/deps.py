@@ -28,7 +28,9 @@ def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterato
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# Function scope: the transaction ends (commits) before the response starts, so a client never sees a success
+# whose commit failed, and a lost connection at COMMIT is still a clean retry or 503 (service/app.py).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 # auto_error=False: a missing key is our own 401 problem+json, not FastAPI's bare 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from `ftjobs keys create`")
 
