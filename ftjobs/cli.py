@@ -1,4 +1,4 @@
-"""The `ftjobs` command: run the service (up, api, worker, db upgrade) and use it (plan, submit, status, demo)."""
+"""The `ftjobs` command: run the service (up, api, worker, db upgrade, keys) and use it (plan, submit, status, demo)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"])
     db.set_defaults(run=_db)
+    _keys_parser(commands)
 
     plan = commands.add_parser("plan", help="print the memory plan of a spec as JSON (no server needed)")
     plan.add_argument("spec", type=Path)
@@ -46,17 +47,39 @@ def _parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a job spec")
     submit.add_argument("spec", type=Path)
     submit.add_argument("--url", default=default_url)
+    _api_key(submit)
     submit.add_argument("--watch", action="store_true", help="show progress until the job ends")
     submit.set_defaults(run=_submit)
     status = commands.add_parser("status", help="show a job's progress")
     status.add_argument("job_id")
     status.add_argument("--url", default=default_url)
+    _api_key(status)
     status.add_argument("--watch", action="store_true", help="keep polling until the job ends")
     status.set_defaults(run=_status)
     demo = commands.add_parser("demo", help="train a QLoRA adapter on a tiny local model, end to end")
     demo.add_argument("--url", default=None, help="use a running service instead of starting one")
+    _api_key(demo)
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _keys_parser(commands) -> None:
+    keys = commands.add_parser("keys", help="API keys, straight in the database (as `db upgrade`)")
+    actions = keys.add_subparsers(required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key; the key itself is the last line printed")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--admin", action="store_true", help="the key acts across every tenant")
+    create.add_argument("--max-active-jobs", type=int, default=None, help="the tenant's active-jobs quota")
+    create.set_defaults(run=_keys_create)
+    actions.add_parser("list", help="every key: id, tenant, admin, created, revoked").set_defaults(run=_keys_list)
+    revoke = actions.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=_keys_revoke)
+
+
+def _api_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=None,
+                        help="default: FTJOBS_API_KEY, else the local admin key `ftjobs up` wrote to FTJOBS_HOME/api-key")
 
 
 def _host_port(parser: argparse.ArgumentParser, settings) -> None:
@@ -101,6 +124,7 @@ def _up(args) -> int:
     settings = get_settings()
     settings.ensure_dirs()
     upgrade_database(settings)
+    _ensure_local_admin_key(settings)
     worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy(),
                               start_new_session=True)
     # uvicorn re-raises the SIGTERM it shut down on; turning it into SystemExit lets `finally` stop the worker
@@ -128,6 +152,75 @@ def _drain_worker(worker: subprocess.Popen, timeout_seconds: float) -> None:
         worker.wait()
 
 
+def _ensure_local_admin_key(settings) -> None:
+    """The embedded stack's own admin key, on first start, so the CLI works with no key to paste."""
+    from service.db import transaction
+    from service.tenancy.keys import create_key, hash_key
+    from service.tenancy.repository import find_active_key
+
+    path = settings.api_key_file
+    with transaction(settings) as session:
+        if path.is_file() and find_active_key(session, hash_key(path.read_text().strip())):
+            return
+        path.unlink(missing_ok=True)  # a key of a database that was reset or revoked: replace it
+        key, secret = create_key(session, "local", admin=True)
+    # Created 0600 from the start: the key is never readable by other users, not even for an instant.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    print(f"created the local admin key {key.id} in {path}", file=sys.stderr)
+
+
+def _keys_create(args) -> int:
+    from service.db import transaction
+    from service.tenancy.keys import create_key
+
+    if args.max_active_jobs is not None and args.max_active_jobs < 1:
+        return _problem({"code": "invalid_argument", "detail": "--max-active-jobs must be at least 1"})
+    with transaction() as session:
+        key, secret = create_key(session, args.tenant, admin=args.admin, max_active_jobs=args.max_active_jobs)
+    print(f"created {'admin ' if key.admin else ''}key {key.id} for tenant {args.tenant}; it is shown only once:")
+    print(secret)
+    return 0
+
+
+def _keys_list(args) -> int:
+    from service.db import transaction
+    from service.tenancy.repository import list_keys
+
+    with transaction() as session:
+        rows = list_keys(session)
+    print(f"{'KEY_ID':<30} {'TENANT':<20} {'ADMIN':<6} {'CREATED':<26} REVOKED")
+    for key, tenant in rows:
+        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
+        print(f"{key.id:<30} {tenant.name:<20} {'yes' if key.admin else 'no':<6} "
+              f"{key.created_at.isoformat(timespec='seconds'):<26} {revoked}")
+    return 0
+
+
+def _keys_revoke(args) -> int:
+    from service.db import transaction
+    from service.errors import ProblemError
+    from service.tenancy.keys import revoke_key
+
+    try:
+        with transaction() as session:
+            revoke_key(session, args.key_id)
+    except ProblemError as exc:
+        return _problem(exc.to_problem())
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def cli_api_key(explicit: str | None) -> str | None:
+    """--api-key, else FTJOBS_API_KEY, else the key `ftjobs up` wrote; None when there is none."""
+    settings = get_settings()
+    if explicit or settings.api_key:
+        return explicit or settings.api_key
+    path = settings.api_key_file
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _db(args) -> None:
     from service.migrate import upgrade_database
 
@@ -148,7 +241,7 @@ def _plan(args) -> int:
     try:
         spec = _read_spec(args.spec)
         with _registry_session() as session:
-            result = plan_spec(session, get_settings(), spec)
+            result = plan_spec(session, get_settings(), spec, model_roots=None)  # the operator may plan any path
     except ValidationError as exc:
         return _problem(InvalidSpec(str(exc)).to_problem())
     except (OSError, json.JSONDecodeError) as exc:
@@ -183,7 +276,7 @@ def _problem(problem: dict) -> int:
 def _submit(args) -> int:
     from ftjobs.client import ApiError, Client
 
-    client = Client(args.url)
+    client = Client(args.url, cli_api_key(args.api_key))
     try:
         job = client.submit(json.loads(args.spec.read_text()))
     except ApiError as exc:
@@ -197,7 +290,7 @@ def _submit(args) -> int:
 def _status(args) -> int:
     from ftjobs.client import ApiError, Client, draw_progress
 
-    client = Client(args.url)
+    client = Client(args.url, cli_api_key(args.api_key))
     try:
         job = client.watch(args.job_id) if args.watch else client.job(args.job_id)
     except ApiError as exc:
@@ -213,7 +306,7 @@ def _status(args) -> int:
 def _demo(args) -> int:
     from ftjobs.demo import run_demo
 
-    return run_demo(args.url)
+    return run_demo(args.url, args.api_key)
 
 
 if __name__ == "__main__":

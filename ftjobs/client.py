@@ -19,8 +19,9 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str, timeout_seconds: float = 30) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_seconds)
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_seconds: float = 30) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_seconds, headers=headers)
 
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:

@@ -43,7 +43,8 @@ def prepare_inputs() -> Path:
 
     settings = get_settings()
     settings.ensure_dirs()
-    model_dir = settings.resolved_home / "demo" / "tiny-llama"
+    # Under the first model root: the API reads base models nowhere else.
+    model_dir = settings.model_root_dirs[0] / "ftjobs-demo-tiny-llama"
     if not (model_dir / "config.json").exists():
         print(f"building a tiny Llama model with a real tokenizer in {model_dir}")
         build_tiny_model(model_dir, arch="llama", seed=0)
@@ -53,13 +54,16 @@ def prepare_inputs() -> Path:
     return model_dir
 
 
-def run_demo(url: str | None) -> int:
+def run_demo(url: str | None, api_key: str | None = None) -> int:
+    from ftjobs.cli import cli_api_key
+
     model_dir = prepare_inputs()
     stack = None
     if url is None:
         url, stack = _start_embedded_stack()
     try:
-        client = Client(url)
+        # Read after the stack is up: on a first start `ftjobs up` has only just written the local key.
+        client = Client(url, cli_api_key(api_key))
         job = client.submit(demo_spec(model_dir))
         print(f"submitted {job['id']}: predicted peak GPU memory "
               f"{job['predicted_peak_bytes'] / 2**20:.0f} MiB (on a GPU; this machine trains on "

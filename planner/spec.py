@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Method(str, enum.Enum):
@@ -49,13 +49,28 @@ class Optimizer(str, enum.Enum):
         return self in (Optimizer.galore_adamw, Optimizer.galore_adamw_8bit)
 
 
+def _plain_text(value: str) -> str:
+    # A NUL cannot be stored in PostgreSQL text or JSONB, a lone surrogate has no UTF-8 form, and control
+    # characters in a path or name only ever hide something.
+    if any(not ch.isprintable() or "\ud800" <= ch <= "\udfff" for ch in value):
+        raise ValueError("must not contain control characters, NUL bytes or unpaired surrogates")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+# Seeds go to torch.manual_seed, numpy and random; numpy takes at most 32 bits.
+MAX_SEED = 2**32 - 1
+# Beyond these no real job goes, and the worker's arithmetic (steps x batch x tokens) stays far from overflow.
+MAX_STEPS = 10_000_000
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DatasetRef(_Strict):
     file_id: str | None = Field(None, pattern=r"^file_[A-Za-z0-9]{8,64}$", description="An uploaded file's id")
-    path: str | None = Field(None, min_length=1, max_length=1024, description="Relative to the data root; it may not lead outside it")
+    path: PlainText | None = Field(None, min_length=1, max_length=1024, description="Relative to the data root; it may not lead outside it")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetRef:
@@ -66,7 +81,7 @@ class DatasetRef(_Strict):
 
 class LoraOptions(_Strict):
     r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
+    alpha: float = Field(32, gt=0, le=65536)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = "all-linear"
     use_dora: bool = False
@@ -108,7 +123,7 @@ class GaloreOptions(_Strict):
 
 
 class FreezeOptions(_Strict):
-    trainable_layers: int = Field(2, ge=1, description="The last N decoder layers train; the rest stay frozen")
+    trainable_layers: int = Field(2, ge=1, le=4096, description="The last N decoder layers train; the rest stay frozen")
     trainable_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")]] | None = Field(
         None, min_length=1, max_length=64,
         description="Instead of trainable_layers: exactly the parameters under modules with these names train. "
@@ -124,20 +139,20 @@ class FreezeOptions(_Strict):
 
 class TrainingOptions(_Strict):
     epochs: float = Field(1, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Overrides epochs when set")
     micro_batch_size: int | Literal["auto"] = Field(
         4, description="Sequences per forward pass; 'auto' picks the largest that fits the GPU"
     )
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     max_seq_length: int = Field(1024, ge=8, le=262144)
     learning_rate: float = Field(2e-4, gt=0, lt=1)
-    seed: int = Field(42, ge=0)
-    logging_steps: int = Field(1, ge=1, description="Progress is recorded every N optimizer steps")
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    logging_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Progress is recorded every N optimizer steps")
     packing: bool = Field(False, description="Pack examples into rows of max_seq_length; no attention across them")
     validation_fraction: float | None = Field(
         None, gt=0, le=0.5, description="Hold out this share of the examples (seeded) and report eval loss on it")
     checkpoint_every_steps: int | None = Field(
-        None, ge=1, description="Save a resumable checkpoint every N optimizer steps; None saves none"
+        None, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N optimizer steps; None saves none"
     )
     keep_checkpoints: int = Field(2, ge=1, le=100, description="How many of the newest checkpoints are kept")
 
@@ -199,11 +214,12 @@ class Resources(_Strict):
 
 
 class JobSpec(_Strict):
-    base_model: str = Field(
+    base_model: PlainText = Field(
         ...,
         min_length=1,
         max_length=1024,
-        description="A local directory holding config.json and weights, or a hub id found in the local cache",
+        description="A directory under the server's model roots holding config.json and safetensors weights "
+                    "(absolute, or relative to a root), or a hub id found in the local cache",
     )
     dataset: DatasetRef | None = Field(None, description="Required to submit a job; optional for a plan")
     dataset_format: DatasetFormat = DatasetFormat.alpaca
@@ -216,7 +232,7 @@ class JobSpec(_Strict):
     memory: MemoryOptions = MemoryOptions()
     output: OutputOptions = OutputOptions()
     resources: Resources = Resources()
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+    metadata: dict[Annotated[PlainText, Field(max_length=64)], Annotated[PlainText, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=32
     )
 

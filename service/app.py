@@ -1,80 +1,134 @@
-"""create_app(): routers, problem+json errors, the upload size guard, /metrics."""
+"""create_app(): routers with their body limits, problem+json errors, CORS when configured, /metrics."""
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import metrics
 from service.api import files, health, jobs, plans
+from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
 from service.db import is_disconnect
-from service.errors import DatabaseUnavailable, InvalidSpec, ProblemError, UploadTooLarge
+from service.errors import (BodyTooLarge, DatabaseUnavailable, InvalidSpec, MalformedRequest, MethodNotAllowed,
+                            ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-PROBLEM_JSON = "application/problem+json"
+# The multipart envelope around an upload's bytes: boundaries, part headers, the format field.
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
 
 
-def problem_response(error: ProblemError, request: Request) -> JSONResponse:
-    # A 503 is a passing state (storage or database unreachable): say when a retry is worth it.
-    headers = {"Retry-After": "5"} if error.status == 503 else None
-    return JSONResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                        media_type=PROBLEM_JSON, headers=headers)
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        # ASCII escapes: a detail may quote client input, and a lone surrogate in it has no UTF-8 form.
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-async def _on_problem(request: Request, error: ProblemError) -> JSONResponse:
+def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
+    return ProblemResponse(error.to_problem(instance=request.url.path), status_code=error.status,
+                           headers={**(error.headers or {}), **(headers or {})})
+
+
+async def _on_problem(request: Request, error: ProblemError) -> Response:
     if error.status >= 500:
         log.error("request failed: %s", error.detail)
     return problem_response(error, request)
 
 
-async def _on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
-    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+async def _on_validation(request: Request, error: RequestValidationError) -> Response:
+    errors = [{"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    summary = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
     return problem_response(InvalidSpec(summary, errors=errors), request)
 
 
-async def _on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    problem = ProblemError(str(error.detail))
-    problem.status, problem.code, problem.title = error.status_code, f"http_{error.status_code}", str(error.detail)
-    return problem_response(problem, request)
+# Starlette's own HTTP errors (no route, wrong method, a body past its limit) as our problems, each with its code.
+_HTTP_PROBLEMS = {400: MalformedRequest, 404: RouteNotFound, 405: MethodNotAllowed, 415: UnsupportedMediaType}
 
 
-async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+async def _on_http(request: Request, error: StarletteHTTPException) -> Response:
+    if error.status_code == 413:
+        too_large = UploadTooLarge if request.url.path.startswith("/v1/files") else BodyTooLarge
+        problem: ProblemError = too_large("the request body exceeds this route's size limit")
+    elif error.status_code in _HTTP_PROBLEMS:
+        problem = _HTTP_PROBLEMS[error.status_code](str(error.detail))
+    else:
+        problem = ProblemError(str(error.detail))
+        problem.status, problem.code, problem.title = error.status_code, f"http_{error.status_code}", str(error.detail)
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem_response(problem, request, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's Allow names only the first matching route's,
+    and GET and POST /v1/jobs are two routes."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
+async def _on_unexpected(request: Request, error: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     return problem_response(ProblemError("an unexpected error occurred; see the server log"), request)
+
+
+class DeclaredLengthGuard:
+    """Refuses a body whose Content-Length is over its route's limit, before a byte of it is read.
+
+    A body without a Content-Length (chunked) is cut off by the routers' own max_body_size as it streams.
+    This guard exists because Starlette's limiter, seeing an oversized Content-Length, replaces whatever
+    response follows with a plain-text 413; answered here, the 413 is problem+json like every other error.
+    """
+
+    def __init__(self, app, upload_limit_bytes: int, json_limit_bytes: int) -> None:
+        self.app, self.upload_limit, self.json_limit = app, upload_limit_bytes, json_limit_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            uploading = scope["path"].startswith("/v1/files")
+            limit = self.upload_limit if uploading else self.json_limit
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
+                                                                        limit_bytes=limit)
+                response = ProblemResponse(error.to_problem(instance=scope["path"]), status_code=error.status)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-class UploadSizeGuard:
-    """Refuses an oversized upload from its Content-Length, before a byte of the body is read.
-
-    Uploads without a Content-Length are still cut off while streaming to disk (service/files.py).
-    """
-
-    def __init__(self, app, max_upload_bytes: int) -> None:
-        self.app, self.limit = app, max_upload_bytes + 64 * 1024  # room for the multipart envelope
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/files"):
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and int(length) > self.limit:
-                error = UploadTooLarge(f"uploads are limited to {self.limit - 64 * 1024} bytes")
-                response = JSONResponse(error.to_problem(instance=scope["path"]), status_code=error.status,
-                                        media_type=PROBLEM_JSON)
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the Problem component every error response refers to."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class DatabaseReconnect:
@@ -108,8 +162,8 @@ class DatabaseReconnect:
                             type(error.orig).__name__)
                 if not reads or attempt == self.RETRIES:
                     problem = DatabaseUnavailable("the database connection was lost; retry the request")
-                    response = JSONResponse(problem.to_problem(instance=scope["path"]), status_code=problem.status,
-                                            media_type=PROBLEM_JSON, headers={"Retry-After": "1"})
+                    response = ProblemResponse(problem.to_problem(instance=scope["path"]), status_code=problem.status,
+                                               headers=problem.headers)
                     return await response(scope, receive, send)
 
 
@@ -124,15 +178,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="ftjobs", version="1.0", lifespan=lifespan,
                   description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.")
-    for router in (jobs.router, plans.router, files.router, health.router):
-        app.include_router(router)
+    # The limits are checked while the body streams in: a body past them is never read to its end.
+    upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
+    app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
+    app.include_router(health.router)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(UploadSizeGuard, max_upload_bytes=settings.max_upload_bytes)
+    if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
+                       json_limit_bytes=settings.max_json_body_bytes)
     app.add_middleware(DatabaseReconnect)
-    metrics.install(app, settings)  # outermost, so refused uploads are measured too
+    metrics.install(app, settings)  # outermost, so refused requests are measured too
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_api_route("/metrics", _metrics, include_in_schema=False)
+    app.openapi = lambda: _openapi(app)
     return app

@@ -1,4 +1,4 @@
-"""Turning a spec's dataset reference into the URL of a file in storage, and a local copy to validate."""
+"""Turning a spec's dataset reference into the URL of a file in storage, validated once, within the limits."""
 
 from __future__ import annotations
 
@@ -6,51 +6,91 @@ import posixpath
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from planner.spec import DatasetRef
-from service.errors import DatasetNotFound, DatasetPathEscapes
+from planner.spec import DatasetFormat, DatasetRef
+from service.datasets import validate_dataset
+from service.errors import DatasetNotFound, DatasetPathEscapes, DatasetTooLarge
 from service.jobs import repository
 from service.settings import Settings
-from service.storage import data_storage, job_storage, local_copy
+from service.storage import Storage, data_storage, job_storage, local_copy
 
 
 def upload_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
-def resolve_dataset(session: Session, settings: Settings, ref: DatasetRef) -> str:
-    """The dataset's URL: an upload in the job storage, or a path under the data root."""
+def resolve_dataset(session: Session, settings: Settings, ref: DatasetRef, tenant_id: str,
+                    dataset_format: DatasetFormat) -> str:
+    """The dataset's URL (an upload in the job storage, or a path under the data root), its rows checked at most
+    once per file and format."""
     if ref.file_id is not None:
-        if repository.get_file(session, ref.file_id) is None:
-            raise DatasetNotFound(f"no uploaded file {ref.file_id}")
-        return job_storage(settings).url_of(upload_key(ref.file_id))
+        return _uploaded(session, settings, ref.file_id, tenant_id, dataset_format)
     storage = data_storage(settings)
+    key = _key_under_root(storage, ref.path)
+    size_bytes, version = storage.fingerprint(key)
+    if size_bytes > settings.max_dataset_bytes:
+        raise DatasetTooLarge(f"{ref.path!r} is {size_bytes} bytes; the limit is {settings.max_dataset_bytes}")
+    url = storage.url_of(key)
+    _validated_rows(url, size_bytes, version, dataset_format.value, settings.max_dataset_rows,
+                    settings.resolved_home, settings.s3_endpoint_url)
+    return url
+
+
+def _uploaded(session: Session, settings: Settings, file_id: str, tenant_id: str,
+              dataset_format: DatasetFormat) -> str:
+    # Another tenant's file reads as missing, exactly like one that never existed.
+    uploaded = repository.get_file(session, file_id, tenant_id)
+    if uploaded is None:
+        raise DatasetNotFound(f"no uploaded file {file_id}")
+    url = job_storage(settings).url_of(upload_key(file_id))
+    if uploaded.validated_format != dataset_format.value:
+        with local_dataset(url, settings) as path:
+            rows = validate_dataset(path, dataset_format, max_rows=settings.max_dataset_rows)
+        repository.record_file_validation(session, file_id, dataset_format.value, rows)
+    return url
+
+
+def _key_under_root(storage: Storage, relative: str) -> str:
+    """The key of an existing file under the data root; a path that leaves it is refused."""
     if storage.is_local:
-        return str(_local_path_under(Path(storage.root), ref.path))
-    key = posixpath.normpath(ref.path.lstrip("/"))
+        root = Path(storage.root).resolve()
+        try:
+            # resolve() follows symlinks, so a link inside the root that points outside it is caught too.
+            path = (root / relative).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            raise DatasetNotFound(f"{relative!r} is not a file under the data root") from None
+        if not path.is_relative_to(root):
+            raise DatasetPathEscapes(f"{relative!r} resolves outside the data root")
+        if not path.is_file():
+            raise DatasetNotFound(f"{relative!r} is not a file under the data root")
+        return path.relative_to(root).as_posix()
+    key = posixpath.normpath(relative.lstrip("/"))
     if key.startswith("..") or key == ".":
-        raise DatasetPathEscapes(f"{ref.path!r} resolves outside the data root")
-    if not storage.exists(key):
-        raise DatasetNotFound(f"{ref.path!r} is not a file under the data root")
-    return storage.url_of(key)
-
-
-def _local_path_under(root: Path, relative: str) -> Path:
-    root = root.resolve()
-    # resolve() follows symlinks, so a link inside the root that points outside it is caught too.
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
         raise DatasetPathEscapes(f"{relative!r} resolves outside the data root")
-    if not path.is_file():
+    if not storage.exists(key):
         raise DatasetNotFound(f"{relative!r} is not a file under the data root")
-    return path
+    return key
+
+
+# A file under the data root is re-checked only when its size or version (mtime, ETag) changes: the same
+# dataset submitted again costs a stat, not a full read.
+@lru_cache(maxsize=1024)
+def _validated_rows(url: str, size_bytes: int, version: str, dataset_format: str, max_rows: int, home: Path,
+                    s3_endpoint_url: str | None) -> int:
+    with _local_copy_of(url, home, s3_endpoint_url) as path:
+        return validate_dataset(path, dataset_format, max_rows=max_rows)
+
+
+def local_dataset(url: str, settings: Settings):
+    """The dataset on this machine's disk for as long as the block runs (a temp download if it is remote)."""
+    return _local_copy_of(url, settings.resolved_home, settings.s3_endpoint_url)
 
 
 @contextmanager
-def local_dataset(url: str, settings: Settings) -> Iterator[Path]:
-    """The dataset on this machine's disk for as long as the block runs (a temp download if it is remote)."""
-    with tempfile.TemporaryDirectory(dir=settings.resolved_home, prefix=".dataset-") as scratch:
-        yield local_copy(url, Path(scratch) / "dataset.jsonl", settings.s3_endpoint_url)
+def _local_copy_of(url: str, home: Path, s3_endpoint_url: str | None) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(dir=home, prefix=".dataset-") as scratch:
+        yield local_copy(url, Path(scratch) / "dataset.jsonl", s3_endpoint_url)

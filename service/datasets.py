@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.spec import DatasetFormat
-from service.errors import DatasetNotFound, InvalidDataset
+from service.errors import DatasetNotFound, DatasetTooLarge, InvalidDataset
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -67,9 +67,15 @@ def iter_examples(path: str | Path, fmt: DatasetFormat | str) -> Iterator[Exampl
         raise InvalidDataset("the dataset has no rows")
 
 
-def validate_dataset(path: str | Path, fmt: DatasetFormat | str) -> int:
-    """Check every row; return the number of rows. Raises InvalidDataset on the first malformed one."""
-    return sum(1 for _ in iter_examples(path, fmt))
+def validate_dataset(path: str | Path, fmt: DatasetFormat | str, *, max_rows: int | None = None) -> int:
+    """Check every row; return the number of rows. Raises InvalidDataset on the first malformed one, and
+    DatasetTooLarge past `max_rows` rows."""
+    rows = 0
+    for _ in iter_examples(path, fmt):
+        rows += 1
+        if max_rows is not None and rows > max_rows:
+            raise DatasetTooLarge(f"the dataset has more than {max_rows} rows", max_rows=max_rows)
+    return rows
 
 
 def _decode_json(raw: bytes, line: int) -> object | None:

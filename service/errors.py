@@ -14,6 +14,7 @@ class ProblemError(Exception):
     code: str = "internal_error"
     title: str = "Internal error"
     retryable: bool = False
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -29,12 +30,53 @@ class ProblemError(Exception):
         return body
 
 
+class Unauthenticated(ProblemError):
+    status, code, title = 401, "unauthenticated", "A valid API key is required"
+    headers = {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it wants
+
+
+class RateLimited(ProblemError):
+    status, code, title = 429, "rate_limited", "Too many requests for this API key"
+
+    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+        super().__init__(detail, retry_after_seconds=retry_after_seconds)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class QuotaExceeded(ProblemError):
+    status, code, title = 429, "quota_exceeded", "The tenant has too many active jobs"
+
+
+class BodyTooLarge(ProblemError):
+    status, code, title = 413, "body_too_large", "The request body exceeds the size limit"
+
+
+class MethodNotAllowed(ProblemError):
+    status, code, title = 405, "method_not_allowed", "The route does not allow this method"
+
+
+class RouteNotFound(ProblemError):
+    status, code, title = 404, "not_found", "No such route"
+
+
+class MalformedRequest(ProblemError):
+    status, code, title = 400, "malformed_request", "The request cannot be parsed"
+
+
+class UnsupportedMediaType(ProblemError):
+    status, code, title = 415, "unsupported_media_type", "The request body has the wrong content type"
+
+
 class InvalidSpec(ProblemError):
     status, code, title = 422, "invalid_spec", "The job spec is invalid"
 
 
 class BaseModelNotFound(ProblemError):
     status, code, title = 422, "base_model_not_found", "The base model cannot be found"
+
+
+class BaseModelNotAllowed(ProblemError):
+    status, code, title = 422, "base_model_not_allowed", "The base model is outside the allowed model roots"
 
 
 class InvalidDataset(ProblemError):
@@ -57,12 +99,16 @@ class UploadTooLarge(ProblemError):
     status, code, title = 413, "upload_too_large", "The upload exceeds the size limit"
 
 
+class DatasetTooLarge(ProblemError):
+    status, code, title = 422, "dataset_too_large", "The dataset exceeds the size or row limit"
 class DatabaseUnavailable(ProblemError):
     status, code, title, retryable = 503, "database_unavailable", "The database connection was lost", True
+    headers = {"Retry-After": "1"}  # the transaction did not commit: a retry is safe
 
 
 class StorageUnavailable(ProblemError):
     status, code, title, retryable = 503, "storage_unavailable", "The storage location cannot be reached", True
+    headers = {"Retry-After": "5"}
 
 
 class DoesNotFit(ProblemError):

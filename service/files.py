@@ -24,15 +24,26 @@ CHUNK_BYTES = 1024 * 1024
 
 
 def store_upload(session: Session, settings: Settings, source: BinaryIO, filename: str,
-                 dataset_format: DatasetFormat | None) -> tuple[UploadedFile, int | None]:
+                 dataset_format: DatasetFormat | None, tenant_id: str) -> UploadedFile:
+    """Store the upload for the tenant. With a format, every row is checked now and the result remembered,
+    so a job using the file does not read it again."""
     file_id = new_id("file")
     with tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".upload-", suffix=".jsonl") as spool:
         size_bytes, sha256 = _copy_limited(source, spool, settings.max_upload_bytes)
         spool.flush()
-        rows = validate_dataset(Path(spool.name), dataset_format) if dataset_format else None
+        rows = (validate_dataset(Path(spool.name), dataset_format, max_rows=settings.max_dataset_rows)
+                if dataset_format else None)
         job_storage(settings).put_file(Path(spool.name), upload_key(file_id))
-    uploaded = UploadedFile(id=file_id, filename=filename[:255], size_bytes=size_bytes, sha256=sha256)
-    return repository.add_file(session, uploaded), rows
+    uploaded = UploadedFile(id=file_id, tenant_id=tenant_id, filename=_printable(filename)[:255],
+                            size_bytes=size_bytes, sha256=sha256, rows=rows,
+                            validated_format=dataset_format.value if dataset_format else None)
+    return repository.add_file(session, uploaded)
+
+
+def _printable(filename: str) -> str:
+    # The name is the client's; a NUL or a lone surrogate could not be stored as text.
+    cleaned = "".join(ch for ch in filename if ch.isprintable() and not "\ud800" <= ch <= "\udfff")
+    return cleaned or "dataset.jsonl"
 
 
 def _copy_limited(source: BinaryIO, target: BinaryIO, limit_bytes: int) -> tuple[int, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy.orm import Session
 
 from planner import Plan, plan
@@ -36,8 +38,10 @@ def max_gpus_per_worker(session: Session | None, settings: Settings) -> int:
     return max(per_worker.values(), default=1)
 
 
-def plan_spec(session: Session | None, settings: Settings, spec: JobSpec) -> Plan:
-    located, capacity = locate_for_planning(spec.base_model), gpu_capacity_bytes(session, settings, spec)
+def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_roots: list[Path] | None) -> Plan:
+    """`model_roots`: where the model may be read (the API's roots); None plans any local path (the CLI)."""
+    located = locate_for_planning(spec.base_model, model_roots)
+    capacity = gpu_capacity_bytes(session, settings, spec)
     max_gpus = max_gpus_per_worker(session, settings)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         try:

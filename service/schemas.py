@@ -50,6 +50,9 @@ class AttemptOut(_Timestamps):
 class JobOut(_Timestamps):
     id: str
     status: str
+    tenant_id: str
+    created_by_key_id: str | None = Field(description="The API key that submitted the job")
+    cancelled_by_key_id: str | None = Field(description="The API key that cancelled it, if one did")
     spec: dict[str, Any]
     progress: dict[str, Any] | None = Field(
         description="step, total_steps, loss, learning_rate, tokens_per_second, eta_seconds, memory figures")
@@ -70,7 +73,8 @@ class JobOut(_Timestamps):
         artifacts = [Artifact(name=a["name"], size_bytes=a["size_bytes"],
                               url=f"/v1/jobs/{job.id}/artifacts/{a['name']}") for a in job.artifacts or []]
         error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
-        return cls(id=job.id, status=job.status, spec=job.spec, progress=job.progress,
+        return cls(id=job.id, status=job.status, tenant_id=job.tenant_id, created_by_key_id=job.created_by_key_id,
+                   cancelled_by_key_id=job.cancelled_by_key_id, spec=job.spec, progress=job.progress,
                    predicted_peak_bytes=job.predicted_peak_bytes, measured_peak_bytes=job.measured_peak_bytes,
                    peak_error_ratio=ratio, plan=job.plan, error=error, artifacts=artifacts,
                    attempts=[AttemptOut.of(attempt) for attempt in job.attempts], created_at=job.created_at,
@@ -106,7 +110,10 @@ class FileOut(_Timestamps):
     rows: int | None = None
     created_at: datetime
 
+    validated_format: str | None = Field(None, description="The format every row was checked against, if any")
+
     @classmethod
-    def of(cls, uploaded: UploadedFile, rows: int | None = None) -> FileOut:
+    def of(cls, uploaded: UploadedFile) -> FileOut:
         return cls(id=uploaded.id, filename=uploaded.filename, size_bytes=uploaded.size_bytes,
-                   sha256=uploaded.sha256, rows=rows, created_at=uploaded.created_at)
+                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format,
+                   created_at=uploaded.created_at)

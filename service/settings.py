@@ -27,7 +27,22 @@ class Settings(BaseSettings):
                                                     "directory (default: the storage location's data/)")
     # Where a worker stages a job's dataset and checkpoints on its own disk. Unset: FTJOBS_HOME/work.
     worker_dir: Path | None = None
-    max_upload_bytes: int = 100 * 1024 * 1024
+    # base_model resolves only inside these directories (':'-separated, as PATH) and the Hugging Face cache;
+    # unset: FTJOBS_HOME/models. The API never reads a model directory anywhere else.
+    model_roots: str | None = None
+    max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1)
+    # A job spec is a few KiB; this leaves room for long metadata while a huge body is cut off as it streams.
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_dataset_bytes: int = Field(1024**3, ge=1, description="Datasets given by path are refused above this")
+    max_dataset_rows: int = Field(1_000_000, ge=1)
+    # Requests per API key per rate_limit_window_seconds (fixed window, counted in Redis when there is one).
+    rate_limit_requests: int = Field(600, ge=1)
+    rate_limit_window_seconds: int = Field(60, ge=1)
+    # Queued + running + cancelling jobs per tenant, unless its own limit is set (`ftjobs keys create`).
+    max_active_jobs_per_tenant: int = Field(10, ge=1)
+    api_key: str | None = Field(None, description="The key the CLI sends; else FTJOBS_HOME/api-key")
+    # Origins allowed to call the API from a browser, comma-separated; empty: no CORS headers at all.
+    cors_origins: str = ""
     queue_name: str = "training"
     # Redis redelivers unacknowledged tasks after this long; see worker/celery_app.py for the ack policy.
     visibility_timeout_seconds: int = 3600
@@ -50,6 +65,8 @@ class Settings(BaseSettings):
     log_json: bool = False
     # Each worker serves its own Prometheus /metrics on this port (0 = none); one port per worker on a host.
     worker_metrics_port: int = 9101
+    # Loopback by default: the worker's metrics are for a local scraper, not for the network.
+    worker_metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _lease_outlasts_its_renewal(self) -> Settings:
@@ -92,9 +109,25 @@ class Settings(BaseSettings):
     def broker_url(self) -> str:
         return self.redis_url or f"sqla+sqlite:///{self.resolved_home / 'broker.db'}"
 
+    @property
+    def model_root_dirs(self) -> list[Path]:
+        if not self.model_roots:
+            return [self.resolved_home / "models"]
+        return [Path(root).expanduser().resolve() for root in self.model_roots.split(":") if root]
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.resolved_home / "api-key"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
     def ensure_dirs(self) -> None:
-        """The local directories this process writes: the home, and local storage (an S3 URL needs none)."""
-        self.resolved_home.mkdir(parents=True, exist_ok=True)
+        """The local directories this process writes: the home, the first model root, and local storage (an S3
+        URL needs none)."""
+        for path in (self.resolved_home, *self.model_root_dirs[:1]):
+            path.mkdir(parents=True, exist_ok=True)
         for url in (self.resolved_storage_url, self.resolved_data_root):
             if "://" not in url or url.startswith("file://"):
                 Path(url.removeprefix("file://")).expanduser().mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,11 @@ class Storage:
     def size(self, key: str) -> int:
         return self._guard(self.fs.size, self.path(key))
 
+    def fingerprint(self, key: str) -> tuple[int, str]:
+        """The size, and a version that changes with the content: the mtime on disk, the ETag on S3."""
+        info = self._guard(self.fs.info, self.path(key))
+        return int(info["size"]), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))
+
     def put_file(self, local: Path, key: str) -> None:
         with open(local, "rb") as source, self._writing(key) as target:
             shutil.copyfileobj(source, target, CHUNK_BYTES)

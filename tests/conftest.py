@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -69,21 +70,55 @@ def redis_client(settings) -> Iterator[redis.Redis]:
     client.close()
 
 
+class TestKey:
+    """An API key made for a test: the secret to send, and the caller it authenticates as."""
+
+    def __init__(self, secret: str, caller) -> None:
+        self.secret, self.caller = secret, caller
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def create_test_key(tenant: str, *, admin: bool = False, max_active_jobs: int | None = None) -> TestKey:
+    """A real key in the test database, created exactly as `ftjobs keys create` does."""
+    from service.db import transaction
+    from service.tenancy.keys import Caller, create_key
+
+    with transaction() as session:
+        key, secret = create_key(session, tenant, admin=admin, max_active_jobs=max_active_jobs)
+        return TestKey(secret, Caller(key_id=key.id, tenant_id=key.tenant_id, admin=key.admin))
+
+
+@pytest.fixture(scope="session")
+def make_key(database):
+    """create_test_key(tenant, admin=False, max_active_jobs=None) -> TestKey."""
+    return create_test_key
+
+
+@pytest.fixture(scope="session")
+def admin_key(database) -> TestKey:
+    """The key the shared `api` client sends: an admin, so tests that predate tenants see every job."""
+    return create_test_key("test-admins", admin=True, max_active_jobs=1000)
+
+
 @pytest.fixture()
-def api(database, settings):
+def api(database, settings, admin_key):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=admin_key.headers) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(settings) -> Path:
+    """Built under the first model root: the API reads base models nowhere else."""
     from ftjobs.tinymodel import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", seed=0)
+    return build_tiny_model(settings.model_root_dirs[0] / "tiny-llama", arch="llama", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +132,38 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextmanager
+def _uvicorn_api(**env_overrides: str) -> Iterator[tuple[str, int]]:
+    """The API under uvicorn as deployed, with these FTJOBS_ settings; yields its URL and process id."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "FTJOBS_LOG_LEVEL": "WARNING", **env_overrides}
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start (exit code {process.poll()})")
+            time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def uvicorn_api(database):
+    """uvicorn_api(**FTJOBS_settings): a context manager running the API under uvicorn; yields (url, pid)."""
+    return _uvicorn_api
 
 
 class WorkerProcess:
@@ -140,7 +207,7 @@ def worker(database, redis_client) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture()
-def store_queued_job(database, settings):
+def store_queued_job(database, settings, admin_key):
     """Store a job exactly as POST /v1/jobs does, but send no message: the test decides when (and how often)."""
     from planner.spec import JobSpec
     from service.db import transaction
@@ -148,7 +215,7 @@ def store_queued_job(database, settings):
 
     def store(spec: dict) -> str:
         with transaction() as session:
-            return submit_job(session, settings, JobSpec.model_validate(spec)).id
+            return submit_job(session, settings, JobSpec.model_validate(spec), admin_key.caller).id
 
     return store
 
@@ -178,7 +245,7 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     import boto3
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

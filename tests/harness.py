@@ -34,6 +34,10 @@ FAST_SETTINGS = {
     "FTJOBS_DRAIN_SECONDS": "60",
     "FTJOBS_MAX_ATTEMPTS": "5",
     "FTJOBS_WORKER_METRICS_PORT": "0",
+    # The faults hammer the API and queue many jobs at once: the per-key rate limit and the tenant quota are
+    # tested elsewhere (tests/service/test_tenancy.py) and would only get in the way here.
+    "FTJOBS_RATE_LIMIT_REQUESTS": "1000000",
+    "FTJOBS_MAX_ACTIVE_JOBS_PER_TENANT": "100000",
 }
 TERMINAL = {"succeeded", "failed", "cancelled"}
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -123,8 +127,13 @@ class Stack:
         from sqlalchemy import create_engine
         from sqlalchemy.orm import sessionmaker
 
+        from service.tenancy.keys import create_key
+
         self.engine = create_engine(self.database_url, pool_size=2, max_overflow=2, pool_pre_ping=True)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        with self.sessions() as session, session.begin():
+            _, secret = create_key(session, "stack", admin=True)
+        self.headers = {"Authorization": f"Bearer {secret}"}
 
     @property
     def url(self) -> str:
@@ -154,8 +163,12 @@ class Stack:
     def worker_of(self, hostname: str) -> ManagedProcess:
         return self.workers[hostname.split("@", 1)[0]]
 
+    def client(self) -> httpx.Client:
+        """An HTTP client of the stack's API with its admin key."""
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
+
     def submit(self, spec: dict) -> str:
-        response = httpx.post(f"{self.url}/v1/jobs", json=spec, timeout=30)
+        response = httpx.post(f"{self.url}/v1/jobs", json=spec, headers=self.headers, timeout=30)
         assert response.status_code == 201, response.text
         return response.json()["id"]
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_plan(tmp_path, spec: dict | str) -> subprocess.CompletedProcess:
     path = tmp_path / "spec.json"
@@ -40,3 +42,41 @@ def test_invalid_spec_exits_2_with_a_problem(tmp_path):
     assert not_json.returncode == 2 and json.loads(not_json.stderr)["code"] == "invalid_spec"
     unknown_model = run_plan(tmp_path, {"base_model": "nobody/unknown-model"})
     assert unknown_model.returncode == 2 and json.loads(unknown_model.stderr)["code"] == "base_model_not_found"
+
+
+def test_keys_create_list_and_revoke(database):
+    from service.db import transaction
+    from service.errors import Unauthenticated
+    from service.tenancy.keys import authenticate
+
+    def ftjobs(*args) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    secret = ftjobs("keys", "create", "--tenant", "cli-team", "--max-active-jobs", "3").stdout.strip().splitlines()[-1]
+    with transaction() as session:
+        caller = authenticate(session, f"Bearer {secret}")
+    assert not caller.admin and caller.key_id in ftjobs("keys", "list").stdout
+    ftjobs("keys", "revoke", caller.key_id)
+    with transaction() as session, pytest.raises(Unauthenticated):
+        authenticate(session, f"Bearer {secret}")
+
+
+def test_up_keeps_a_local_admin_key_readable_only_by_its_owner(settings, tmp_path):
+    from ftjobs.cli import _ensure_local_admin_key
+    from service.db import transaction
+    from service.migrate import upgrade_database
+    from service.tenancy.keys import authenticate
+
+    embedded = settings.model_copy(update={"database_url": None, "redis_url": None, "home": tmp_path})
+    upgrade_database(embedded)
+    _ensure_local_admin_key(embedded)
+    key_file = embedded.api_key_file
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    secret = key_file.read_text().strip()
+    _ensure_local_admin_key(embedded)  # a second start keeps the key
+    assert key_file.read_text().strip() == secret
+    with transaction(embedded) as session:
+        assert authenticate(session, f"Bearer {secret}").admin

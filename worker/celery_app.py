@@ -61,7 +61,7 @@ def _on_ready(sender, **_kwargs) -> None:
     start_maintenance(hostname, settings)
     log.info("worker %s ready with %s", hostname, [g[1] for g in gpus] or "no GPU (training runs on the CPU)")
     if settings.worker_metrics_port:
-        worker_metrics.serve(settings.worker_metrics_port)
+        worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     for job_id in requeue_orphans(hostname, settings):
         log.warning("job %s was running when this worker last stopped; handed to a new attempt", job_id)
 

@@ -216,7 +216,7 @@ def host_memory() -> tuple[int, int] | None:
 REGISTRY.register(DeviceCollector())
 
 
-def serve(port: int) -> bool:
+def serve(port: int, host: str = "127.0.0.1") -> bool:
     """Start the worker's /metrics server; False (logged) if the port is taken, so the worker still trains."""
     device = training_device_kind()
     # Exported as 0 from the start, for this worker's device only: a series for a device it lacks would be a lie.
@@ -225,9 +225,9 @@ def serve(port: int) -> bool:
     for outcome in OUTCOMES:
         JOB_DURATION.labels(outcome)
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
         log.error("worker metrics could not listen on port %d: %s (set FTJOBS_WORKER_METRICS_PORT)", port, exc)
         return False
-    log.info("worker metrics on :%d/metrics", port)
+    log.info("worker metrics on %s:%d/metrics", host, port)
     return True

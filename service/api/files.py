@@ -1,23 +1,40 @@
-"""/v1/files: dataset uploads."""
+"""/v1/files: dataset uploads, owned by the caller's tenant."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from planner.spec import DatasetFormat
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.problems import problems
+from service.errors import InvalidSpec
 from service.files import store_upload
 from service.schemas import FileOut
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", status_code=201, response_model=FileOut)
+FORM_FIELDS = {"file", "format"}
+
+
+async def _strict_form(request: Request) -> None:
+    """Unknown fields are errors, as in a job spec; and FastAPI reads an empty field as absent, while an empty
+    `format` is a wrong value, not a missing one."""
+    form = await request.form()
+    unknown = sorted(set(form.keys()) - FORM_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"unknown form fields: {', '.join(repr(name) for name in unknown)}")
+    if form.get("format") == "":
+        raise InvalidSpec("format: must be one of " + ", ".join(f.value for f in DatasetFormat))
+
+
+@router.post("", status_code=201, response_model=FileOut, operation_id="upload_file", responses=problems(413, 415),
+             dependencies=[Depends(_strict_form)])
 def upload_file(file: Annotated[UploadFile, File(description="A JSONL dataset")],
-                session: SessionDep, settings: SettingsDep,
+                session: SessionDep, settings: SettingsDep, caller: CallerDep,
                 format: Annotated[DatasetFormat | None, Form(description="Validate rows as this format")] = None,
                 ) -> FileOut:
-    uploaded, rows = store_upload(session, settings, file.file, file.filename or "dataset.jsonl", format)
-    return FileOut.of(uploaded, rows)
+    uploaded = store_upload(session, settings, file.file, file.filename or "dataset.jsonl", format, caller.tenant_id)
+    return FileOut.of(uploaded)

@@ -17,7 +17,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={200: {"description": "ready"}, 503: {"description": "not ready; checks says why"}})
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     checks = {"database": _check(lambda: _database_current(session, settings)),
               "broker": _check(lambda: _ping_broker(settings.redis_url)),

@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.jobs.states import ALLOWED_FROM, JobStatus
-from service.models import Job, JobEvent, RegisteredGpu, UploadedFile, utcnow
+from service.models import Job, JobEvent, RegisteredGpu, Tenant, UploadedFile, utcnow
 
 
 def add_job(session: Session, job: Job) -> Job:
@@ -19,13 +19,22 @@ def add_job(session: Session, job: Job) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id))
+def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job | None:
+    """The job, if it belongs to `tenant_id` (any tenant when None)."""
+    query = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return session.scalar(query)
 
 
-def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None) -> list[Job]:
-    """Newest first; `before_seq` continues a page."""
+def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None,
+              tenant_id: str | None = None, tenant_name: str | None = None) -> list[Job]:
+    """Newest first; `before_seq` continues a page; `tenant_id`/`tenant_name` narrow it to one tenant."""
     query = select(Job).order_by(Job.seq.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    if tenant_name is not None:
+        query = query.join(Tenant, Job.tenant_id == Tenant.id).where(Tenant.name == tenant_name)
     if status is not None:
         query = query.where(Job.status == status.value)
     if before_seq is not None:
@@ -94,8 +103,16 @@ def add_file(session: Session, uploaded: UploadedFile) -> UploadedFile:
     return uploaded
 
 
-def get_file(session: Session, file_id: str) -> UploadedFile | None:
-    return session.get(UploadedFile, file_id)
+def get_file(session: Session, file_id: str, tenant_id: str | None = None) -> UploadedFile | None:
+    query = select(UploadedFile).where(UploadedFile.id == file_id)
+    if tenant_id is not None:
+        query = query.where(UploadedFile.tenant_id == tenant_id)
+    return session.scalar(query)
+
+
+def record_file_validation(session: Session, file_id: str, dataset_format: str, rows: int) -> None:
+    session.execute(update(UploadedFile).where(UploadedFile.id == file_id)
+                    .values(validated_format=dataset_format, rows=rows))
 
 
 def register_gpus(session: Session, hostname: str, gpus: list[tuple[int, str, int]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from sqlalchemy.orm import Session
@@ -9,37 +10,44 @@ from sqlalchemy.orm import Session
 from planner import Plan
 from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
-from service.dataset_refs import local_dataset, resolve_dataset
-from service.datasets import validate_dataset
-from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, UnsupportedNumGpus,
-                            UnsupportedSharding)
+from service.dataset_refs import resolve_dataset
+from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, QuotaExceeded,
+                            UnsupportedNumGpus, UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
 from service.models import Job, utcnow
 from service.planning import plan_spec
 from service.settings import Settings
+from service.tenancy import repository as tenancy
+from service.tenancy.keys import Caller
+
+
+# Every id this service hands out; anything else cannot name a row, so it is not looked up at all.
+ID_PATTERN = re.compile(r"[a-z]{2,8}_[0-9a-f]{24}")
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def submit_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
-    """Validate everything the worker will need, plan, and store the job as queued; refuse what cannot fit."""
+def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Caller) -> Job:
+    """Validate everything the worker will need, plan, and store the job as queued for the caller's tenant;
+    refuse what cannot fit or would pass the tenant's active-jobs quota."""
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
     _refuse_sharding_until_workers_run_it(spec)
-    job_plan = plan_spec(session, settings, spec)
+    # Planning locates the model inside the model roots first: a name outside them is refused unread.
+    job_plan = plan_spec(session, settings, spec, settings.model_root_dirs)
     if job_plan.fits is False:
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
-    model_dir = resolve_base_model_dir(spec.base_model)
-    dataset_url = resolve_dataset(session, settings, spec.dataset)
-    with local_dataset(dataset_url, settings) as dataset_path:
-        validate_dataset(dataset_path, spec.dataset_format)
+    model_dir = resolve_base_model_dir(spec.base_model, settings.model_root_dirs)
+    dataset_url = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
+    _check_quota(session, settings, caller.tenant_id)
     resolved = _with_resolved_micro_batch(spec, job_plan)
     job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
               plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
-              predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow())
+              predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow(),
+              tenant_id=caller.tenant_id, created_by_key_id=caller.key_id)
     return repository.add_job(session, job)
 
 
@@ -52,6 +60,15 @@ def _refuse_sharding_until_workers_run_it(spec: JobSpec) -> None:
     if res.sharding is not None or res.offload.value != "none":
         raise UnsupportedSharding("resources.sharding / offload: FSDP2 training is not available on the workers yet; "
                                   "POST /v1/plans plans it")
+
+
+def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:
+    tenant = tenancy.lock_tenant(session, tenant_id)
+    limit = tenant.max_active_jobs or settings.max_active_jobs_per_tenant
+    active = tenancy.count_active_jobs(session, tenant_id)
+    if active >= limit:
+        raise QuotaExceeded(f"tenant {tenant.name!r} has {active} active jobs; its limit is {limit}",
+                            max_active_jobs=limit)
 
 
 def _with_resolved_micro_batch(spec: JobSpec, job_plan: Plan) -> JobSpec:
@@ -73,26 +90,27 @@ def _does_not_fit_detail(job_plan: Plan) -> str:
     return detail
 
 
-def load_job(session: Session, job_id: str) -> Job:
-    job = repository.get_job(session, job_id)
+def load_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
+    """The job if `tenant_id` may see it (None: any tenant). Another tenant's job is as missing as no job."""
+    job = repository.get_job(session, job_id, tenant_id) if ID_PATTERN.fullmatch(job_id) else None
     if job is None:
-        raise JobNotFound(f"no job {job_id}")
+        raise JobNotFound(f"no job {job_id!r}")
     return job
 
 
 _CANCEL_TARGET = {JobStatus.queued: JobStatus.cancelled, JobStatus.running: JobStatus.cancelling}
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, job_id: str, caller: Caller) -> Job:
     """Queued jobs end at once; running ones go to cancelling and their worker stops the training process."""
-    job = load_job(session, job_id)
+    job = load_job(session, job_id, caller.tenant_scope)
     for _ in range(2):  # a worker may claim the job between our read and our update: then try once more
         if job.status == JobStatus.cancelling.value:
             return job
         target = _CANCEL_TARGET.get(JobStatus(job.status))
         if target is None:
             break
-        if repository.transition(session, job_id, target):
+        if repository.transition(session, job_id, target, cancelled_by_key_id=caller.key_id):
             return load_job_fresh(session, job_id)
         job = load_job_fresh(session, job_id)
     raise InvalidTransition(f"job {job_id} is {job.status} and cannot be cancelled")

@@ -9,7 +9,6 @@ import os
 import signal
 
 import boto3
-import httpx
 import pytest
 import torch
 from harness import job_spec, running_stack
@@ -19,9 +18,12 @@ pytestmark = [pytest.mark.timeout(420)]
 
 
 @pytest.fixture()
-def s3_stack(database, s3_endpoint, tmp_path):
+def s3_stack(database, settings, s3_endpoint, tmp_path):
     storage_url = f"s3://ftjobs/deploy-{tmp_path.name}"
-    with running_stack(tmp_path, FTJOBS_STORAGE_URL=storage_url, FTJOBS_S3_ENDPOINT_URL=s3_endpoint) as stack:
+    # Both machines' own homes, but the test's models: the same local model directory on each machine.
+    model_roots = ":".join(str(root) for root in settings.model_root_dirs)
+    with running_stack(tmp_path, FTJOBS_STORAGE_URL=storage_url, FTJOBS_S3_ENDPOINT_URL=s3_endpoint,
+                       FTJOBS_MODEL_ROOTS=model_roots) as stack:
         stack.start_api(FTJOBS_HOME=str(tmp_path / "api-machine"))
         stack.start_worker("w1", FTJOBS_HOME=str(tmp_path / "worker-machine"))
         yield stack, storage_url, tmp_path
@@ -30,7 +32,7 @@ def s3_stack(database, s3_endpoint, tmp_path):
 def test_upload_train_resume_and_download_through_s3(s3_stack, tiny_model, s3_endpoint):
     stack, storage_url, machines = s3_stack
     rows = [{"instruction": f"Name the number {i}.", "output": f"number {i}"} for i in range(30)]
-    api = httpx.Client(base_url=stack.url, timeout=60)
+    api = stack.client()
     upload = api.post("/v1/files", files={"file": ("rows.jsonl", "\n".join(map(json.dumps, rows)) + "\n")},
                       data={"format": "alpaca"})
     assert upload.status_code == 201, upload.text
@@ -64,7 +66,7 @@ def test_dataset_by_path_resolves_under_the_s3_data_root(s3_stack, tiny_model, s
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(
         Bucket=bucket, Key=f"{prefix}/data/team/rows.jsonl", Body="\n".join(map(json.dumps, rows)) + "\n")
     spec = {**job_spec(tiny_model, "team/rows.jsonl", max_steps=3), "dataset_format": "text"}
-    api = httpx.Client(base_url=stack.url, timeout=60)
+    api = stack.client()
     assert api.post("/v1/jobs", json={**spec, "dataset": {"path": "../escape.jsonl"}}).json()["code"] == \
         "dataset_path_escapes_root"
     assert api.post("/v1/jobs", json={**spec, "dataset": {"path": "team/missing.jsonl"}}).json()["code"] == \

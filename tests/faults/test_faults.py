@@ -77,7 +77,7 @@ def test_api_killed_during_a_burst_of_submissions(stack, tiny_model, fault_datas
     def post(index: int) -> None:
         spec = {**job_spec(tiny_model, fault_dataset, max_steps=6), "metadata": {"burst": burst, "n": str(index)}}
         try:
-            response = httpx.post(f"{stack.url}/v1/jobs", json=spec, timeout=30)
+            response = httpx.post(f"{stack.url}/v1/jobs", json=spec, headers=stack.headers, timeout=30)
         except httpx.HTTPError as exc:
             failures.append(type(exc).__name__)
             return
@@ -104,7 +104,7 @@ def test_database_connections_terminated_mid_run(stack, tiny_model, fault_datase
     stop = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(base_url=stack.url, timeout=30) as client:
+        with stack.client() as client:
             while not stop.is_set():
                 for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
                     try:

@@ -64,8 +64,8 @@ def dataset(data_root) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=30) as http:
+def client(api_server, admin_key):
+    with httpx.Client(base_url=api_server, timeout=30, headers=admin_key.headers) as http:
         yield http
 
 

@@ -9,7 +9,8 @@ from sqlalchemy import create_engine, inspect
 from service.migrate import upgrade_database
 from service.models import Base
 
-TABLES = {"jobs", "job_events", "job_attempts", "job_checkpoints", "files", "gpus", "alembic_version"}
+TABLES = {"jobs", "job_events", "job_attempts", "job_checkpoints", "files", "gpus", "tenants", "api_keys",
+          "alembic_version"}
 
 
 def _diff(url: str) -> list:

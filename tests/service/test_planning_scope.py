@@ -29,9 +29,18 @@ def job_count() -> int:
 
 
 @pytest.fixture()
-def config_only(tiny_model, tmp_path):
+def models(settings, tmp_path):
+    """A directory of this test's own inside the API's model roots: the API reads models nowhere else."""
+    directory = settings.model_root_dirs[0] / f"scope-{tmp_path.name}"
+    directory.mkdir(parents=True)
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.fixture()
+def config_only(tiny_model, models):
     """A directory holding the tiny model's config.json and nothing else."""
-    directory = tmp_path / "config-only"
+    directory = models / "config-only"
     directory.mkdir()
     shutil.copy(tiny_model / "config.json", directory / "config.json")
     return directory
@@ -56,8 +65,8 @@ def test_config_only_directory_plans_but_is_not_submitted(api, config_only, data
     assert "safetensors" in body["detail"] and job_count() == before
 
 
-def test_local_config_wins_over_a_catalog_name(api, tiny_model, tmp_path):
-    local = tmp_path / "models" / "Qwen2.5-7B"  # named like the catalog's Qwen/Qwen2.5-7B
+def test_local_config_wins_over_a_catalog_name(api, tiny_model, models):
+    local = models / "Qwen2.5-7B"  # named like the catalog's Qwen/Qwen2.5-7B
     local.mkdir(parents=True)
     shutil.copy(tiny_model / "config.json", local / "config.json")
     spec = {"method": "full", "training": {"max_seq_length": 64, "micro_batch_size": 1}}
@@ -79,8 +88,8 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("config, code", REFUSED)
-def test_configs_out_of_scope_are_refused(api, tmp_path, config, code):
-    directory = with_config(tmp_path, "refused", config)
+def test_configs_out_of_scope_are_refused(api, models, config, code):
+    directory = with_config(models, "refused", config)
     assert_problem(api.post("/v1/plans", json={"base_model": str(directory)}), 422, code)
 
 

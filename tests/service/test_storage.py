@@ -61,14 +61,14 @@ def test_an_unreachable_location_says_why():
         nowhere.check()
 
 
-def test_readiness_and_submission_with_unreachable_storage(database, settings, tiny_model):
+def test_readiness_and_submission_with_unreachable_storage(database, settings, admin_key):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
 
     unreachable = settings.model_copy(update={"storage_url": "s3://ftjobs/nowhere",
                                               "s3_endpoint_url": "http://127.0.0.1:9"})
-    with TestClient(create_app(unreachable)) as client:
+    with TestClient(create_app(unreachable), headers=admin_key.headers) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "cannot be reached" in ready.json()["checks"]["storage"]
         upload = client.post("/v1/files", files={"file": ("d.jsonl", io.BytesIO(b'{"text": "hi"}\n'))})

@@ -65,9 +65,10 @@ def test_options_of_another_method_are_rejected(api, tiny_model, datasets, nothi
     assert "qlora only" in assert_problem(api.post("/v1/jobs", json=spec), 422, "invalid_spec")["detail"]
 
 
-def test_missing_base_model(api, tmp_path, datasets, nothing_stored):
-    spec = tiny_spec(tmp_path / "no-such-model")
+def test_missing_base_model(api, settings, datasets, nothing_stored):
+    spec = tiny_spec(settings.model_root_dirs[0] / "no-such-model")
     assert_problem(api.post("/v1/jobs", json=spec), 422, "base_model_not_found")
+    assert_problem(api.post("/v1/jobs", json=tiny_spec("no-such-model")), 422, "base_model_not_found")
     uncached_hub_id = tiny_spec("nobody/not-a-cached-model")
     assert_problem(api.post("/v1/jobs", json=uncached_hub_id), 422, "base_model_not_found")
 
@@ -100,7 +101,7 @@ def test_unknown_file_id(api, tiny_model, datasets, nothing_stored):
     assert_problem(api.post("/v1/jobs", json=spec), 422, "dataset_not_found")
 
 
-def test_oversized_upload_is_refused(database, settings, nothing_stored):
+def test_oversized_upload_is_refused(database, settings, admin_key, nothing_stored):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -108,7 +109,7 @@ def test_oversized_upload_is_refused(database, settings, nothing_stored):
     small = settings.model_copy(update={"max_upload_bytes": 1024})
     stored = Path(settings.resolved_storage_url) / "files"
     stored_before = set(stored.glob("*"))
-    with TestClient(create_app(small)) as client:
+    with TestClient(create_app(small), headers=admin_key.headers) as client:
         big = b'{"text": "' + b"x" * 200_000 + b'"}\n'
         response = client.post("/v1/files", files={"file": ("big.jsonl", big)})
         assert_problem(response, 413, "upload_too_large")

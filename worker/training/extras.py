@@ -63,6 +63,7 @@ def save_merged(spec: JobSpec, base_model_dir: Path, output_dir: Path, save_dir)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16, device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16, device_map={"": "cpu"},
+                                                use_safetensors=True)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     return save_dir(merged, output_dir, "model")

@@ -113,7 +113,8 @@ def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: 
     from transformers import AutoModelForCausalLM
 
     load_dtype = plan.trained_dtype if spec.method is Method.full else plan.frozen_dtype
-    kwargs = {"dtype": load_dtype, "attn_implementation": "sdpa"}
+    # safetensors only, whatever else the directory holds: a pickled checkpoint could run code when loaded.
+    kwargs = {"dtype": load_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
     if device.type == "cuda":
         # Load straight onto the GPU instead of staging the whole model in host memory.
         kwargs["device_map"] = {"": device.index or 0}

@@ -1,0 +1,55 @@
+"""Every SQL statement about tenants and API keys. Functions flush; callers commit."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.jobs.states import TERMINAL
+from service.models import ApiKey, Job, Tenant, utcnow
+
+
+def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def add_tenant(session: Session, tenant: Tenant) -> Tenant:
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def set_max_active_jobs(session: Session, tenant_id: str, max_active_jobs: int | None) -> None:
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(max_active_jobs=max_active_jobs))
+
+
+def lock_tenant(session: Session, tenant_id: str) -> Tenant:
+    """The tenant row, locked until commit, so two submissions cannot both pass the active-jobs quota."""
+    return session.scalars(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).one()
+
+
+def count_active_jobs(session: Session, tenant_id: str) -> int:
+    terminal = [status.value for status in TERMINAL]
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.tenant_id == tenant_id, Job.status.not_in(terminal)))
+
+
+def add_key(session: Session, key: ApiKey) -> ApiKey:
+    session.add(key)
+    session.flush()
+    return key
+
+
+def find_active_key(session: Session, key_sha256: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_sha256 == key_sha256, ApiKey.revoked_at.is_(None)))
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    result = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                             .values(revoked_at=utcnow()))
+    return result.rowcount == 1
+
+
+def list_keys(session: Session) -> list[tuple[ApiKey, Tenant]]:
+    query = select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id).order_by(ApiKey.created_at)
+    return [(key, tenant) for key, tenant in session.execute(query)]
