@@ -47,7 +47,7 @@ def test_invalid_spec_exits_2_with_a_problem(tmp_path):
 def test_keys_create_list_and_revoke(database):
     from service.db import transaction
     from service.errors import Unauthenticated
-    from service.tenancy.keys import authenticate
+    from service.tenancy.keys import authenticate, presented_key_sha256
 
     def ftjobs(*args) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
@@ -57,18 +57,18 @@ def test_keys_create_list_and_revoke(database):
 
     secret = ftjobs("keys", "create", "--tenant", "cli-team", "--max-active-jobs", "3").stdout.strip().splitlines()[-1]
     with transaction() as session:
-        caller = authenticate(session, f"Bearer {secret}")
+        caller = authenticate(session, presented_key_sha256(f"Bearer {secret}"))
     assert not caller.admin and caller.key_id in ftjobs("keys", "list").stdout
     ftjobs("keys", "revoke", caller.key_id)
     with transaction() as session, pytest.raises(Unauthenticated):
-        authenticate(session, f"Bearer {secret}")
+        authenticate(session, presented_key_sha256(f"Bearer {secret}"))
 
 
 def test_up_keeps_a_local_admin_key_readable_only_by_its_owner(settings, tmp_path):
     from ftjobs.cli import _ensure_local_admin_key
     from service.db import transaction
     from service.migrate import upgrade_database
-    from service.tenancy.keys import authenticate
+    from service.tenancy.keys import authenticate, presented_key_sha256
 
     embedded = settings.model_copy(update={"database_url": None, "redis_url": None, "home": tmp_path})
     upgrade_database(embedded)
@@ -79,4 +79,4 @@ def test_up_keeps_a_local_admin_key_readable_only_by_its_owner(settings, tmp_pat
     _ensure_local_admin_key(embedded)  # a second start keeps the key
     assert key_file.read_text().strip() == secret
     with transaction(embedded) as session:
-        assert authenticate(session, f"Bearer {secret}").admin
+        assert authenticate(session, presented_key_sha256(f"Bearer {secret}")).admin

@@ -70,12 +70,17 @@ def revoke_key(session: Session, key_id: str) -> None:
         raise KeyNotFound(f"no active key {key_id}")
 
 
-def authenticate(session: Session, authorization: str | None) -> Caller:
-    """The caller behind an `Authorization: Bearer <key>` header, or Unauthenticated."""
+def presented_key_sha256(authorization: str | None) -> str:
+    """The hash of the key in an `Authorization: Bearer <key>` header, or Unauthenticated without one."""
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated("send Authorization: Bearer <api key>")
-    key = repository.find_active_key(session, hash_key(secret.strip()))
+    return hash_key(secret.strip())
+
+
+def authenticate(session: Session, key_sha256: str) -> Caller:
+    """The caller holding the key with this hash, or Unauthenticated if it is unknown or revoked."""
+    key = repository.find_active_key(session, key_sha256)
     if key is None:
         raise Unauthenticated("the API key is unknown or revoked")
     return Caller(key_id=key.id, tenant_id=key.tenant_id, admin=key.admin)
