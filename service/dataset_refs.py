@@ -6,7 +6,6 @@ import posixpath
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -35,9 +34,22 @@ def resolve_dataset(session: Session, settings: Settings, ref: DatasetRef, tenan
     if size_bytes > settings.max_dataset_bytes:
         raise DatasetTooLarge(f"{ref.path!r} is {size_bytes} bytes; the limit is {settings.max_dataset_bytes}")
     url = storage.url_of(key)
-    _validated_rows(url, size_bytes, version, dataset_format.value, settings.max_dataset_rows,
-                    settings.resolved_home, settings.s3_endpoint_url)
+    _validate_once(session, settings, url, size_bytes, version, dataset_format)
     return url
+
+
+def _validate_once(session: Session, settings: Settings, url: str, size_bytes: int, version: str,
+                   dataset_format: DatasetFormat) -> None:
+    """Check every row the first time this file (this size, this version) is used in this format, and record
+    the result in the database, where every API process finds it: a 1e6-row dataset costs a read once, then a
+    lookup. A row count over today's limit is refused even when it was recorded under a larger one."""
+    rows = repository.validated_rows(session, url, size_bytes, version, dataset_format.value)
+    if rows is None:
+        with local_dataset(url, settings) as path:
+            rows = validate_dataset(path, dataset_format, max_rows=settings.max_dataset_rows)
+        repository.record_dataset_validation(session, url, size_bytes, version, dataset_format.value, rows)
+    elif rows > settings.max_dataset_rows:
+        raise DatasetTooLarge(f"{url!r} has {rows} rows; the limit is {settings.max_dataset_rows}")
 
 
 def _uploaded(session: Session, settings: Settings, file_id: str, tenant_id: str,
@@ -74,15 +86,6 @@ def _key_under_root(storage: Storage, relative: str) -> str:
     if not storage.exists(key):
         raise DatasetNotFound(f"{relative!r} is not a file under the data root")
     return key
-
-
-# A file under the data root is re-checked only when its size or version (mtime, ETag) changes: the same
-# dataset submitted again costs a stat, not a full read.
-@lru_cache(maxsize=1024)
-def _validated_rows(url: str, size_bytes: int, version: str, dataset_format: str, max_rows: int, home: Path,
-                    s3_endpoint_url: str | None) -> int:
-    with _local_copy_of(url, home, s3_endpoint_url) as path:
-        return validate_dataset(path, dataset_format, max_rows=max_rows)
 
 
 def local_dataset(url: str, settings: Settings):

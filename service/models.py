@@ -48,14 +48,21 @@ class ApiKey(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    # The reconciler's two scans: expired leases of running jobs, and jobs queued for too long.
-    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-                      Index("ix_jobs_status_queued_at", "status", "queued_at"))
+    __table_args__ = (
+        # The reconciler's two scans: expired leases of running jobs, and jobs queued for too long.
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_status_queued_at", "status", "queued_at"),
+        # One per list filter, each ending in seq, so a page newest-first reads `limit` index entries
+        # whatever the table's size: an admin's by status, a tenant's, a tenant's by status.
+        Index("ix_jobs_status_seq", "status", "seq"),
+        Index("ix_jobs_tenant_id_seq", "tenant_id", "seq"),
+        Index("ix_jobs_tenant_id_status_seq", "tenant_id", "status", "seq"),
+    )
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"))
     created_by_key_id: Mapped[str | None] = mapped_column(String(40))
     cancelled_by_key_id: Mapped[str | None] = mapped_column(String(40))
     spec: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
@@ -139,6 +146,20 @@ class UploadedFile(Base):
     validated_format: Mapped[str | None] = mapped_column(String(16))
     rows: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetValidation(Base):
+    """A dataset under the data root whose every row was checked in a format. Submitting the same file again
+    (same size and version: mtime or ETag) costs a lookup here, not a read of the file."""
+
+    __tablename__ = "dataset_validations"
+
+    url: Mapped[str] = mapped_column(Text, primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    version: Mapped[str] = mapped_column(String(255), primary_key=True)
+    dataset_format: Mapped[str] = mapped_column(String(16), primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    validated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RegisteredGpu(Base):

@@ -61,6 +61,23 @@ class Settings(BaseSettings):
     drain_seconds: float = 120.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Each API process runs its database work in api_threads threads with a pool of as many connections, so a
+    # request never waits for a connection while holding a thread (service/db.py). Fewer threads than that
+    # only queue requests, in the event loop, at no cost; many more contend for the GIL on a small machine.
+    api_threads: int = Field(16, ge=1, le=256)
+    # Only to spare PostgreSQL connections (max_connections is shared by every process): below api_threads,
+    # requests may wait for a connection, up to db_pool_timeout_seconds, then answer 503 database_busy.
+    api_db_pool_size: int | None = Field(None, ge=1)
+    db_pool_timeout_seconds: float = Field(3.0, gt=0)
+    # A query of the API that runs longer than this is cancelled by PostgreSQL and answered 503 database_busy,
+    # so a locked table or a stalled server never holds requests (and their threads) forever.
+    api_statement_timeout_seconds: float = Field(10.0, gt=0)
+    # Connections are replaced after this long instead of pinged before every use; a connection that died
+    # anyway fails its first statement, which a read retries and a write answers 503 (service/db.py).
+    db_pool_recycle_seconds: int = Field(1800, ge=1)
+    # Progress events of a job that ended this long ago are deleted by the reconciler; state changes and
+    # checkpoints are kept. 0 keeps everything.
+    progress_event_retention_days: float = Field(30.0, ge=0)
     log_level: str = "INFO"
     log_json: bool = False
     # Each worker serves its own Prometheus /metrics on this port (0 = none); one port per worker on a host.
@@ -76,6 +93,10 @@ class Settings(BaseSettings):
         if self.requeue_grace_seconds <= 0 or self.reconcile_interval_seconds <= 0 or self.drain_seconds <= 0:
             raise ValueError("requeue_grace_seconds, reconcile_interval_seconds and drain_seconds must be > 0")
         return self
+
+    @property
+    def api_pool_size(self) -> int:
+        return self.api_db_pool_size or self.api_threads
 
     @property
     def renew_seconds(self) -> float:

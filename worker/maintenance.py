@@ -1,16 +1,20 @@
-"""The worker's background duties: heartbeat its GPUs and run the reconciler, every reconcile interval."""
+"""The worker's background duties: heartbeat its GPUs and run the reconciler, every reconcile interval, and
+prune old progress events every PRUNE_INTERVAL_SECONDS."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from service.db import in_transaction
 from service.jobs import repository
-from service.jobs.reconcile import reconcile
+from service.jobs.reconcile import prune_progress_events, reconcile
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# Retention is counted in days: checking every ten minutes is plenty, and keeps the scan off every round.
+PRUNE_INTERVAL_SECONDS = 600.0
 
 
 def start_maintenance(hostname: str, settings: Settings) -> threading.Event:
@@ -18,10 +22,15 @@ def start_maintenance(hostname: str, settings: Settings) -> threading.Event:
     stopped = threading.Event()
 
     def loop() -> None:
+        next_prune = time.monotonic()
         while not stopped.wait(settings.reconcile_interval_seconds):
             try:
                 in_transaction(lambda session: repository.heartbeat_gpus(session, hostname))
                 report = reconcile(settings)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+                    if deleted := prune_progress_events(settings):
+                        log.info("deleted %d progress events past their retention", deleted)
             except Exception:  # the database or broker is down: the next round tries again
                 log.exception("maintenance round failed")
                 continue

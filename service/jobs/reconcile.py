@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
+
 from service.db import in_transaction
 from service.gpus import gpu_expiry
 from service.jobs import attempts, repository
@@ -75,3 +77,24 @@ def _resend_lost_messages(settings: Settings, report: ReconcileReport) -> None:
             log.warning("job %s: queued with no message in the broker; sending it again", job_id)
             enqueue_job(job_id, settings)
             report.resent.append(job_id)
+
+
+PRUNE_BATCH_ROWS = 10_000  # per transaction, so pruning never holds locks on many rows for long
+
+
+def prune_progress_events(settings: Settings) -> int:
+    """Delete the progress events of jobs that ended more than `progress_event_retention_days` ago, in batches;
+    their state changes and checkpoints stay. Returns how many were deleted."""
+    if not settings.progress_event_retention_days:
+        return 0
+    retention = timedelta(days=settings.progress_event_retention_days)
+
+    def prune_batch(session) -> int:
+        return repository.delete_progress_events(session, attempts.database_now(session) - retention,
+                                                 PRUNE_BATCH_ROWS)
+
+    deleted = batch = in_transaction(prune_batch)
+    while batch == PRUNE_BATCH_ROWS:
+        batch = in_transaction(prune_batch)
+        deleted += batch
+    return deleted
