@@ -13,18 +13,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
 from service.api import files, health, jobs, plans
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
-from service.db import is_disconnect
-from service.errors import (BodyTooLarge, DatabaseUnavailable, InvalidSpec, MalformedRequest, MethodNotAllowed,
+from service.db import Database
+from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
+from service.tenancy.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 # The multipart envelope around an upload's bytes: boundaries, part headers, the format field.
@@ -131,50 +131,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-class DatabaseReconnect:
-    """A request whose database connection was lost (a restarted server, pg_terminate_backend) runs again on a
-    fresh connection when it only reads (GET, HEAD), and otherwise answers 503 with Retry-After: the
-    transaction never committed, so the client's retry is safe. Never a 500 for what a retry fixes."""
-
-    RETRIES = 2
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        reads = scope["method"] in ("GET", "HEAD")
-        for attempt in range(self.RETRIES + 1):
-            try:
-                return await self.app(scope, receive, tracking_send)
-            except DBAPIError as error:
-                if started or not is_disconnect(error):
-                    raise
-                log.warning("database connection lost during %s %s (%s)", scope["method"], scope["path"],
-                            type(error.orig).__name__)
-                if not reads or attempt == self.RETRIES:
-                    problem = DatabaseUnavailable("the database connection was lost; retry the request")
-                    response = ProblemResponse(problem.to_problem(instance=scope["path"]), status_code=problem.status,
-                                               headers=problem.headers)
-                    return await response(scope, receive, send)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         configure_logging(settings)
         settings.ensure_dirs()
-        yield
+        # Made here, inside the event loop: the database's thread limiter and the limiter's Redis client
+        # belong to the loop that serves the requests.
+        app.state.database, app.state.rate_limiter = Database(settings), RateLimiter(settings)
+        try:
+            yield
+        finally:
+            await app.state.rate_limiter.close()
+            app.state.database.dispose()
 
     app = FastAPI(title="ftjobs", version="1.0", lifespan=lifespan,
                   description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.")
@@ -193,9 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
                        json_limit_bytes=settings.max_json_body_bytes)
-    app.add_middleware(DatabaseReconnect)
     metrics.install(app, settings)  # outermost, so refused requests are measured too
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
     app.add_api_route("/metrics", _metrics, include_in_schema=False)
     app.openapi = lambda: _openapi(app)
     return app

@@ -1,4 +1,4 @@
-"""Engine and session factory. The request dependency or the task wrapper owns each transaction."""
+"""Engines and sessions. The request (service/api/deps.py) or the task wrapper owns each transaction."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import anyio
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.errors import DatabaseBusy, DatabaseUnavailable
 from service.settings import Settings, get_settings
+
+QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement cut off by statement_timeout
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
@@ -26,13 +31,24 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, **pool: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
     # Small pools: a worker holds one connection at a time per thread, and PostgreSQL's 100 are shared.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, **({"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5} | pool))
+
+
+def make_api_engine(settings: Settings) -> Engine:
+    """A pool as large as the API's threads, never pinged (recycled instead), each query bounded in time."""
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        return make_engine(url)
+    statement_timeout_ms = int(settings.api_statement_timeout_seconds * 1000)
+    return make_engine(url, pool_pre_ping=False, pool_size=settings.api_pool_size, max_overflow=0,
+                       pool_timeout=settings.db_pool_timeout_seconds, pool_recycle=settings.db_pool_recycle_seconds,
+                       connect_args={"options": f"-c statement_timeout={statement_timeout_ms}"})
 
 
 @lru_cache
@@ -47,8 +63,14 @@ def get_engine(settings: Settings | None = None) -> Engine:
     return _engine_for(settings.sqlalchemy_url)
 
 
+@lru_cache
+def _sessions_for(url: str) -> sessionmaker[Session]:
+    return sessionmaker(bind=_engine_for(url), expire_on_commit=False)
+
+
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+    get_engine(settings)
+    return _sessions_for((settings or get_settings()).sqlalchemy_url)
 
 
 @contextmanager
@@ -65,8 +87,11 @@ RETRY_DELAYS_SECONDS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 def is_disconnect(error: Exception) -> bool:
     """A lost connection (a restarted server, pg_terminate_backend, a network blip): running the unit again
-    on a fresh connection can succeed."""
-    return isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+    on a fresh connection can succeed. A statement cut off by its timeout is not one: it would only time out
+    again."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError) and getattr(error.orig, "sqlstate", None) != QUERY_CANCELED
 
 
 def in_transaction(work: Callable[[Session], T], settings: Settings | None = None) -> T:
@@ -84,3 +109,79 @@ def in_transaction(work: Callable[[Session], T], settings: Settings | None = Non
             log.warning("database connection lost (%s); retrying in %.1f s", type(error.orig).__name__, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+class Database:
+    """The API process's database: its engine, and a unit of work per request run in one thread.
+
+    A request talks to the database in exactly one function run in one of `api_threads` threads, so it holds a
+    connection only while that function runs, and the pool (as large as the threads) always has one for it.
+    Waiting is bounded: a request that finds no free thread, or then no free connection, within
+    `db_pool_timeout_seconds`, and a statement past the statement timeout, answer 503 database_busy.
+    A read runs in autocommit: no BEGIN, COMMIT or ROLLBACK, one round trip per statement. A write is one
+    transaction, committed before the response starts. A lost connection is a 503 too, never a 500.
+    """
+
+    READ_RETRIES = 2
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = make_api_engine(settings)
+        self.wait_seconds = settings.db_pool_timeout_seconds
+        self._writes = sessionmaker(self.engine, expire_on_commit=False)
+        self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                                   expire_on_commit=False)
+        # Two limiters of the same size, made inside the running event loop as anyio requires: `_slots` admits
+        # a request to the database and can be waited on with a timeout; `_threads` runs it, and always has a
+        # token for a request holding a slot. (A thread cannot be abandoned once started, so the timeout must
+        # end before the work begins.)
+        self._slots = anyio.CapacityLimiter(settings.api_threads)
+        self._threads = anyio.CapacityLimiter(settings.api_threads)
+
+    async def read(self, work: Callable[..., T], *args: Any) -> T:
+        return await self._in_thread(self._read, work, args)
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
+        return await self._in_thread(self._write, work, args)
+
+    async def _in_thread(self, unit: Callable[..., T], work: Callable[..., T], args: tuple) -> T:
+        with anyio.move_on_after(self.wait_seconds) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise DatabaseBusy(f"every database thread stayed busy for {self.wait_seconds:g} s")
+        try:
+            return await anyio.to_thread.run_sync(unit, work, args, limiter=self._threads)
+        finally:
+            self._slots.release()
+
+    def _read(self, work: Callable[..., T], args: tuple) -> T:
+        for attempt in range(self.READ_RETRIES + 1):
+            try:
+                with self._reads() as session:
+                    return work(session, *args)
+            except (DBAPIError, PoolTimeout) as error:
+                if attempt < self.READ_RETRIES and is_disconnect(error):
+                    log.warning("database connection lost during a read (%s); running it again", error.orig)
+                    continue
+                raise self._problem(error) from error
+        raise AssertionError("unreachable")
+
+    def _write(self, work: Callable[..., T], args: tuple) -> T:
+        try:
+            with self._writes() as session, session.begin():
+                return work(session, *args)
+        except (DBAPIError, PoolTimeout) as error:
+            raise self._problem(error) from error
+
+    def _problem(self, error: Exception) -> Exception:
+        """What the client gets: a 503 to retry after, or the error itself when a retry cannot help."""
+        if isinstance(error, PoolTimeout):
+            return DatabaseBusy(f"no database connection was free within {self.wait_seconds:g} s")
+        if getattr(getattr(error, "orig", None), "sqlstate", None) == QUERY_CANCELED:
+            return DatabaseBusy("the query ran past the API's statement timeout")
+        if is_disconnect(error):
+            # A write's transaction did not commit, so retrying the request is safe.
+            return DatabaseUnavailable("the database connection was lost; retry the request")
+        return error
+
+    def dispose(self) -> None:
+        self.engine.dispose()

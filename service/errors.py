@@ -106,6 +106,11 @@ class DatabaseUnavailable(ProblemError):
     headers = {"Retry-After": "1"}  # the transaction did not commit: a retry is safe
 
 
+class DatabaseBusy(ProblemError):
+    status, code, title, retryable = 503, "database_busy", "The database is too busy to answer in time", True
+    headers = {"Retry-After": "1"}  # no connection within the pool timeout, or the query hit its statement timeout
+
+
 class StorageUnavailable(ProblemError):
     status, code, title, retryable = 503, "storage_unavailable", "The storage location cannot be reached", True
     headers = {"Retry-After": "5"}

@@ -19,14 +19,16 @@ from service.jobs.service import new_id
 from service.models import UploadedFile
 from service.settings import Settings
 from service.storage import job_storage
+from service.tenancy.keys import Caller
 
 CHUNK_BYTES = 1024 * 1024
 
 
-def store_upload(session: Session, settings: Settings, source: BinaryIO, filename: str,
-                 dataset_format: DatasetFormat | None, tenant_id: str) -> UploadedFile:
-    """Store the upload for the tenant. With a format, every row is checked now and the result remembered,
-    so a job using the file does not read it again."""
+def store_upload(settings: Settings, source: BinaryIO, filename: str,
+                 dataset_format: DatasetFormat | None) -> UploadedFile:
+    """Put the upload in storage, and return its row, not yet owned or added. With a format, every row is
+    checked now and the result remembered, so a job using the file does not read it again. No database work:
+    a large upload holds no connection while it streams."""
     file_id = new_id("file")
     with tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".upload-", suffix=".jsonl") as spool:
         size_bytes, sha256 = _copy_limited(source, spool, settings.max_upload_bytes)
@@ -34,9 +36,12 @@ def store_upload(session: Session, settings: Settings, source: BinaryIO, filenam
         rows = (validate_dataset(Path(spool.name), dataset_format, max_rows=settings.max_dataset_rows)
                 if dataset_format else None)
         job_storage(settings).put_file(Path(spool.name), upload_key(file_id))
-    uploaded = UploadedFile(id=file_id, tenant_id=tenant_id, filename=_printable(filename)[:255],
-                            size_bytes=size_bytes, sha256=sha256, rows=rows,
-                            validated_format=dataset_format.value if dataset_format else None)
+    return UploadedFile(id=file_id, filename=_printable(filename)[:255], size_bytes=size_bytes, sha256=sha256,
+                        rows=rows, validated_format=dataset_format.value if dataset_format else None)
+
+
+def record_upload(session: Session, uploaded: UploadedFile, caller: Caller) -> UploadedFile:
+    uploaded.tenant_id = caller.tenant_id
     return repository.add_file(session, uploaded)
 
 

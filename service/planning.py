@@ -14,6 +14,7 @@ from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, Sequen
 from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
 from service.settings import Settings
+from service.tenancy.keys import Caller
 
 GIB = 1024**3
 
@@ -48,6 +49,11 @@ def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_
             return plan(spec, located, capacity, max_num_gpus=max_gpus)
         except PlanRefused as refused:
             raise _refusal(refused) from refused
+
+
+def plan_for(session: Session, settings: Settings, spec: JobSpec, caller: Caller) -> Plan:
+    """A dry run for any authenticated caller: the model may be read only inside the API's model roots."""
+    return plan_spec(session, settings, spec, settings.model_root_dirs)
 
 
 _REFUSALS: dict[str, type[ProblemError]] = {"invalid_lora_targets": InvalidLoraTargets,

@@ -1,53 +1,83 @@
-"""Request dependencies: the settings, a session whose transaction the request owns, the caller, load-or-404."""
+"""Request dependencies: the settings, the database, and the caller's database work.
+
+Every dependency here is async and does no blocking I/O, so none costs a trip to the threadpool. A request's
+database work, authentication included, is one function run in one thread (service/db.py `Database`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.db import session_factory
-from service.jobs.service import load_job
-from service.models import Job
-from service.settings import Settings, get_settings
-from service.tenancy.keys import Caller, authenticate
-from service.tenancy.ratelimit import check_rate
+from service.db import Database
+from service.settings import Settings
+from service.tenancy.keys import Caller, authenticate, presented_key_sha256
 
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    with session_factory(settings)() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_database(request: Request) -> Database:
+    return request.app.state.database
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-# Function scope: the transaction ends (commits) before the response starts, so a client never sees a success
-# whose commit failed, and a lost connection at COMMIT is still a clean retry or 503 (service/app.py).
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+
+
+class CallerDatabase:
+    """The database as the caller sees it: a unit of work first authenticates the presented key, in the same
+    thread and on the same connection, so a revoked key is refused from its very next request; then it runs
+    `work(session, *args, caller=caller)`, and `then` on its result: the response is built in the unit, while
+    the rows it reads are still attached to their session. Once `authenticate()` has run, later units reuse
+    its caller."""
+
+    def __init__(self, database: Database, key_sha256: str) -> None:
+        self.database, self.key_sha256 = database, key_sha256
+        self._caller: Caller | None = None
+
+    async def read(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
+        return await self.database.read(self._as_caller, work, args, then)
+
+    async def write(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
+        return await self.database.write(self._as_caller, work, args, then)
+
+    async def authenticate(self) -> Caller:
+        """Authenticate alone, as a unit of its own."""
+        self._caller = await self.database.read(authenticate, self.key_sha256)
+        return self._caller
+
+    def _as_caller(self, session: Session, work: Callable[..., Any], args: tuple,
+                   then: Callable[[Any], Any] | None) -> Any:
+        result = work(session, *args, caller=self._caller or authenticate(session, self.key_sha256))
+        return then(result) if then else result
+
+
 # auto_error=False: a missing key is our own 401 problem+json, not FastAPI's bare 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from `ftjobs keys create`")
 
 
-def get_caller(session: SessionDep, settings: SettingsDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    caller = authenticate(session, header)
-    check_rate(settings, caller.key_id)
-    return caller
+async def get_caller_database(request: Request, database: DatabaseDep,
+                              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                              ) -> CallerDatabase:
+    """The presented key, counted against its rate limit before any database work."""
+    key_sha256 = presented_key_sha256(f"Bearer {credentials.credentials}" if credentials else None)
+    await request.app.state.rate_limiter.hit(key_sha256)
+    return CallerDatabase(database, key_sha256)
 
 
-CallerDep = Annotated[Caller, Depends(get_caller)]
+async def get_authenticated_database(db: Annotated[CallerDatabase, Depends(get_caller_database)]) -> CallerDatabase:
+    await db.authenticate()
+    return db
 
 
-def get_job_or_404(job_id: str, session: SessionDep, caller: CallerDep) -> Job:
-    return load_job(session, job_id, caller.tenant_scope)
-
-
-JobDep = Annotated[Job, Depends(get_job_or_404)]
+# Reads (GET): authentication runs inside the request's one unit of work, a single thread hop.
+CallerDbDep = Annotated[CallerDatabase, Depends(get_caller_database)]
+# Requests with a body: the key is checked before the body is validated, so an unknown key gets 401 whatever it
+# sends, and a long request (an upload) does no work for it. One more hop, on routes that are not polled.
+AuthenticatedDbDep = Annotated[CallerDatabase, Depends(get_authenticated_database)]

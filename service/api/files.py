@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from planner.spec import DatasetFormat
-from service.api.deps import CallerDep, SessionDep, SettingsDep
+from service.api.deps import AuthenticatedDbDep, SettingsDep
 from service.api.problems import problems
 from service.errors import InvalidSpec
-from service.files import store_upload
+from service.files import record_upload, store_upload
 from service.schemas import FileOut
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -32,9 +33,10 @@ async def _strict_form(request: Request) -> None:
 
 @router.post("", status_code=201, response_model=FileOut, operation_id="upload_file", responses=problems(413, 415),
              dependencies=[Depends(_strict_form)])
-def upload_file(file: Annotated[UploadFile, File(description="A JSONL dataset")],
-                session: SessionDep, settings: SettingsDep, caller: CallerDep,
-                format: Annotated[DatasetFormat | None, Form(description="Validate rows as this format")] = None,
-                ) -> FileOut:
-    uploaded = store_upload(session, settings, file.file, file.filename or "dataset.jsonl", format, caller.tenant_id)
-    return FileOut.of(uploaded)
+async def upload_file(file: Annotated[UploadFile, File(description="A JSONL dataset")],
+                      db: AuthenticatedDbDep, settings: SettingsDep,
+                      format: Annotated[DatasetFormat | None, Form(description="Validate rows as this format")] = None,
+                      ) -> FileOut:
+    stored = await anyio.to_thread.run_sync(store_upload, settings, file.file, file.filename or "dataset.jsonl",
+                                            format)
+    return await db.write(record_upload, stored, then=FileOut.of)

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import DatabaseDep, SettingsDep
+from service.db import Database
 from service.migrate import pending_migrations
+from service.settings import Settings
 from service.storage import job_storage
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz", responses={200: {"description": "ready"}, 503: {"description": "not ready; checks says why"}})
-def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    checks = {"database": _check(lambda: _database_current(session, settings)),
-              "broker": _check(lambda: _ping_broker(settings.redis_url)),
-              "storage": _check(lambda: job_storage(settings).check())}
+async def readyz(database: DatabaseDep, settings: SettingsDep) -> JSONResponse:
+    checks = await anyio.to_thread.run_sync(_readiness, database, settings)
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+def _readiness(database: Database, settings: Settings) -> dict[str, str]:
+    return {"database": _check(lambda: _database_current(database, settings)),
+            "broker": _check(lambda: _ping_broker(settings.redis_url)),
+            "storage": _check(lambda: job_storage(settings).check())}
 
 
 def _check(probe) -> str:
@@ -35,8 +42,10 @@ def _check(probe) -> str:
     return "ok"
 
 
-def _database_current(session, settings) -> None:
-    if pending_migrations(session.connection(), settings):
+def _database_current(database: Database, settings: Settings) -> None:
+    with database.engine.connect() as connection:
+        pending = pending_migrations(connection, settings)
+    if pending:
         raise RuntimeError("the schema is behind the code: run `ftjobs db upgrade`")
 
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from planner.spec import JobSpec
-from service.api.deps import CallerDep, JobDep, SessionDep, SettingsDep
+from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
-from service.errors import ArtifactNotFound, InvalidCursor
-from service.jobs import repository, service
+from service.errors import ArtifactNotFound
+from service.jobs import service
 from service.jobs.states import JobStatus
 from service.metrics import SubmissionRoute
+from service.models import Job, JobEvent
 from service.queue import enqueue_job
 from service.schemas import EventOut, EventPage, JobOut, JobPage
+from service.settings import Settings
 from service.storage import CHUNK_BYTES, job_storage
 
 log = logging.getLogger(__name__)
@@ -32,14 +37,14 @@ def _job_links(job_id: str) -> dict:
 _JOB_LINKS = _job_links("$response.body#/id")
 
 
-def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> JobOut:
-    job = service.submit_job(session, settings, spec, caller)
-    session.commit()  # the row is the truth: once committed, the job is accepted whatever happens to the send
+async def submit_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep) -> JobOut:
+    # The row is the truth: once its transaction has committed, the job is accepted whatever happens to the send.
+    job = await db.write(service.submit_job, settings, spec, then=JobOut.of)
     try:
-        enqueue_job(job.id, settings)
+        await anyio.to_thread.run_sync(enqueue_job, job.id, settings)
     except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over
         log.warning("job %s accepted but not yet sent to the broker (%s); the reconciler will send it", job.id, exc)
-    return JobOut.of(job)
+    return job
 
 
 # Registered by hand for its route class, which counts submissions by outcome (service/metrics.py).
@@ -52,56 +57,56 @@ router.add_api_route("", submit_job, methods=["POST"], status_code=201, response
 @router.get("", response_model=JobPage, operation_id="list_jobs",
             responses={200: {"description": "a page of jobs", "links": _job_links("$response.body#/data/0/id")},
                        **problems(400)})
-def list_jobs(session: SessionDep, caller: CallerDep, status: JobStatus | None = None,
-              limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None,
-              tenant: Annotated[str | None, Query(max_length=64, description="Admin keys: one tenant's jobs")] = None,
-              ) -> JobPage:
-    before_seq = None
-    if after is not None:
-        well_formed = service.ID_PATTERN.fullmatch(after)
-        anchor = repository.get_job(session, after, caller.tenant_scope) if well_formed else None
-        if anchor is None:
-            raise InvalidCursor(f"no job {after!r} to continue after")
-        before_seq = anchor.seq
-    jobs = repository.list_jobs(session, status=status, limit=limit + 1, before_seq=before_seq,
-                                tenant_id=caller.tenant_scope, tenant_name=tenant if caller.admin else None)
-    page, more = jobs[:limit], len(jobs) > limit
+async def list_jobs(db: CallerDbDep, status: JobStatus | None = None,
+                    limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None,
+                    tenant: Annotated[str | None, Query(max_length=64, description="Admin keys: one tenant's jobs")]
+                    = None) -> JobPage:
+    return await db.read(service.list_jobs, status, limit, after, tenant, then=_job_page)
+
+
+def _job_page(result: tuple[list[Job], bool]) -> JobPage:
+    page, more = result
     return JobPage(data=[JobOut.of(job) for job in page], next_cursor=page[-1].id if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=problems(404))
-def get_job(job: JobDep) -> JobOut:
-    return JobOut.of(job)
+async def get_job(job_id: str, db: CallerDbDep) -> JobOut:
+    return await db.read(service.get_job, job_id, then=JobOut.of)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, operation_id="cancel_job", responses=problems(404, 409))
-def cancel_job(job: JobDep, session: SessionDep, caller: CallerDep) -> JobOut:
-    return JobOut.of(service.cancel_job(session, job.id, caller))
+async def cancel_job(job_id: str, db: AuthenticatedDbDep) -> JobOut:
+    return await db.write(service.cancel_job, job_id, then=JobOut.of)
 
 
 @router.get("/{job_id}/events", response_model=EventPage, operation_id="list_events", responses=problems(404))
-def list_events(job: JobDep, session: SessionDep, after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
-    events = repository.list_events(session, job.id, after_seq=after, limit=limit)
+async def list_events(job_id: str, db: CallerDbDep, after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
+    return await db.read(service.list_events, job_id, after, limit, then=functools.partial(_event_page, after))
+
+
+def _event_page(after: int, events: list[JobEvent]) -> EventPage:
     return EventPage(data=[EventOut.of(e) for e in events], next_cursor=events[-1].seq if events else after)
 
 
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse, operation_id="download_artifact",
             responses={200: {"description": "the file", "content": {"application/octet-stream": {}}},
                        **problems(404)})
-def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> Response:
-    # Only names the worker recorded are served, so no path from the URL ever reaches storage unchecked.
-    if name not in {artifact["name"] for artifact in job.artifacts or []}:
-        raise ArtifactNotFound(f"job {job.id} has no artifact {name!r}")
-    storage, key = job_storage(settings), f"jobs/{job.id}/artifacts/{name}"
+async def download_artifact(job_id: str, name: str, db: CallerDbDep, settings: SettingsDep) -> Response:
+    job_id = await db.read(service.get_artifact_job, job_id, name, then=operator.attrgetter("id"))
+    return await anyio.to_thread.run_sync(_artifact_response, job_id, name, settings)
+
+
+def _artifact_response(job_id: str, name: str, settings: Settings) -> Response:
+    storage, key = job_storage(settings), f"jobs/{job_id}/artifacts/{name}"
     filename = name.rsplit("/", 1)[-1]
     local = storage.local_path(key)
     if local is not None:
         if not local.is_file():
-            raise ArtifactNotFound(f"artifact {name!r} of job {job.id} is gone from storage")
+            raise ArtifactNotFound(f"artifact {name!r} of job {job_id} is gone from storage")
         return FileResponse(local, filename=filename, media_type="application/octet-stream")
     if not storage.exists(key):
-        raise ArtifactNotFound(f"artifact {name!r} of job {job.id} is gone from storage")
+        raise ArtifactNotFound(f"artifact {name!r} of job {job_id} is gone from storage")
     return StreamingResponse(_chunks(storage, key), media_type="application/octet-stream",
                              headers={"Content-Length": str(storage.size(key)),
                                       "Content-Disposition": f'attachment; filename="{filename}"'})

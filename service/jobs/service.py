@@ -11,11 +11,11 @@ from planner import Plan
 from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
-from service.errors import (DoesNotFit, InvalidSpec, InvalidTransition, JobNotFound, QuotaExceeded,
-                            UnsupportedNumGpus, UnsupportedSharding)
+from service.errors import (ArtifactNotFound, DoesNotFit, InvalidCursor, InvalidSpec, InvalidTransition,
+                            JobNotFound, QuotaExceeded, UnsupportedNumGpus, UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
-from service.models import Job, utcnow
+from service.models import Job, JobEvent, utcnow
 from service.planning import plan_spec
 from service.settings import Settings
 from service.tenancy import repository as tenancy
@@ -95,6 +95,39 @@ def load_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job
     job = repository.get_job(session, job_id, tenant_id) if ID_PATTERN.fullmatch(job_id) else None
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def get_job(session: Session, job_id: str, caller: Caller) -> Job:
+    return load_job(session, job_id, caller.tenant_scope)
+
+
+def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str | None, tenant_name: str | None,
+              caller: Caller) -> tuple[list[Job], bool]:
+    """A page of the caller's jobs, newest first, continuing after the job `after`; and whether more follow.
+    `tenant_name` narrows an admin's list to one tenant."""
+    before_seq = None
+    if after is not None:
+        anchor = repository.get_job(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
+        if anchor is None:
+            raise InvalidCursor(f"no job {after!r} to continue after")
+        before_seq = anchor.seq
+    jobs = repository.list_jobs(session, status=status, limit=limit + 1, before_seq=before_seq,
+                                tenant_id=caller.tenant_scope, tenant_name=tenant_name if caller.admin else None)
+    return jobs[:limit], len(jobs) > limit
+
+
+def list_events(session: Session, job_id: str, after_seq: int, limit: int, caller: Caller) -> list[JobEvent]:
+    load_job(session, job_id, caller.tenant_scope)
+    return repository.list_events(session, job_id, after_seq=after_seq, limit=limit)
+
+
+def get_artifact_job(session: Session, job_id: str, name: str, caller: Caller) -> Job:
+    """The job, if it recorded an artifact by this name: only names the worker recorded are ever served, so no
+    path from a URL reaches storage unchecked."""
+    job = load_job(session, job_id, caller.tenant_scope)
+    if name not in {artifact["name"] for artifact in job.artifacts or []}:
+        raise ArtifactNotFound(f"job {job.id} has no artifact {name!r}")
     return job
 
 
