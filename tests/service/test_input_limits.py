@@ -167,3 +167,32 @@ def test_an_uploaded_file_is_validated_once(api, store_queued_job, tiny_model, s
         assert repository.get_file(session, uploaded["id"]).rows == 6
         for job_id in (first, second):
             repository.transition(session, job_id, JobStatus.cancelled)
+
+
+def test_a_dataset_by_path_is_read_once_per_version(api, store_queued_job, tiny_model, data_root):
+    """The first submission reads every row and records the result; the same file again (same size and mtime)
+    is not read at all: corrupted in place behind the service's back, it still passes. A new version is read."""
+    from sqlalchemy import select
+
+    from service.models import DatasetValidation
+
+    path = data_root / "read-once.jsonl"
+    path.write_text("\n".join(json.dumps(ROW) for _ in range(12)) + "\n")
+    first = store_queued_job(spec(tiny_model, "read-once.jsonl"))
+    with transaction() as session:
+        recorded = session.scalars(select(DatasetValidation).where(DatasetValidation.url.endswith("read-once.jsonl")))
+        assert [(row.rows, row.dataset_format) for row in recorded] == [(12, "alpaca")]
+
+    stat = path.stat()
+    text = path.read_text()
+    corrupted = "#" * len(json.dumps(ROW)) + text[len(json.dumps(ROW)):]  # same size, first row not JSON
+    path.write_text(corrupted)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = store_queued_job(spec(tiny_model, "read-once.jsonl"))  # the recorded result, not a read
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version: read again
+    response = api.post("/v1/jobs", json=spec(tiny_model, "read-once.jsonl"))
+    assert code_of(response) == "invalid_dataset" and "line 1" in response.json()["detail"]
+    with transaction() as session:
+        for job_id in (first, second):
+            repository.transition(session, job_id, JobStatus.cancelled)

@@ -143,3 +143,31 @@ def test_lease_settings_are_validated(lease, renew):
 def _events(job_id: str) -> list:
     with transaction() as session:
         return repository.list_events(session, job_id, after_seq=0, limit=10_000)
+
+
+def test_progress_events_of_long_finished_jobs_are_pruned(store_queued_job, tiny_model, data_root, settings):
+    from service.jobs.reconcile import prune_progress_events
+
+    (data_root / "prune.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
+    spec = {"base_model": str(tiny_model), "dataset": {"path": "prune.jsonl"}, "dataset_format": "text",
+            "method": "lora", "training": {"max_steps": 1, "max_seq_length": 32}}
+    old, recent, running = (store_queued_job(spec) for _ in range(3))
+    with transaction() as session:
+        for job_id, ended_days_ago in ((old, 31), (recent, 29), (running, None)):
+            for step in range(3):
+                repository.add_event(session, job_id, "progress", {"step": step})
+            if ended_days_ago is not None:
+                repository.transition(session, job_id, JobStatus.cancelled)
+                repository.set_job_fields(session, job_id, finished_at=utcnow() - timedelta(days=ended_days_ago))
+
+    kept = settings.model_copy(update={"progress_event_retention_days": 30})
+    assert prune_progress_events(kept) >= 3
+    assert prune_progress_events(kept) == 0  # nothing left to prune
+    with transaction() as session:
+        kinds = {job_id: [e.kind for e in repository.list_events(session, job_id, after_seq=0, limit=100)]
+                 for job_id in (old, recent, running)}
+    assert kinds[old] == ["state", "state"]  # queued, cancelled: the state changes stay
+    assert kinds[recent].count("progress") == 3 and kinds[running].count("progress") == 3
+    assert prune_progress_events(settings.model_copy(update={"progress_event_retention_days": 0})) == 0
+    with transaction() as session:
+        repository.transition(session, running, JobStatus.cancelled)
