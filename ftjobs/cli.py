@@ -160,7 +160,7 @@ def _ensure_local_admin_key(settings) -> None:
 
     path = settings.api_key_file
     with transaction(settings) as session:
-        if path.is_file() and find_active_key(session, hash_key(path.read_text().strip())):
+        if path.is_file() and find_active_key(session.connection(), hash_key(path.read_text().strip())):
             return
         path.unlink(missing_ok=True)  # a key of a database that was reset or revoked: replace it
         key, secret = create_key(session, "local", admin=True)

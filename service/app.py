@@ -29,6 +29,7 @@ from service.tenancy.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 # The multipart envelope around an upload's bytes: boundaries, part headers, the format field.
 MULTIPART_ENVELOPE_BYTES = 64 * 1024
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # no route reads a body on these: nothing to guard
 
 
 class ProblemResponse(JSONResponse):
@@ -103,10 +104,10 @@ class DeclaredLengthGuard:
         self.app, self.upload_limit, self.json_limit = app, upload_limit_bytes, json_limit_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["method"] not in BODYLESS_METHODS:
             uploading = scope["path"].startswith("/v1/files")
             limit = self.upload_limit if uploading else self.json_limit
-            length = dict(scope["headers"]).get(b"content-length", b"")
+            length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
             if length.isdigit() and int(length) > limit:
                 error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
                                                                         limit_bytes=limit)

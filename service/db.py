@@ -128,8 +128,9 @@ class Database:
         self.engine = make_api_engine(settings)
         self.wait_seconds = settings.db_pool_timeout_seconds
         self._writes = sessionmaker(self.engine, expire_on_commit=False)
-        self._reads = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                                   expire_on_commit=False)
+        read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = sessionmaker(read_engine, expire_on_commit=False)
+        self._read_connections = read_engine.connect
         # Two limiters of the same size, made inside the running event loop as anyio requires: `_slots` admits
         # a request to the database and can be waited on with a timeout; `_threads` runs it, and always has a
         # token for a request holding a slot. (A thread cannot be abandoned once started, so the timeout must
@@ -138,26 +139,33 @@ class Database:
         self._threads = anyio.CapacityLimiter(settings.api_threads)
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
-        return await self._in_thread(self._read, work, args)
+        """`work(session, *args)` in autocommit."""
+        return await self._in_thread(self._read, self._reads, work, args)
+
+    async def read_rows(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(connection, *args)` in autocommit: for the hottest reads (status polls), which need rows, not
+        entities, and so skip a Session's per-use bookkeeping."""
+        return await self._in_thread(self._read, self._read_connections, work, args)
 
     async def write(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(session, *args)` in one transaction, committed when it returns."""
         return await self._in_thread(self._write, work, args)
 
-    async def _in_thread(self, unit: Callable[..., T], work: Callable[..., T], args: tuple) -> T:
+    async def _in_thread(self, unit: Callable[..., T], *unit_args: Any) -> T:
         with anyio.move_on_after(self.wait_seconds) as waiting:
             await self._slots.acquire()
         if waiting.cancelled_caught:
             raise DatabaseBusy(f"every database thread stayed busy for {self.wait_seconds:g} s")
         try:
-            return await anyio.to_thread.run_sync(unit, work, args, limiter=self._threads)
+            return await anyio.to_thread.run_sync(unit, *unit_args, limiter=self._threads)
         finally:
             self._slots.release()
 
-    def _read(self, work: Callable[..., T], args: tuple) -> T:
+    def _read(self, open_unit: Callable[[], Any], work: Callable[..., T], args: tuple) -> T:
         for attempt in range(self.READ_RETRIES + 1):
             try:
-                with self._reads() as session:
-                    return work(session, *args)
+                with open_unit() as unit:
+                    return work(unit, *args)
             except (DBAPIError, PoolTimeout) as error:
                 if attempt < self.READ_RETRIES and is_disconnect(error):
                     log.warning("database connection lost during a read (%s); running it again", error.orig)

@@ -11,6 +11,7 @@ closed sets: a route label is the route *template* (`/v1/jobs/{job_id}`), never 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -105,8 +106,20 @@ class HttpMetricsMiddleware:
             # The router stores the matched route in the scope it was given, which is this very dict.
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
-            HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - started)
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            _duration_of(method, route).observe(time.perf_counter() - started)
+            _count_of(method, route, status).inc()
+
+
+# The labelled children, looked up once per label set rather than through labels() on every request; the label
+# sets are closed (methods, route templates, status codes), so these stay small.
+@functools.cache
+def _duration_of(method: str, route: str):
+    return HTTP_REQUEST_DURATION.labels(method, route)
+
+
+@functools.cache
+def _count_of(method: str, route: str, status: int):
+    return HTTP_REQUESTS.labels(method, route, str(status))
 
 
 class ServiceStateCollector(Collector):

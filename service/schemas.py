@@ -69,7 +69,8 @@ class JobOut(BaseModel):
     finished_at: UtcDatetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, attempts: list[JobAttempt] | None = None) -> JobOut:
+        """From the entity, or from a job row and its attempt rows (service/jobs/repository.py `read_job`)."""
         ratio = job.measured_peak_bytes / job.predicted_peak_bytes if job.measured_peak_bytes else None
         artifacts = [Artifact(name=a["name"], size_bytes=a["size_bytes"],
                               url=f"/v1/jobs/{job.id}/artifacts/{a['name']}") for a in job.artifacts or []]
@@ -78,7 +79,8 @@ class JobOut(BaseModel):
                    cancelled_by_key_id=job.cancelled_by_key_id, spec=job.spec, progress=job.progress,
                    predicted_peak_bytes=job.predicted_peak_bytes, measured_peak_bytes=job.measured_peak_bytes,
                    peak_error_ratio=ratio, plan=job.plan, error=error, artifacts=artifacts,
-                   attempts=[AttemptOut.of(attempt) for attempt in job.attempts], created_at=job.created_at,
+                   attempts=[AttemptOut.of(attempt) for attempt in (job.attempts if attempts is None else attempts)],
+                   created_at=job.created_at,
                    started_at=job.started_at, finished_at=job.finished_at)
 
 

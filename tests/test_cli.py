@@ -57,11 +57,11 @@ def test_keys_create_list_and_revoke(database):
 
     secret = ftjobs("keys", "create", "--tenant", "cli-team", "--max-active-jobs", "3").stdout.strip().splitlines()[-1]
     with transaction() as session:
-        caller = authenticate(session, presented_key_sha256(f"Bearer {secret}"))
+        caller = authenticate(session.connection(), presented_key_sha256(f"Bearer {secret}"))
     assert not caller.admin and caller.key_id in ftjobs("keys", "list").stdout
     ftjobs("keys", "revoke", caller.key_id)
     with transaction() as session, pytest.raises(Unauthenticated):
-        authenticate(session, presented_key_sha256(f"Bearer {secret}"))
+        authenticate(session.connection(), presented_key_sha256(f"Bearer {secret}"))
 
 
 def test_up_keeps_a_local_admin_key_readable_only_by_its_owner(settings, tmp_path):
@@ -79,4 +79,4 @@ def test_up_keeps_a_local_admin_key_readable_only_by_its_owner(settings, tmp_pat
     _ensure_local_admin_key(embedded)  # a second start keeps the key
     assert key_file.read_text().strip() == secret
     with transaction(embedded) as session:
-        assert authenticate(session, presented_key_sha256(f"Bearer {secret}")).admin
+        assert authenticate(session.connection(), presented_key_sha256(f"Bearer {secret}")).admin

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -44,17 +45,22 @@ class CallerDatabase:
     async def read(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
         return await self.database.read(self._as_caller, work, args, then)
 
+    async def read_rows(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
+        """As `read`, `work` getting a Core connection (service/db.py `Database.read_rows`)."""
+        return await self.database.read_rows(self._as_caller, work, args, then)
+
     async def write(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
         return await self.database.write(self._as_caller, work, args, then)
 
     async def authenticate(self) -> Caller:
         """Authenticate alone, as a unit of its own."""
-        self._caller = await self.database.read(authenticate, self.key_sha256)
+        self._caller = await self.database.read_rows(authenticate, self.key_sha256)
         return self._caller
 
-    def _as_caller(self, session: Session, work: Callable[..., Any], args: tuple,
+    def _as_caller(self, unit: Session | Connection, work: Callable[..., Any], args: tuple,
                    then: Callable[[Any], Any] | None) -> Any:
-        result = work(session, *args, caller=self._caller or authenticate(session, self.key_sha256))
+        connection = unit.connection() if isinstance(unit, Session) else unit
+        result = work(unit, *args, caller=self._caller or authenticate(connection, self.key_sha256))
         return then(result) if then else result
 
 

@@ -71,7 +71,12 @@ def _job_page(result: tuple[list[Job], bool]) -> JobPage:
 
 @router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=problems(404))
 async def get_job(job_id: str, db: CallerDbDep) -> JobOut:
-    return await db.read(service.get_job, job_id, then=JobOut.of)
+    return await db.read_rows(service.read_job, job_id, then=_job_out)
+
+
+def _job_out(read: tuple) -> JobOut:
+    job, attempts = read
+    return JobOut.of(job, attempts)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, operation_id="cancel_job", responses=problems(404, 409))

@@ -5,13 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import Connection, Row, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
 
 from service.jobs.states import ALLOWED_FROM, JobStatus
-from service.models import DatasetValidation, Job, JobEvent, RegisteredGpu, Tenant, UploadedFile, utcnow
+from service.models import (DatasetValidation, Job, JobAttempt, JobEvent, RegisteredGpu, Tenant, UploadedFile,
+                            utcnow)
+
+JOBS, ATTEMPTS = Job.__table__, JobAttempt.__table__
+# Built once, as they run on every status poll: no statement is constructed per request, and Core rows skip the
+# ORM's identity map and instrumentation. The rows carry the same attribute names as the entities.
+# Only the columns a response shows: the driver describes every column of every result, and the jobs row has more.
+_JOB_COLUMNS = [JOBS.c[name] for name in (
+    "id", "status", "tenant_id", "created_by_key_id", "cancelled_by_key_id", "spec", "progress",
+    "predicted_peak_bytes", "measured_peak_bytes", "plan", "error_code", "error_message", "artifacts", "created_at",
+    "started_at", "finished_at")]
+_JOB_BY_ID = select(*_JOB_COLUMNS).where(JOBS.c.id == bindparam("job_id"))
+_JOB_BY_ID_IN_TENANT = _JOB_BY_ID.where(JOBS.c.tenant_id == bindparam("tenant_id"))
+_ATTEMPTS_OF_JOB = select(ATTEMPTS).where(ATTEMPTS.c.job_id == bindparam("job_id")).order_by(ATTEMPTS.c.number)
 
 
 def add_job(session: Session, job: Job) -> Job:
@@ -27,6 +40,17 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job 
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     return session.execute(query).unique().scalar_one_or_none()
+
+
+def read_job(connection: Connection, job_id: str, tenant_id: str | None = None) -> tuple[Row, list[Row]] | None:
+    """The job's row and its attempts' rows, read-only, if it belongs to `tenant_id` (any tenant when None)."""
+    if tenant_id is None:
+        job = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+    else:
+        job = connection.execute(_JOB_BY_ID_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
+    if job is None:
+        return None
+    return job, list(connection.execute(_ATTEMPTS_OF_JOB, {"job_id": job_id}))
 
 
 def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
 from planner import Plan
@@ -98,8 +99,12 @@ def load_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job
     return job
 
 
-def get_job(session: Session, job_id: str, caller: Caller) -> Job:
-    return load_job(session, job_id, caller.tenant_scope)
+def read_job(connection: Connection, job_id: str, caller: Caller) -> tuple[Row, list[Row]]:
+    """The job's row and its attempts', for reading only: what every status poll asks for."""
+    found = repository.read_job(connection, job_id, caller.tenant_scope) if ID_PATTERN.fullmatch(job_id) else None
+    if found is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return found
 
 
 def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str | None, tenant_name: str | None,

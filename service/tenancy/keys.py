@@ -11,6 +11,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service.errors import ProblemError, Unauthenticated
@@ -78,9 +79,9 @@ def presented_key_sha256(authorization: str | None) -> str:
     return hash_key(secret.strip())
 
 
-def authenticate(session: Session, key_sha256: str) -> Caller:
+def authenticate(connection: Connection, key_sha256: str) -> Caller:
     """The caller holding the key with this hash, or Unauthenticated if it is unknown or revoked."""
-    key = repository.find_active_key(session, key_sha256)
+    key = repository.find_active_key(connection, key_sha256)
     if key is None:
         raise Unauthenticated("the API key is unknown or revoked")
     return Caller(key_id=key.id, tenant_id=key.tenant_id, admin=key.admin)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Connection, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.jobs.states import TERMINAL, JobStatus
@@ -42,11 +42,15 @@ def add_key(session: Session, key: ApiKey) -> ApiKey:
     return key
 
 
-def find_active_key(session: Session, key_sha256: str) -> Row[tuple[str, str, bool]] | None:
-    """(id, tenant_id, admin) of the unrevoked key with this hash: columns, not an entity, as every request
-    asks this once."""
-    return session.execute(select(ApiKey.id, ApiKey.tenant_id, ApiKey.admin)
-                           .where(ApiKey.key_sha256 == key_sha256, ApiKey.revoked_at.is_(None))).first()
+KEYS = ApiKey.__table__
+# Every request asks this once: built once, run as Core (columns, no entity), as the status polls are.
+_ACTIVE_KEY = select(KEYS.c.id, KEYS.c.tenant_id, KEYS.c.admin).where(KEYS.c.key_sha256 == bindparam("key_sha256"),
+                                                                      KEYS.c.revoked_at.is_(None))
+
+
+def find_active_key(connection: Connection, key_sha256: str) -> Row[tuple[str, str, bool]] | None:
+    """(id, tenant_id, admin) of the unrevoked key with this hash."""
+    return connection.execute(_ACTIVE_KEY, {"key_sha256": key_sha256}).first()
 
 
 def revoke_key(session: Session, key_id: str) -> bool:
