@@ -97,7 +97,10 @@ def _api(args) -> None:
     configure_logging(settings)
     if not settings.database_url:
         upgrade_database(settings)  # the embedded SQLite database sets itself up; a real one is migrated by ops
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_config=None)
+    # httptools and uvloop by name rather than "auto": a missing one fails the start instead of falling back
+    # in silence to the slower pure-Python h11 parser and the asyncio loop.
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, http="httptools",
+                loop="uvloop", access_log=settings.access_log, log_config=None)
 
 
 def _worker(args) -> None:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     drain_seconds: float = 120.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # uvicorn's one log line per request; turn it off when a load balancer or Prometheus already counts them.
+    access_log: bool = True
     log_level: str = "INFO"
     log_json: bool = False
     # Each worker serves its own Prometheus /metrics on this port (0 = none); one port per worker on a host.
