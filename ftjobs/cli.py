@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +30,13 @@ def _parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the API and an embedded worker on this machine")
     _host_port(up, settings)
-    up.set_defaults(run=_up)
+    # One API process: the embedded SQLite database and broker are for one machine's light use, and _up's
+    # SIGTERM handling relies on uvicorn serving in this very process.
+    up.set_defaults(run=_up, workers=1)
     api = commands.add_parser("api", help="run the API server")
     _host_port(api, settings)
+    api.add_argument("--workers", type=_process_count, default=settings.api_workers,
+                     help="API processes (default: FTJOBS_API_WORKERS, else WEB_CONCURRENCY, else 1)")
     api.set_defaults(run=_api)
     worker = commands.add_parser("worker", help="run a training worker")
     worker.add_argument("--name", default=None, help="Celery node name (default: celery@HOSTNAME)")
@@ -87,6 +92,12 @@ def _host_port(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--port", type=int, default=settings.api_port)
 
 
+def _process_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"need a whole number of processes, at least 1 (got {text!r})")
+    return int(text)
+
+
 def _api(args) -> None:
     import uvicorn
 
@@ -97,7 +108,39 @@ def _api(args) -> None:
     configure_logging(settings)
     if not settings.database_url:
         upgrade_database(settings)  # the embedded SQLite database sets itself up; a real one is migrated by ops
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, log_config=None)
+    # httptools and uvloop by name rather than "auto": a missing one fails the start instead of falling back
+    # in silence to the slower pure-Python h11 parser and the asyncio loop.
+    with _metrics_shared_by(args.workers):
+        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    http="httptools", loop="uvloop", access_log=settings.access_log, log_config=None)
+
+
+@contextmanager
+def _metrics_shared_by(workers: int):
+    """With several API processes, each writes its counters and histograms to files in PROMETHEUS_MULTIPROC_DIR
+    and every /metrics scrape sums them (service/metrics.py), whichever process answers it.
+
+    prometheus_client reads the variable once, when it is imported, so it is set here in the parent, before
+    uvicorn spawns the processes that import it. The directory must start empty, or an earlier run's counts
+    would be added again: an operator's own directory loses its *.db files; else a temporary one is made for
+    this run and removed after it. A dead process's files stay, so the sums never go backwards;
+    mark_process_dead is not needed, as it only drops live-mode gauge files and the API has no Gauge.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield
+    elif workers == 1:
+        yield
+    else:
+        with tempfile.TemporaryDirectory(prefix="ftjobs-metrics-") as directory:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+            try:
+                yield
+            finally:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def _worker(args) -> None:

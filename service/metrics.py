@@ -7,12 +7,17 @@ always the truth of the moment and costs one GROUP BY, one small SELECT and one 
 Conventions (the README's Monitoring section lists every metric): the `ftjobs_` prefix, base units in the
 name (`_seconds`, `_bytes`), `_total` only on counters, HELP on every metric, and labels whose values come from
 closed sets: a route label is the route *template* (`/v1/jobs/{job_id}`), never the raw path.
+
+With several API processes (`ftjobs api --workers N`) prometheus_client runs in multiprocess mode: counters and
+histograms live in files shared by the processes, and a scrape sums them. Gauges would each need a
+multiprocess_mode there; keep state as a scrape-time collector instead, as `ServiceStateCollector` does.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -20,13 +25,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from service.errors import DoesNotFit, ProblemError
 from service.jobs.states import JobStatus
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# Read at import, as prometheus_client itself reads it: when set, every counter and histogram below writes to a
+# file there (cli.py sets it for several API processes). Not a setting: the library takes it from the environment.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 # The *_created series would double every counter and histogram for a timestamp no panel or alert reads.
 disable_created_metrics()
 
@@ -187,6 +196,19 @@ _STATE_HELP = {
 
 STATE_COLLECTOR = ServiceStateCollector()
 REGISTRY.register(STATE_COLLECTOR)
+
+
+def registry_to_scrape() -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or in multiprocess mode the sum of every API process's
+    files plus the state collector, which whichever process answers reads once from the database."""
+    if not MULTIPROCESS_DIR:
+        return REGISTRY
+    # A fresh registry per scrape, holding none of this process's own metrics, as prometheus_client's
+    # multiprocess docs require: those are already in the files, and would be exported twice.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
+    registry.register(STATE_COLLECTOR)
+    return registry
 
 
 def install(app, settings: Settings) -> None:

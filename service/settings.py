@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     drain_seconds: float = 120.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Processes `ftjobs api` runs (`ftjobs up` always one). WEB_CONCURRENCY is honoured too, as uvicorn and most
+    # PaaS read it. Each holds its own database pool: the README says how many per core.
+    api_workers: int = Field(1, ge=1, validation_alias=AliasChoices("FTJOBS_API_WORKERS", "WEB_CONCURRENCY"))
+    # uvicorn's one log line per request; turn it off when a load balancer or Prometheus already counts them.
+    access_log: bool = True
     # Each API process runs its database work in api_threads threads with a pool of as many connections, so a
     # request never waits for a connection while holding a thread (service/db.py). Fewer threads than that
     # only queue requests, in the event loop, at no cost; many more contend for the GIL on a small machine.

@@ -139,9 +139,10 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def start_api(self, **env: str) -> None:
-        self.api = ManagedProcess("api", [sys.executable, "-m", "ftjobs.cli", "api", "--port", str(self.api_port)],
-                                  {**self.env, **env})
+    def start_api(self, *args: str, **env: str) -> None:
+        """`ftjobs api` with these extra arguments and settings, waited for until it is ready."""
+        self.api = ManagedProcess("api", [sys.executable, "-m", "ftjobs.cli", "api", "--port", str(self.api_port),
+                                          *args], {**self.env, **env})
         deadline = time.monotonic() + 60
         while True:
             try:
