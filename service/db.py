@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, TypeVar
 
-import anyio
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -131,12 +132,12 @@ class Database:
         read_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._reads = sessionmaker(read_engine, expire_on_commit=False)
         self._read_connections = read_engine.connect
-        # Two limiters of the same size, made inside the running event loop as anyio requires: `_slots` admits
-        # a request to the database and can be waited on with a timeout; `_threads` runs it, and always has a
-        # token for a request holding a slot. (A thread cannot be abandoned once started, so the timeout must
-        # end before the work begins.)
-        self._slots = anyio.CapacityLimiter(settings.api_threads)
-        self._threads = anyio.CapacityLimiter(settings.api_threads)
+        # A slot per thread: a request holding one always finds its thread free. Waiting for a slot is where the
+        # timeout applies, as a thread cannot be abandoned once it has started the work. The executor, not
+        # anyio's to_thread, because a request then suspends once (for the result) instead of at each of
+        # to_thread's checkpoints, and every suspension resumes the whole chain of middleware coroutines.
+        self._slots = asyncio.Semaphore(settings.api_threads)
+        self._threads = ThreadPoolExecutor(settings.api_threads, thread_name_prefix="ftjobs-db")
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(session, *args)` in autocommit."""
@@ -152,14 +153,20 @@ class Database:
         return await self._in_thread(self._write, work, args)
 
     async def _in_thread(self, unit: Callable[..., T], *unit_args: Any) -> T:
-        with anyio.move_on_after(self.wait_seconds) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise DatabaseBusy(f"every database thread stayed busy for {self.wait_seconds:g} s")
-        try:
-            return await anyio.to_thread.run_sync(unit, *unit_args, limiter=self._threads)
-        finally:
-            self._slots.release()
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self.wait_seconds):  # no task per waiter, as wait_for would make
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise DatabaseBusy(f"every database thread stayed busy for {self.wait_seconds:g} s") from None
+        else:
+            await self._slots.acquire()  # free: returns without suspending
+        loop = asyncio.get_running_loop()
+        running = self._threads.submit(unit, *unit_args)
+        # Released when the thread is done, not when the request stops waiting (a client that hung up): the slot
+        # and its thread are one.
+        running.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+        return await asyncio.wrap_future(running)
 
     def _read(self, open_unit: Callable[[], Any], work: Callable[..., T], args: tuple) -> T:
         for attempt in range(self.READ_RETRIES + 1):
@@ -192,4 +199,5 @@ class Database:
         return error
 
     def dispose(self) -> None:
+        self._threads.shutdown(wait=True)
         self.engine.dispose()

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.settings import Settings
 from service.tenancy.keys import Caller, authenticate, presented_key_sha256
+from service.tenancy.ratelimit import RateLimiter
 
 
 async def get_settings(request: Request) -> Settings:
@@ -32,14 +32,14 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 class CallerDatabase:
-    """The database as the caller sees it: a unit of work first authenticates the presented key, in the same
-    thread and on the same connection, so a revoked key is refused from its very next request; then it runs
-    `work(session, *args, caller=caller)`, and `then` on its result: the response is built in the unit, while
-    the rows it reads are still attached to their session. Once `authenticate()` has run, later units reuse
-    its caller."""
+    """The database as the caller sees it. The request's first unit of work counts it against the presented
+    key's rate limit and authenticates the key, in the same thread and on the same connection as the work, so
+    a revoked key is refused from its very next request; then it runs `work(session, *args, caller=caller)`,
+    and `then` on its result: the response is built in the unit, while what it reads is still attached to
+    its session. Later units of the same request reuse the caller."""
 
-    def __init__(self, database: Database, key_sha256: str) -> None:
-        self.database, self.key_sha256 = database, key_sha256
+    def __init__(self, database: Database, rate_limiter: RateLimiter, key_sha256: str) -> None:
+        self.database, self.rate_limiter, self.key_sha256 = database, rate_limiter, key_sha256
         self._caller: Caller | None = None
 
     async def read(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
@@ -53,28 +53,26 @@ class CallerDatabase:
         return await self.database.write(self._as_caller, work, args, then)
 
     async def authenticate(self) -> Caller:
-        """Authenticate alone, as a unit of its own."""
-        self._caller = await self.database.read_rows(authenticate, self.key_sha256)
-        return self._caller
+        """Count and authenticate alone, as a unit of its own."""
+        return await self.database.read_rows(self._caller_of)
 
     def _as_caller(self, unit: Session | Connection, work: Callable[..., Any], args: tuple,
                    then: Callable[[Any], Any] | None) -> Any:
-        connection = unit.connection() if isinstance(unit, Session) else unit
-        result = work(unit, *args, caller=self._caller or authenticate(connection, self.key_sha256))
+        caller = self._caller or self._caller_of(unit.connection() if isinstance(unit, Session) else unit)
+        result = work(unit, *args, caller=caller)
         return then(result) if then else result
 
+    def _caller_of(self, connection: Connection) -> Caller:
+        self.rate_limiter.hit(self.key_sha256)
+        self._caller = authenticate(connection, self.key_sha256)
+        return self._caller
 
-# auto_error=False: a missing key is our own 401 problem+json, not FastAPI's bare 403.
-_bearer = HTTPBearer(auto_error=False, description="An API key from `ftjobs keys create`")
 
-
-async def get_caller_database(request: Request, database: DatabaseDep,
-                              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-                              ) -> CallerDatabase:
-    """The presented key, counted against its rate limit before any database work."""
-    key_sha256 = presented_key_sha256(f"Bearer {credentials.credentials}" if credentials else None)
-    await request.app.state.rate_limiter.hit(key_sha256)
-    return CallerDatabase(database, key_sha256)
+async def get_caller_database(request: Request) -> CallerDatabase:
+    """The header read directly, not through fastapi.security.HTTPBearer: a dependency and a credentials object
+    less on every poll. The scheme is declared in the OpenAPI document by service/app.py instead."""
+    key_sha256 = presented_key_sha256(request.headers.get("authorization"))
+    return CallerDatabase(request.app.state.database, request.app.state.rate_limiter, key_sha256)
 
 
 async def get_authenticated_database(db: Annotated[CallerDatabase, Depends(get_caller_database)]) -> CallerDatabase:

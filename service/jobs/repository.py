@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Row, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -22,9 +22,24 @@ _JOB_COLUMNS = [JOBS.c[name] for name in (
     "id", "status", "tenant_id", "created_by_key_id", "cancelled_by_key_id", "spec", "progress",
     "predicted_peak_bytes", "measured_peak_bytes", "plan", "error_code", "error_message", "artifacts", "created_at",
     "started_at", "finished_at")]
-_JOB_BY_ID = select(*_JOB_COLUMNS).where(JOBS.c.id == bindparam("job_id"))
+_ATTEMPT_COLUMNS = ("number", "worker_hostname", "started_at", "ended_at", "outcome", "detail", "resumed_from_step")
+# The job and its attempts in one statement: a row per attempt (one, mostly), the job's columns repeated.
+_JOB_BY_ID = (select(*_JOB_COLUMNS, *(ATTEMPTS.c[name].label(f"attempt_{name}") for name in _ATTEMPT_COLUMNS))
+              .select_from(JOBS.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id))
+              .where(JOBS.c.id == bindparam("job_id")).order_by(ATTEMPTS.c.number))
 _JOB_BY_ID_IN_TENANT = _JOB_BY_ID.where(JOBS.c.tenant_id == bindparam("tenant_id"))
-_ATTEMPTS_OF_JOB = select(ATTEMPTS).where(ATTEMPTS.c.job_id == bindparam("job_id")).order_by(ATTEMPTS.c.number)
+
+
+class AttemptRow(NamedTuple):
+    """An attempt as read with its job, under the entity's attribute names."""
+
+    number: int
+    worker_hostname: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None
+    detail: str | None
+    resumed_from_step: int | None
 
 
 def add_job(session: Session, job: Job) -> Job:
@@ -42,15 +57,17 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job 
     return session.execute(query).unique().scalar_one_or_none()
 
 
-def read_job(connection: Connection, job_id: str, tenant_id: str | None = None) -> tuple[Row, list[Row]] | None:
+def read_job(connection: Connection, job_id: str, tenant_id: str | None = None
+             ) -> tuple[Row, list[AttemptRow]] | None:
     """The job's row and its attempts' rows, read-only, if it belongs to `tenant_id` (any tenant when None)."""
     if tenant_id is None:
-        job = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+        rows = connection.execute(_JOB_BY_ID, {"job_id": job_id}).all()
     else:
-        job = connection.execute(_JOB_BY_ID_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first()
-    if job is None:
+        rows = connection.execute(_JOB_BY_ID_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).all()
+    if not rows:
         return None
-    return job, list(connection.execute(_ATTEMPTS_OF_JOB, {"job_id": job_id}))
+    attempts = [AttemptRow(*row[-len(_ATTEMPT_COLUMNS):]) for row in rows if row.attempt_number is not None]
+    return rows[0], attempts
 
 
 def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None,

@@ -1,8 +1,8 @@
 """Requests per API key: a fixed window counted in Redis, so every API process shares one count.
 
 A request is counted by the hash of the key it presents, before the database is asked whether the key is
-valid: the count costs one Redis round trip in the event loop, no thread and no connection. A key nobody
-holds only ever fills its own window.
+valid (a key nobody holds only ever fills its own window), in the thread that then runs the request's database
+work: one INCR, and no extra suspension of the request's coroutine chain in the event loop.
 
 The embedded stack has no Redis; there one process serves the API, and an in-process count is the same thing.
 """
@@ -10,6 +10,7 @@ The embedded stack has no Redis; there one process serves the API, and an in-pro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,13 +28,14 @@ class _LocalWindows:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, int], int] = {}
+        self.lock = threading.Lock()
 
     def incr(self, key: str, window: int) -> int:
-        # No lock: only the event loop's thread calls this, between awaits.
-        for stale in [k for k in self.counts if k[1] < window]:
-            del self.counts[stale]
-        self.counts[(key, window)] = self.counts.get((key, window), 0) + 1
-        return self.counts[(key, window)]
+        with self.lock:
+            for stale in [k for k in self.counts if k[1] < window]:
+                del self.counts[stale]
+            self.counts[(key, window)] = self.counts.get((key, window), 0) + 1
+            return self.counts[(key, window)]
 
 
 class RateLimiter:
@@ -43,18 +45,17 @@ class RateLimiter:
         self._redis = None
         self._outage_logged_at = 0.0
         if settings.redis_url:
-            import redis.asyncio
+            import redis
 
             # A short timeout: a stalled Redis delays each request by at most this before it is served anyway.
-            self._redis = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=0.5,
-                                                       socket_connect_timeout=0.5)
+            self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
-    async def hit(self, key_sha256: str) -> None:
+    def hit(self, key_sha256: str) -> None:
         """Count one request; RateLimited, with the seconds until the next window, past the limit."""
         now = time.time()
         window = int(now // self.width)
         try:
-            count = await self._count(key_sha256, window)
+            count = self._count(key_sha256, window)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             return self._fail_open(error)
         if count > self.limit:
@@ -69,17 +70,17 @@ class RateLimiter:
             self._outage_logged_at = time.monotonic()
             log.warning("rate limits not enforced: Redis is unreachable (%s)", error)
 
-    async def _count(self, key_sha256: str, window: int) -> int:
+    def _count(self, key_sha256: str, window: int) -> int:
         if self._redis is None:
             return self._local.incr(key_sha256, window)
         name = f"ftjobs:rate:{key_sha256[:32]}:{window}"
-        count = int(await self._redis.incr(name))
+        count = int(self._redis.incr(name))
         if count == 1:
             # Only the window's first request sets its expiry: one command per request. Were this one lost
             # (a crash in between), the key would only linger; its window number keeps it out of later counts.
-            await self._redis.expire(name, self.width + 1)
+            self._redis.expire(name, self.width + 1)
         return count
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            self._redis.close()
