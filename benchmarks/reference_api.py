@@ -51,7 +51,8 @@ def list_jobs(tenant_id: str, before_seq: int | None = None, limit: int = 50):
 def list_events(job_id: str, after: int = 0, limit: int = 100):
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT seq, kind, data, created_at FROM job_events "
-                                       "WHERE job_id = :id AND (job_id, seq) > (:id, :after) "
+                                       "WHERE (job_id, seq) > (:id, :after) "
+                                       "AND (job_id, seq) <= (:id, 9223372036854775807) "
                                        "ORDER BY job_id, seq LIMIT :limit"),
                                   {"id": job_id, "after": after, "limit": limit}).all()
     return {"data": [dict(row._mapping) for row in rows]}

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field
+from sqlalchemy import Row
 
 from service.models import Job, JobAttempt, JobEvent, UploadedFile
 
@@ -96,7 +97,7 @@ class EventOut(BaseModel):
     created_at: UtcDatetime
 
     @classmethod
-    def of(cls, event: JobEvent) -> EventOut:
+    def of(cls, event: JobEvent | Row) -> EventOut:
         return cls(seq=event.seq, kind=event.kind, data=event.data, created_at=event.created_at)
 
 

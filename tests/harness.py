@@ -195,7 +195,7 @@ class Stack:
 
         with self.sessions() as session:
             return [{"seq": e.seq, "kind": e.kind, "data": e.data}
-                    for e in list_events(session, job_id, after_seq=0, limit=100_000)]
+                    for e in list_events(session.connection(), job_id, after_seq=0, limit=100_000)]
 
     def child_pid(self, job_id: str, number: int) -> int | None:
         from sqlalchemy import select

@@ -11,6 +11,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from sqlalchemy import Row
 
 from planner.spec import JobSpec
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
@@ -19,7 +20,7 @@ from service.errors import ArtifactNotFound
 from service.jobs import service
 from service.jobs.states import JobStatus
 from service.metrics import SubmissionRoute
-from service.models import Job, JobEvent
+from service.models import Job
 from service.queue import enqueue_job
 from service.schemas import EventOut, EventPage, JobOut, JobPage
 from service.settings import Settings
@@ -87,10 +88,10 @@ async def cancel_job(job_id: str, db: AuthenticatedDbDep) -> JobOut:
 @router.get("/{job_id}/events", response_model=EventPage, operation_id="list_events", responses=problems(404))
 async def list_events(job_id: str, db: CallerDbDep, after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
-    return await db.read(service.list_events, job_id, after, limit, then=functools.partial(_event_page, after))
+    return await db.read_rows(service.list_events, job_id, after, limit, then=functools.partial(_event_page, after))
 
 
-def _event_page(after: int, events: list[JobEvent]) -> EventPage:
+def _event_page(after: int, events: list[Row]) -> EventPage:
     return EventPage(data=[EventOut.of(e) for e in events], next_cursor=events[-1].seq if events else after)
 
 

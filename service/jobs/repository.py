@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, Integer, Row, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
@@ -28,6 +28,20 @@ _JOB_BY_ID = (select(*_JOB_COLUMNS, *(ATTEMPTS.c[name].label(f"attempt_{name}") 
               .select_from(JOBS.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id))
               .where(JOBS.c.id == bindparam("job_id")).order_by(ATTEMPTS.c.number))
 _JOB_BY_ID_IN_TENANT = _JOB_BY_ID.where(JOBS.c.tenant_id == bindparam("tenant_id"))
+
+
+_JOB_EXISTS = select(JOBS.c.id).where(JOBS.c.id == bindparam("job_id"))
+_JOB_EXISTS_IN_TENANT = _JOB_EXISTS.where(JOBS.c.tenant_id == bindparam("tenant_id"))
+EVENTS = JobEvent.__table__
+# Two row-value bounds, (job_id, after) < (job_id, seq) <= (job_id, max), and ORDER BY job_id, seq: a range of
+# ix_job_events_job_seq read in order, stopping after `limit` rows, whatever the statistics say. With a plain
+# `job_id = :id`, PostgreSQL knows job_id is constant, may walk the primary key in seq order instead, and then
+# filters every later event of every job (23 ms among 100,000 jobs, 478 ms in the issue; docs/performance.md).
+SEQ_MAX = 2**63 - 1
+_EVENTS_PAGE = (select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.created_at)
+                .where(tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), bindparam("after_seq")),
+                       tuple_(EVENTS.c.job_id, EVENTS.c.seq) <= tuple_(bindparam("job_id"), SEQ_MAX))
+                .order_by(EVENTS.c.job_id, EVENTS.c.seq).limit(bindparam("limit", type_=Integer)))
 
 
 class AttemptRow(NamedTuple):
@@ -134,14 +148,15 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) ->
     session.flush()
 
 
-def list_events(session: Session, job_id: str, *, after_seq: int, limit: int) -> list[JobEvent]:
-    # The row-value bound and its ORDER BY walk ix_job_events_job_seq from (job_id, after_seq) and stop after
-    # `limit` rows. With `seq > :after ORDER BY seq`, PostgreSQL prefers the primary key and filters every
-    # later event of every job (478 ms on a 10,000-event job among 100,000 jobs; docs/performance.md).
-    query = (select(JobEvent).where(JobEvent.job_id == job_id,
-                                    tuple_(JobEvent.job_id, JobEvent.seq) > tuple_(job_id, after_seq))
-             .order_by(JobEvent.job_id, JobEvent.seq).limit(limit))
-    return list(session.scalars(query))
+def job_exists(connection: Connection, job_id: str, tenant_id: str | None = None) -> bool:
+    if tenant_id is None:
+        return connection.execute(_JOB_EXISTS, {"job_id": job_id}).first() is not None
+    return connection.execute(_JOB_EXISTS_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first() is not None
+
+
+def list_events(connection: Connection, job_id: str, *, after_seq: int, limit: int) -> list[Row]:
+    """Rows of (seq, kind, data, created_at), oldest first, after `after_seq`."""
+    return connection.execute(_EVENTS_PAGE, {"job_id": job_id, "after_seq": after_seq, "limit": limit}).all()
 
 
 def delete_progress_events(session: Session, finished_before: datetime, limit: int) -> int:

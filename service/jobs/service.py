@@ -16,7 +16,7 @@ from service.errors import (ArtifactNotFound, DoesNotFit, InvalidCursor, Invalid
                             JobNotFound, QuotaExceeded, UnsupportedNumGpus, UnsupportedSharding)
 from service.jobs import repository
 from service.jobs.states import JobStatus
-from service.models import Job, JobEvent, utcnow
+from service.models import Job, utcnow
 from service.planning import plan_spec
 from service.settings import Settings
 from service.tenancy import repository as tenancy
@@ -122,9 +122,11 @@ def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str
     return jobs[:limit], len(jobs) > limit
 
 
-def list_events(session: Session, job_id: str, after_seq: int, limit: int, caller: Caller) -> list[JobEvent]:
-    load_job(session, job_id, caller.tenant_scope)
-    return repository.list_events(session, job_id, after_seq=after_seq, limit=limit)
+def list_events(connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller) -> list[Row]:
+    """A page of the job's events: polled like its status, so read as rows (repository.list_events)."""
+    if not (ID_PATTERN.fullmatch(job_id) and repository.job_exists(connection, job_id, caller.tenant_scope)):
+        raise JobNotFound(f"no job {job_id!r}")
+    return repository.list_events(connection, job_id, after_seq=after_seq, limit=limit)
 
 
 def get_artifact_job(session: Session, job_id: str, name: str, caller: Caller) -> Job:

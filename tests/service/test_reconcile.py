@@ -142,7 +142,7 @@ def test_lease_settings_are_validated(lease, renew):
 
 def _events(job_id: str) -> list:
     with transaction() as session:
-        return repository.list_events(session, job_id, after_seq=0, limit=10_000)
+        return repository.list_events(session.connection(), job_id, after_seq=0, limit=10_000)
 
 
 def test_progress_events_of_long_finished_jobs_are_pruned(store_queued_job, tiny_model, data_root, settings):
@@ -164,7 +164,7 @@ def test_progress_events_of_long_finished_jobs_are_pruned(store_queued_job, tiny
     assert prune_progress_events(kept) >= 3
     assert prune_progress_events(kept) == 0  # nothing left to prune
     with transaction() as session:
-        kinds = {job_id: [e.kind for e in repository.list_events(session, job_id, after_seq=0, limit=100)]
+        kinds = {job_id: [e.kind for e in repository.list_events(session.connection(), job_id, after_seq=0, limit=100)]
                  for job_id in (old, recent, running)}
     assert kinds[old] == ["state", "state"]  # queued, cancelled: the state changes stay
     assert kinds[recent].count("progress") == 3 and kinds[running].count("progress") == 3
