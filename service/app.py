@@ -148,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.ensure_dirs()
         # Made here, inside the event loop that serves the requests, which the database's admission belongs to.
         app.state.database, app.state.rate_limiter = Database(settings), RateLimiter(settings)
+        metrics.STATE_COLLECTOR.engine = app.state.database.engine
         # What start-up made (modules, the app, its routes) lives as long as the process: frozen, the collector
         # no longer walks it on every full collection, which would otherwise show as request latency tails.
         gc.collect()

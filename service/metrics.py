@@ -139,13 +139,15 @@ class ServiceStateCollector(Collector):
 
     def __init__(self) -> None:
         self.settings: Settings | None = None
+        # The API's own engine (set by its lifespan): the scrape shares the request pool, no second pool per process.
+        self.engine = None
 
     def describe(self):
         # Without describe(), registering would call collect() and query the database at import time.
         return [GaugeMetricFamily(name, text) for name, text in _STATE_HELP.items()]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        if self.settings is None:
+        if self.settings is None or self.engine is None:
             return
         try:
             yield from self._from_database()
@@ -157,11 +159,12 @@ class ServiceStateCollector(Collector):
             log.warning("metrics: the broker could not be read; queue depth left out", exc_info=True)
 
     def _from_database(self) -> Iterator[GaugeMetricFamily]:
-        from service.db import transaction
+        from sqlalchemy.orm import Session
+
         from service.gpus import live_gpus
         from service.jobs import repository
 
-        with transaction(self.settings) as session:
+        with Session(self.engine) as session, session.begin():
             counts = repository.count_jobs_by_status(session)
             gpus = live_gpus(session, self.settings)
         jobs = GaugeMetricFamily("ftjobs_jobs", _STATE_HELP["ftjobs_jobs"], labels=["state"])
