@@ -243,23 +243,10 @@ def start_reference(stack, port: int, model: Path, tenant_id: str):
     server = ManagedProcess("reference", [sys.executable, "-m", "uvicorn", "benchmarks.reference_api:app",
                                           "--port", str(port), "--http", "httptools", "--loop", "uvloop",
                                           "--no-access-log", "--log-level", "warning"], env)
-    wait_serving(f"http://127.0.0.1:{port}/docs", server)
+    from harness import wait_until_serving
+
+    wait_until_serving(f"http://127.0.0.1:{port}/docs", server.process, "the reference", output=server.lines)
     return server
-
-
-def wait_serving(url: str, server) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if server.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start:\n" + "".join(server.lines[-30:]))
-        time.sleep(0.2)
 
 
 def scenarios(stack, keys, job_id: str, big_job: str, model: Path) -> list[Scenario]:

@@ -137,23 +137,15 @@ def free_port() -> int:
 @contextmanager
 def _uvicorn_api(**env_overrides: str) -> Iterator[tuple[str, int]]:
     """The API under uvicorn as deployed, with these FTJOBS_ settings; yields its URL and process id."""
-    import httpx
+    from harness import wait_until_serving
 
     port = free_port()
     env = {**os.environ, "FTJOBS_LOG_LEVEL": "WARNING", **env_overrides}
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start (exit code {process.poll()})")
-            time.sleep(0.2)
+        wait_until_serving(f"{url}/healthz", process, "the API")
         yield url, process.pid
     finally:
         process.terminate()

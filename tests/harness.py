@@ -43,6 +43,23 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def wait_until_serving(url: str, process: subprocess.Popen, what: str, timeout_seconds: float = 60,
+                       output: list[str] | None = None) -> None:
+    """Poll `url` until it answers 200. Fails at once if `process` exits, else after the timeout, with the
+    process's last output lines when they are captured."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = "".join((output or [])[-40:])
+            raise RuntimeError(f"{what} did not come up at {url} (exit code {process.poll()})\n{tail}")
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -143,16 +160,7 @@ class Stack:
         """`ftjobs api` with these extra arguments and settings, waited for until it is ready."""
         self.api = ManagedProcess("api", [sys.executable, "-m", "ftjobs.cli", "api", "--port", str(self.api_port),
                                           *args], {**self.env, **env})
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.api.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the API did not become ready:\n" + "".join(self.api.lines[-40:]))
-            time.sleep(0.2)
+        wait_until_serving(f"{self.url}/readyz", self.api.process, "the API", output=self.api.lines)
 
     def start_worker(self, name: str, **env: str) -> ManagedProcess:
         worker = ManagedProcess(name, [sys.executable, "-m", "ftjobs.cli", "worker", "--name", f"{name}@stack"],

@@ -8,13 +8,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+from harness import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -25,19 +24,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, what: str, timeout_seconds: float = 60) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up at {url} (exit code {process.poll()})")
-        time.sleep(0.2)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -58,7 +44,7 @@ def api_server(database, redis_client) -> Iterator[str]:
          "--port", str(port), "--log-level", "warning"], cwd=REPO, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/healthz", process, "the API")
+        wait_until_serving(f"{url}/healthz", process, "the API")
         yield url
     finally:
         _stop(process)
@@ -93,7 +79,7 @@ def prometheus(api_server, worker, tmp_path_factory) -> Iterator[str]:
                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(f"{url}/-/ready", process, "prometheus")
+        wait_until_serving(f"{url}/-/ready", process, "prometheus")
         yield url
     finally:
         _stop(process)
