@@ -32,46 +32,47 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str, **pool: Any) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_seconds: float | None = None, statement_timeout_seconds:
+                float | None = None, **pool: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
+    options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in (
+        ("idle_in_transaction_session_timeout", idle_in_transaction_seconds),
+        ("statement_timeout", statement_timeout_seconds)) if seconds]
     # Small pools: a worker holds one connection at a time per thread, and PostgreSQL's 100 are shared.
-    return create_engine(url, **({"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5} | pool))
+    return create_engine(url, connect_args={"options": " ".join(options)} if options else {},
+                         **({"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5} | pool))
 
 
 def make_api_engine(settings: Settings) -> Engine:
     """A pool as large as the API's threads, never pinged (recycled instead), each query bounded in time."""
-    url = settings.sqlalchemy_url
-    if url.startswith("sqlite"):
-        return make_engine(url)
-    statement_timeout_ms = int(settings.api_statement_timeout_seconds * 1000)
-    return make_engine(url, pool_pre_ping=False, pool_size=settings.api_pool_size, max_overflow=0,
-                       pool_timeout=settings.db_pool_timeout_seconds, pool_recycle=settings.db_pool_recycle_seconds,
-                       connect_args={"options": f"-c statement_timeout={statement_timeout_ms}"})
+    return make_engine(settings.sqlalchemy_url, idle_in_transaction_seconds=settings.idle_in_transaction_timeout,
+                       statement_timeout_seconds=settings.api_statement_timeout_seconds, pool_pre_ping=False,
+                       pool_size=settings.api_pool_size, max_overflow=0, pool_timeout=settings.db_pool_timeout_seconds,
+                       pool_recycle=settings.db_pool_recycle_seconds)
 
 
 @lru_cache
-def _engine_for(url: str) -> Engine:
-    return make_engine(url)
+def _engine_for(url: str, idle_in_transaction_seconds: float) -> Engine:
+    return make_engine(url, idle_in_transaction_seconds=idle_in_transaction_seconds)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
     if settings.sqlalchemy_url.startswith("sqlite"):
         settings.resolved_home.mkdir(parents=True, exist_ok=True)
-    return _engine_for(settings.sqlalchemy_url)
+    return _engine_for(settings.sqlalchemy_url, settings.idle_in_transaction_timeout)
 
 
 @lru_cache
-def _sessions_for(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=_engine_for(url), expire_on_commit=False)
+def _sessions_for(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
-    get_engine(settings)
-    return _sessions_for((settings or get_settings()).sqlalchemy_url)
+    return _sessions_for(get_engine(settings))
 
 
 @contextmanager

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # once it has expired, any worker's reconciler hands the job to a new attempt (service/jobs/reconcile.py).
     lease_seconds: float = 60.0
     lease_renew_seconds: float | None = Field(None, description="default: a third of lease_seconds")
+    # A process frozen inside a transaction (SIGSTOP, a paused VM, a partition) keeps its row locks, and the
+    # reconciler skips locked rows: PostgreSQL ends a session left idle in a transaction this long, so the
+    # locks of a lost worker never outlive its lease. Every transaction here is a few statements, no waits.
+    idle_in_transaction_seconds: float | None = Field(None, gt=0, description="default: half of lease_seconds")
     # A job queued this long with no message left for it in the broker is sent again (a restarted Redis,
     # an API killed between its commit and its send).
     requeue_grace_seconds: float = 30.0
@@ -106,6 +110,10 @@ class Settings(BaseSettings):
     @property
     def renew_seconds(self) -> float:
         return self.lease_renew_seconds if self.lease_renew_seconds is not None else self.lease_seconds / 3
+
+    @property
+    def idle_in_transaction_timeout(self) -> float:
+        return self.idle_in_transaction_seconds or self.lease_seconds / 2
 
     @property
     def resolved_storage_url(self) -> str:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
-from service.db import transaction
+from service.db import get_engine, transaction
 from service.gpus import live_gpus
 from service.jobs import attempts, repository
 from service.jobs.attempts import Fence
@@ -75,6 +77,25 @@ def test_an_expired_lease_is_requeued_as_a_new_attempt_and_then_runs_out(queued_
     assert stored.status == "failed" and stored.error_code == "attempts_exhausted"
     assert [(a.number, a.worker_hostname, a.outcome) for a in stored.attempts] == [
         (1, "w1@host", "lease_expired"), (2, "w2@host", "lease_expired")]
+
+
+def test_a_worker_frozen_inside_a_transaction_loses_its_row_locks_and_then_its_job(queued_job, own_queue):
+    """SIGSTOP between an UPDATE and its COMMIT: the reconciler skips locked rows, so without the idle timeout
+    the frozen worker would keep its job for as long as it stays frozen."""
+    worker_settings = own_queue.model_copy(update={"idle_in_transaction_seconds": 1})
+    with transaction() as session:
+        attempts.claim(session, queued_job, "w1@host", lease_seconds=60)
+    expire_lease(queued_job)
+    frozen = get_engine(worker_settings).connect()
+    frozen.begin()
+    frozen.execute(select(Job.id).where(Job.id == queued_job).with_for_update())
+    assert reconcile(own_queue).requeued == []  # locked: another reconciler might be handling it
+
+    time.sleep(1.5)
+    assert reconcile(own_queue).requeued == [queued_job]
+    with pytest.raises(DBAPIError, match="idle-in-transaction timeout"):
+        frozen.execute(select(1))
+    frozen.close()
 
 
 def test_a_superseded_attempt_can_write_nothing(queued_job, own_queue):
