@@ -10,6 +10,7 @@ from service.migrate import upgrade_database
 from service.models import Base
 
 TABLES = {"jobs", "job_events", "job_attempts", "job_checkpoints", "files", "gpus", "tenants", "api_keys",
+          "idempotency_keys", "webhook_deliveries", "webhook_attempts",
           "alembic_version"}
 
 
