@@ -23,6 +23,7 @@ from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
+from service.idempotency.layer import IdempotencyLayer
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
 from service.tenancy.ratelimit import RateLimiter
@@ -173,7 +174,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"])
+    # Inside the length guard, which refuses an oversized declared body before this layer spools a byte of it.
+    app.add_middleware(IdempotencyLayer, settings=settings, upload_limit_bytes=upload_limit,
+                       json_limit_bytes=settings.max_json_body_bytes)
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
                        json_limit_bytes=settings.max_json_body_bytes)
     metrics.install(app, settings)  # outermost, so refused requests are measured too

@@ -164,6 +164,24 @@ class InvalidCursor(ProblemError):
     status, code, title = 400, "invalid_cursor", "The pagination cursor is invalid"
 
 
+class IdempotencyKeyReused(ProblemError):
+    status, code, title = 422, "idempotency_key_reused", "The Idempotency-Key was used with another request"
+
+
+class IdempotencyKeyInUse(ProblemError):
+    status, code, title, retryable = 409, "idempotency_key_in_use", "A request with this Idempotency-Key is running", True
+    headers = {"Retry-After": "1"}
+
+
+class InvalidIdempotencyKey(ProblemError):
+    status, code, title = 400, "invalid_idempotency_key", "The Idempotency-Key header is invalid"
+
+
+class TooManyStreams(ProblemError):
+    status, code, title, retryable = 503, "too_many_streams", "This API process serves its maximum of event streams", True
+    headers = {"Retry-After": "5"}
+
+
 # Worker-side outcomes, stored on the failed job as error.code.
 class TrainingOutOfMemory(ProblemError):
     code, title, retryable = "out_of_memory", "The job ran out of GPU memory", False

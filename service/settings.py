@@ -87,6 +87,23 @@ class Settings(BaseSettings):
     # Progress events of a job that ended this long ago are deleted by the reconciler; state changes and
     # checkpoints are kept. 0 keeps everything.
     progress_event_retention_days: float = Field(30.0, ge=0)
+    # An Idempotency-Key's first response is replayed for this long (Stripe's 24 h), per tenant. A first request
+    # that holds its key this long without finishing (its API process died) lets a retry take the key over.
+    idempotency_key_hours: float = Field(24.0, gt=0)
+    idempotency_lock_seconds: float = Field(60.0, gt=0)
+    # Webhooks (service/webhooks): each worker looks for due deliveries this often and POSTs up to
+    # webhook_concurrency at once, each bounded by webhook_timeout_seconds; a failed one is retried after
+    # base * 4^(n-1) seconds, at most webhook_retry_max_seconds, webhook_max_attempts times in all.
+    webhook_poll_seconds: float = Field(1.0, gt=0)
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_concurrency: int = Field(4, ge=1, le=64)
+    webhook_retry_base_seconds: float = Field(5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)
+    # GET /v1/jobs/{id}/events as Server-Sent Events: each stream reads the job's new events this often (one
+    # short query, no connection held between), and one API process serves at most sse_max_streams at once.
+    sse_poll_seconds: float = Field(1.0, gt=0)
+    sse_max_streams: int = Field(200, ge=1)
     log_level: str = "INFO"
     log_json: bool = False
     # Each worker serves its own Prometheus /metrics on this port (0 = none); one port per worker on a host.

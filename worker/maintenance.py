@@ -1,5 +1,5 @@
 """The worker's background duties: heartbeat its GPUs and run the reconciler, every reconcile interval, and
-prune old progress events every PRUNE_INTERVAL_SECONDS."""
+prune old progress events and idempotency keys every PRUNE_INTERVAL_SECONDS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 from service.db import in_transaction
 from service.jobs import repository
-from service.jobs.reconcile import prune_progress_events, reconcile
+from service.jobs.reconcile import prune_idempotency_keys, prune_progress_events, reconcile
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ def start_maintenance(hostname: str, settings: Settings) -> threading.Event:
                     next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
                     if deleted := prune_progress_events(settings):
                         log.info("deleted %d progress events past their retention", deleted)
+                    if deleted := prune_idempotency_keys(settings):
+                        log.info("deleted %d idempotency keys past their %g h", deleted, settings.idempotency_key_hours)
             except Exception:  # the database or broker is down: the next round tries again
                 log.exception("maintenance round failed")
                 continue

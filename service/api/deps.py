@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from service.db import Database
+from service.idempotency.layer import Claim, claim_of
 from service.settings import Settings
 from service.tenancy.keys import Caller, authenticate, presented_key_sha256
 from service.tenancy.ratelimit import RateLimiter
@@ -36,10 +37,14 @@ class CallerDatabase:
     key's rate limit and authenticates the key, in the same thread and on the same connection as the work, so
     a revoked key is refused from its very next request; then it runs `work(session, *args, caller=caller)`,
     and `then` on its result: the response is built in the unit, while what it reads is still attached to
-    its session. Later units of the same request reuse the caller."""
+    its session. Later units of the same request reuse the caller.
 
-    def __init__(self, database: Database, rate_limiter: RateLimiter, key_sha256: str) -> None:
-        self.database, self.rate_limiter, self.key_sha256 = database, rate_limiter, key_sha256
+    `write(..., answers=status)` says that `then`'s result is the route's answer: when the request holds an
+    Idempotency-Key (service/idempotency/layer.py), the answer is recorded in the same transaction."""
+
+    def __init__(self, database: Database, rate_limiter: RateLimiter, key_sha256: str,
+                 claim: Claim | None = None) -> None:
+        self.database, self.rate_limiter, self.key_sha256, self.claim = database, rate_limiter, key_sha256, claim
         self._caller: Caller | None = None
 
     async def read(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
@@ -49,7 +54,10 @@ class CallerDatabase:
         """As `read`, `work` getting a Core connection (service/db.py `Database.read_rows`)."""
         return await self.database.read_rows(self._as_caller, work, args, then)
 
-    async def write(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
+    async def write(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None,
+                    answers: int | None = None) -> Any:
+        if answers is not None and self.claim is not None:
+            return await self.database.write(self._answering, work, args, then, answers)
         return await self.database.write(self._as_caller, work, args, then)
 
     async def authenticate(self) -> Caller:
@@ -62,6 +70,12 @@ class CallerDatabase:
         result = work(unit, *args, caller=caller)
         return then(result) if then else result
 
+    def _answering(self, session: Session, work: Callable[..., Any], args: tuple, then: Callable[[Any], Any] | None,
+                   status_code: int) -> Any:
+        answer = self._as_caller(session, work, args, then)
+        self.claim.record(session, status_code, answer)
+        return answer
+
     def _caller_of(self, connection: Connection) -> Caller:
         self.rate_limiter.hit(self.key_sha256)
         self._caller = authenticate(connection, self.key_sha256)
@@ -72,7 +86,8 @@ async def get_caller_database(request: Request) -> CallerDatabase:
     """The header read directly, not through fastapi.security.HTTPBearer: a dependency and a credentials object
     less on every poll. The scheme is declared in the OpenAPI document by service/app.py instead."""
     key_sha256 = presented_key_sha256(request.headers.get("authorization"))
-    return CallerDatabase(request.app.state.database, request.app.state.rate_limiter, key_sha256)
+    return CallerDatabase(request.app.state.database, request.app.state.rate_limiter, key_sha256,
+                          claim_of(request.scope))
 
 
 async def get_authenticated_database(db: Annotated[CallerDatabase, Depends(get_caller_database)]) -> CallerDatabase:

@@ -40,7 +40,8 @@ _JOB_LINKS = _job_links("$response.body#/id")
 
 async def submit_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep) -> JobOut:
     # The row is the truth: once its transaction has committed, the job is accepted whatever happens to the send.
-    job = await db.write(service.submit_job, settings, spec, then=JobOut.of)
+    # answers=201: with an Idempotency-Key, the answer commits with the job (service/idempotency/layer.py).
+    job = await db.write(service.submit_job, settings, spec, then=JobOut.of, answers=201)
     try:
         await anyio.to_thread.run_sync(enqueue_job, job.id, settings)
     except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from service.db import in_transaction
 from service.gpus import gpu_expiry
+from service.idempotency import repository as idempotency
 from service.jobs import attempts, repository
 from service.jobs.states import JobStatus
 from service.queue import enqueue_job, pending_job_ids
@@ -93,6 +94,21 @@ def prune_progress_events(settings: Settings) -> int:
         return repository.delete_progress_events(session, attempts.database_now(session) - retention,
                                                  PRUNE_BATCH_ROWS)
 
+    return _in_batches(prune_batch)
+
+
+def prune_idempotency_keys(settings: Settings) -> int:
+    """Delete the Idempotency-Keys older than `idempotency_key_hours`, in batches; how many went. A key already
+    past its time is treated as new by the API (service/idempotency/repository.py), pruned or not."""
+    kept_for = timedelta(hours=settings.idempotency_key_hours)
+
+    def prune_batch(session) -> int:
+        return idempotency.delete_created_before(session, attempts.database_now(session) - kept_for, PRUNE_BATCH_ROWS)
+
+    return _in_batches(prune_batch)
+
+
+def _in_batches(prune_batch) -> int:
     deleted = batch = in_transaction(prune_batch)
     while batch == PRUNE_BATCH_ROWS:
         batch = in_transaction(prune_batch)
