@@ -75,6 +75,9 @@ def _keys_parser(commands) -> None:
     create.add_argument("--tenant", required=True)
     create.add_argument("--admin", action="store_true", help="the key acts across every tenant")
     create.add_argument("--max-active-jobs", type=int, default=None, help="the tenant's active-jobs quota")
+    create.add_argument("--webhook-url", default=None,
+                        help="POST the tenant's job state changes and checkpoints here (Standard Webhooks); "
+                             "prints the tenant's signing secret")
     create.set_defaults(run=_keys_create)
     actions.add_parser("list", help="every key: id, tenant, admin, created, revoked").set_defaults(run=_keys_list)
     revoke = actions.add_parser("revoke", help="refuse a key from now on")
@@ -216,12 +219,21 @@ def _ensure_local_admin_key(settings) -> None:
 
 def _keys_create(args) -> int:
     from service.db import transaction
+    from service.errors import ProblemError
     from service.tenancy.keys import create_key
+    from service.tenancy.repository import get_tenant_by_name
 
     if args.max_active_jobs is not None and args.max_active_jobs < 1:
         return _problem({"code": "invalid_argument", "detail": "--max-active-jobs must be at least 1"})
-    with transaction() as session:
-        key, secret = create_key(session, args.tenant, admin=args.admin, max_active_jobs=args.max_active_jobs)
+    try:
+        with transaction() as session:
+            key, secret = create_key(session, args.tenant, admin=args.admin, max_active_jobs=args.max_active_jobs,
+                                     webhook_url=args.webhook_url)
+            webhook_secret = get_tenant_by_name(session, args.tenant).webhook_secret if args.webhook_url else None
+    except ProblemError as exc:  # a webhook URL that is not one
+        return _problem(exc.to_problem())
+    if webhook_secret:
+        print(f"webhook {args.webhook_url} signed with the tenant's secret: {webhook_secret}")
     print(f"created {'admin ' if key.admin else ''}key {key.id} for tenant {args.tenant}; it is shown only once:")
     print(secret)
     return 0

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
-from service.api import files, health, jobs, plans
+from service.api import files, health, jobs, plans, webhooks
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
+    app.include_router(webhooks.router, responses=AUTHENTICATED)
     app.include_router(health.router)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)

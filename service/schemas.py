@@ -121,3 +121,37 @@ class FileOut(BaseModel):
         return cls(id=uploaded.id, filename=uploaded.filename, size_bytes=uploaded.size_bytes,
                    sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format,
                    created_at=uploaded.created_at)
+
+
+class WebhookAttemptOut(BaseModel):
+    number: int
+    attempted_at: UtcDatetime
+    status_code: int | None = Field(description="The receiver's HTTP status; null when it gave none (refused, "
+                                                "timed out)")
+    error: str | None = Field(description="Why the attempt failed; null when the receiver answered 2xx")
+    duration_seconds: float
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(description="The webhook-id header, the same on every attempt: receivers deduplicate by it")
+    event_seq: int = Field(description="The event it reports, as GET /v1/jobs/{id}/events numbers it")
+    event_type: str = Field(description="job.status_changed | job.checkpoint_saved")
+    url: str
+    status: str = Field(description="pending | delivered | failed (every attempt used)")
+    next_attempt_at: UtcDatetime | None = Field(description="When it is tried next; null once delivered or failed")
+    created_at: UtcDatetime
+    delivered_at: UtcDatetime | None
+    attempts: list[WebhookAttemptOut]
+
+    @classmethod
+    def of(cls, delivery: Row, attempts: list[Row]) -> WebhookDeliveryOut:
+        return cls(id=delivery.id, event_seq=delivery.event_seq, event_type=delivery.event_type, url=delivery.url,
+                   status=delivery.status, created_at=delivery.created_at, delivered_at=delivery.delivered_at,
+                   next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+                   attempts=[WebhookAttemptOut(number=a.number, attempted_at=a.attempted_at, status_code=a.status_code,
+                                               error=a.error, duration_seconds=a.duration_seconds) for a in attempts])
+
+
+class WebhookDeliveryPage(BaseModel):
+    data: list[WebhookDeliveryOut]
+    next_cursor: int = Field(description="Pass as `after` for the next page (the last delivery's event_seq)")

@@ -1,5 +1,6 @@
 """The worker's background duties: heartbeat its GPUs and run the reconciler, every reconcile interval, and
-prune old progress events and idempotency keys every PRUNE_INTERVAL_SECONDS."""
+prune old progress events and idempotency keys every PRUNE_INTERVAL_SECONDS; and, in a thread of its own, send
+webhooks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from service.db import in_transaction
 from service.jobs import repository
 from service.jobs.reconcile import prune_idempotency_keys, prune_progress_events, reconcile
 from service.settings import Settings
+from service.webhooks.delivery import run_deliveries
 
 log = logging.getLogger(__name__)
 # Retention is counted in days: checking every ten minutes is plenty, and keeps the scan off every round.
@@ -40,4 +42,6 @@ def start_maintenance(hostname: str, settings: Settings) -> threading.Event:
                 log.info("reconciled: %s", report)
 
     threading.Thread(target=loop, name="ftjobs-maintenance", daemon=True).start()
+    # Its own thread: a slow webhook receiver never delays the reconciler (service/webhooks/delivery.py).
+    threading.Thread(target=run_deliveries, args=(stopped, settings), name="ftjobs-webhooks", daemon=True).start()
     return stopped

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
 
 from service.jobs.states import ALLOWED_FROM, JobStatus
+from service.webhooks import repository as webhooks
 from service.models import (DatasetValidation, Job, JobAttempt, JobEvent, RegisteredGpu, Tenant, UploadedFile,
                             utcnow)
 
@@ -144,8 +145,12 @@ def set_job_fields(session: Session, job_id: str, **fields: Any) -> None:
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+    """Append an event; a state change or checkpoint is queued for the tenant's webhook in the same transaction."""
+    event = JobEvent(job_id=job_id, kind=kind, data=data)
+    session.add(event)
     session.flush()
+    if kind in webhooks.EVENT_TYPES:
+        webhooks.add_for_event(session, event)
 
 
 def job_exists(connection: Connection, job_id: str, tenant_id: str | None = None) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session
 from service.errors import ProblemError, Unauthenticated
 from service.models import ApiKey, Tenant
 from service.tenancy import repository
+from service.webhooks.delivery import new_secret
+from service.webhooks.repository import set_tenant_webhook
 
 KEY_PREFIX = "ftj_"
 KEY_RANDOM_BYTES = 32
@@ -24,6 +27,10 @@ KEY_RANDOM_BYTES = 32
 
 class KeyNotFound(ProblemError):
     status, code, title = 404, "key_not_found", "No such active API key"
+
+
+class InvalidWebhookUrl(ProblemError):
+    status, code, title = 422, "invalid_webhook_url", "A webhook URL is an http or https URL with a host"
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,25 @@ def ensure_tenant(session: Session, name: str, max_active_jobs: int | None = Non
     return tenant
 
 
-def create_key(session: Session, tenant_name: str, *, admin: bool = False,
-               max_active_jobs: int | None = None) -> tuple[ApiKey, str]:
-    """A new key for the tenant (created if new); returns the row and the key, which is never stored."""
+def create_key(session: Session, tenant_name: str, *, admin: bool = False, max_active_jobs: int | None = None,
+               webhook_url: str | None = None) -> tuple[ApiKey, str]:
+    """A new key for the tenant (created if new); returns the row and the key, which is never stored.
+    `webhook_url` becomes the tenant's webhook (service/webhooks), signed with its secret (made if it has none)."""
     tenant = ensure_tenant(session, tenant_name, max_active_jobs)
+    if webhook_url is not None:
+        set_webhook(session, tenant, webhook_url)
     secret = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
     key = ApiKey(id=new_id("key"), tenant_id=tenant.id, key_sha256=hash_key(secret), admin=admin)
     return repository.add_key(session, key), secret
+
+
+def set_webhook(session: Session, tenant: Tenant, url: str) -> str:
+    """Where the tenant's job events go; returns its signing secret, kept if it had one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidWebhookUrl(f"{url!r} is not an http(s) URL with a host")
+    set_tenant_webhook(session, tenant, url, tenant.webhook_secret or new_secret())
+    return tenant.webhook_secret
 
 
 def revoke_key(session: Session, key_id: str) -> None:
