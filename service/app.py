@@ -20,6 +20,7 @@ from starlette.routing import Match
 from service import metrics
 from service.api import files, health, jobs, plans, webhooks
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
+from service.api.streams import StreamCount
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        json_limit_bytes=settings.max_json_body_bytes)
     metrics.install(app, settings)  # outermost, so refused requests are measured too
     app.state.settings = settings
+    app.state.event_streams = StreamCount()  # GET /v1/jobs/{id}/events as SSE (service/api/streams.py)
     app.add_api_route("/metrics", _metrics, include_in_schema=False)
     app.openapi = lambda: _openapi(app)
     return app

@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import Row
 
 from planner.spec import JobSpec
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
+from service.api.streams import EVENT_STREAM, event_stream, wants_stream
 from service.errors import ArtifactNotFound
 from service.jobs import service
 from service.jobs.states import JobStatus
@@ -86,9 +87,22 @@ async def cancel_job(job_id: str, db: AuthenticatedDbDep) -> JobOut:
     return await db.write(service.cancel_job, job_id, then=JobOut.of)
 
 
-@router.get("/{job_id}/events", response_model=EventPage, operation_id="list_events", responses=problems(404))
-async def list_events(job_id: str, db: CallerDbDep, after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
-                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventPage:
+_STREAM_DOC = {"description": "With Accept: text/event-stream: each event as an SSE message (id: its seq, event: its "
+                              "kind, data: the event as JSON), until the job has ended and its last event is sent",
+               "schema": {"type": "string"}}
+
+
+@router.get("/{job_id}/events", response_model=EventPage, operation_id="list_events",
+            responses={200: {"description": "a page of events, or their stream (Accept: text/event-stream)",
+                             "content": {EVENT_STREAM: _STREAM_DOC}}, **problems(404)})
+async def list_events(request: Request, job_id: str, db: CallerDbDep, settings: SettingsDep,
+                      after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                      last_event_id: Annotated[int | None, Header(ge=0, le=2**63 - 1, description=(
+                          "Streams: resume after this seq (sent by a reconnecting EventSource)"))] = None) -> EventPage:
+    if wants_stream(request.headers.get("accept")):
+        return await event_stream(db, settings, request.app.state.event_streams, job_id,
+                                  max(after, last_event_id or 0))
     return await db.read_rows(service.list_events, job_id, after, limit, then=functools.partial(_event_page, after))
 
 

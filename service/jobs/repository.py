@@ -33,6 +33,8 @@ _JOB_BY_ID_IN_TENANT = _JOB_BY_ID.where(JOBS.c.tenant_id == bindparam("tenant_id
 
 _JOB_EXISTS = select(JOBS.c.id).where(JOBS.c.id == bindparam("job_id"))
 _JOB_EXISTS_IN_TENANT = _JOB_EXISTS.where(JOBS.c.tenant_id == bindparam("tenant_id"))
+_JOB_STATUS = select(JOBS.c.status).where(JOBS.c.id == bindparam("job_id"))
+_JOB_STATUS_IN_TENANT = _JOB_STATUS.where(JOBS.c.tenant_id == bindparam("tenant_id"))
 EVENTS = JobEvent.__table__
 # Two row-value bounds, (job_id, after) < (job_id, seq) <= (job_id, max), and ORDER BY job_id, seq: a range of
 # ix_job_events_job_seq read in order, stopping after `limit` rows, whatever the statistics say. With a plain
@@ -157,6 +159,12 @@ def job_exists(connection: Connection, job_id: str, tenant_id: str | None = None
     if tenant_id is None:
         return connection.execute(_JOB_EXISTS, {"job_id": job_id}).first() is not None
     return connection.execute(_JOB_EXISTS_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).first() is not None
+
+
+def job_status(connection: Connection, job_id: str, tenant_id: str | None = None) -> str | None:
+    if tenant_id is None:
+        return connection.execute(_JOB_STATUS, {"job_id": job_id}).scalar()
+    return connection.execute(_JOB_STATUS_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).scalar()
 
 
 def list_events(connection: Connection, job_id: str, *, after_seq: int, limit: int) -> list[Row]:

@@ -129,6 +129,17 @@ def list_events(connection: Connection, job_id: str, after_seq: int, limit: int,
     return repository.list_events(connection, job_id, after_seq=after_seq, limit=limit)
 
 
+def events_since(connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller
+                 ) -> tuple[list[Row], bool]:
+    """A page of the job's events after `after_seq`, and whether no event can follow them: the job had ended
+    before they were read (its last state event commits with its status) and the page is not full."""
+    status = repository.job_status(connection, job_id, caller.tenant_scope) if ID_PATTERN.fullmatch(job_id) else None
+    if status is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    events = repository.list_events(connection, job_id, after_seq=after_seq, limit=limit)
+    return events, JobStatus(status).is_terminal and len(events) < limit
+
+
 def get_artifact_job(session: Session, job_id: str, name: str, caller: Caller) -> Job:
     """The job, if it recorded an artifact by this name: only names the worker recorded are ever served, so no
     path from a URL reaches storage unchecked."""
