@@ -24,7 +24,7 @@ from service.api.streams import StreamCount
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
-from service.idempotency.layer import IdempotencyLayer
+from service.idempotency.layer import IdempotencyLayer, declare_in_openapi
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
 from service.tenancy.ratelimit import RateLimiter
@@ -133,6 +133,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             components.pop(unused, None)
         schema["components"]["securitySchemes"] = {"bearer": {
             "type": "http", "scheme": "bearer", "description": "An API key from `ftjobs keys create`"}}
+        declare_in_openapi(schema, {"$ref": "#/components/schemas/Problem"})
         for path, operations in schema["paths"].items():
             if path.startswith("/v1/"):
                 for operation in operations.values():

@@ -169,7 +169,8 @@ class IdempotencyKeyReused(ProblemError):
 
 
 class IdempotencyKeyInUse(ProblemError):
-    status, code, title, retryable = 409, "idempotency_key_in_use", "A request with this Idempotency-Key is running", True
+    status, code, retryable = 409, "idempotency_key_in_use", True
+    title = "A request with this Idempotency-Key is running"
     headers = {"Retry-After": "1"}
 
 
@@ -178,7 +179,8 @@ class InvalidIdempotencyKey(ProblemError):
 
 
 class TooManyStreams(ProblemError):
-    status, code, title, retryable = 503, "too_many_streams", "This API process serves its maximum of event streams", True
+    status, code, retryable = 503, "too_many_streams", True
+    title = "This API process serves its maximum of event streams"
     headers = {"Retry-After": "5"}
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import tempfile
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from service.models import IdempotencyKey
 from service.settings import Settings
 from service.tenancy.keys import authenticate, presented_key_sha256
 
+log = logging.getLogger(__name__)
 HEADER = b"idempotency-key"
 MAX_KEY_LENGTH = 255
 SPOOL_MEMORY_BYTES = 1024 * 1024
@@ -90,14 +92,14 @@ class IdempotencyLayer:
             key_text = _valid_key(key)
             key_sha256 = presented_key_sha256(authorization.decode("latin-1"))
         except InvalidIdempotencyKey as error:
-            return await _problem(error, scope, receive, send)
+            return await _problem(error, scope, send)
         except Unauthenticated:
             return await self.app(scope, receive, send)
         with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as body:
             try:
                 digest = await self._spool(scope, receive, body, headers.get(b"content-type", b""))
             except ProblemError as error:
-                return await _problem(error, scope, receive, send)
+                return await _problem(error, scope, send)
             if digest is None:
                 return  # the client hung up before its body was sent
             await self._claimed(scope, receive, send, body, key_sha256, key_text, digest)
@@ -110,7 +112,7 @@ class IdempotencyLayer:
         except Unauthenticated:  # an unknown or revoked key: the route says so, as it would without the header
             return await self.app(scope, _replay_body(body, receive), send)
         except ProblemError as error:
-            return await _problem(error, scope, None, send)
+            return await _problem(error, scope, send)
         if held is not None:
             return await _answer_again(held, fingerprint, scope, send)
         claim = Claim(tenant_id, key, token)
@@ -119,7 +121,10 @@ class IdempotencyLayer:
         try:
             await self.app(scope, _replay_body(body, receive), answer.send)
         except BaseException:
-            await database.write(repository.release, tenant_id, key, token)
+            try:  # so that a retry runs the request again at once, not after the claim goes stale
+                await database.write(repository.release, tenant_id, key, token)
+            except Exception:
+                log.exception("could not release Idempotency-Key %r; it frees itself once stale", key)
             raise
         if claim.recorded and answer.status is not None and answer.status < 500:
             return
@@ -235,10 +240,10 @@ async def _answer_again(held: IdempotencyKey, fingerprint: str, scope, send) -> 
     if held.fingerprint != fingerprint:
         error: ProblemError = IdempotencyKeyReused(
             "this Idempotency-Key was first sent with another request (method, path or body); use a new key")
-        return await _problem(error, scope, None, send)
+        return await _problem(error, scope, send)
     if held.status_code is None:
         return await _problem(IdempotencyKeyInUse("the first request with this Idempotency-Key is still running; "
-                                                  "retry to get its answer"), scope, None, send)
+                                                  "retry to get its answer"), scope, send)
     headers = [(b"content-length", str(len(held.response_body)).encode()), (b"idempotent-replayed", b"true")]
     if held.content_type:
         headers.append((b"content-type", held.content_type.encode("latin-1")))
@@ -246,9 +251,27 @@ async def _answer_again(held: IdempotencyKey, fingerprint: str, scope, send) -> 
     await send({"type": "http.response.body", "body": held.response_body})
 
 
-async def _problem(error: ProblemError, scope, _receive, send) -> None:
+async def _problem(error: ProblemError, scope, send) -> None:
     body = json.dumps(error.to_problem(instance=scope["path"]), ensure_ascii=True, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
                *((name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+_HEADER_DOC = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "description": "Send the same key again (for 24 h) to get this request's first answer instead of a "
+                              "second run; another request with the same key is a 422 idempotency_key_reused",
+               "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[!-~]+$"}}
+
+
+def declare_in_openapi(schema: dict, problem_ref: dict) -> None:
+    """The header on every POST of the document, with the 409 it may answer: the layer serves them all."""
+    for operations in schema.get("paths", {}).values():
+        post = operations.get("post")
+        if post is None:
+            continue
+        post.setdefault("parameters", []).append(_HEADER_DOC)
+        post["responses"].setdefault("409", {
+            "description": "idempotency_key_in_use: the first request with this Idempotency-Key is still running",
+            "content": {"application/problem+json": {"schema": problem_ref}}})

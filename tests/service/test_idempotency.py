@@ -156,7 +156,8 @@ def test_an_upload_retried_with_a_fresh_multipart_boundary_replays(client, keys)
     def upload(boundary: str, content: bytes = rows):
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\nalpaca\r\n"
                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content
+        body += f"\r\n--{boundary}--\r\n".encode()
         return client.post("/v1/files", content=body, headers={
             **headers(alpha, key), "Content-Type": f"multipart/form-data; boundary={boundary}"})
 

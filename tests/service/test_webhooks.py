@@ -40,7 +40,8 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 with receiver.lock:
-                    seen = sum(1 for headers, _ in receiver.received if headers["webhook-id"] == self.headers["webhook-id"])
+                    message_id = self.headers["webhook-id"]
+                    seen = sum(1 for headers, _ in receiver.received if headers["webhook-id"] == message_id)
                     receiver.received.append((dict(self.headers.items()), body))
                     status = 500 if seen < receiver.failures else 200
                 self.send_response(status)
