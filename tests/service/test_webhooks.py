@@ -203,3 +203,40 @@ def test_a_delivery_pending_when_its_sender_dies_is_sent_by_the_next_worker(clie
     assert headers["webhook-id"] == delivery["id"]
     assert Webhook(signing_secret).verify(body, headers)["data"] == {"job_id": job_id, "seq": delivery["event_seq"],
                                                                      "status": "queued"}
+
+
+def test_keys_create_sets_the_tenant_webhook_and_prints_its_secret(database):
+    name = f"cli-hooks-{uuid.uuid4().hex[:6]}"
+
+    def ftjobs(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftjobs.cli", "keys", "create", "--tenant", name, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    created = ftjobs("--webhook-url", "https://hooks.example/ftjobs")
+    assert created.returncode == 0, created.stderr
+    printed = created.stdout.split("secret: ", 1)[1].split()[0]
+    with transaction() as session:
+        tenant = get_tenant_by_name(session, name)
+        assert (tenant.webhook_url, tenant.webhook_secret) == ("https://hooks.example/ftjobs", printed)
+    assert printed.startswith("whsec_") and Webhook(printed)  # the reference library accepts it as a secret
+    # A second key keeps the secret; a URL that is not one is refused, exit 2 with a problem.
+    assert printed in ftjobs("--webhook-url", "https://hooks.example/v2").stdout
+    refused = ftjobs("--webhook-url", "file:///etc/passwd")
+    assert refused.returncode == 2 and json.loads(refused.stderr)["code"] == "invalid_webhook_url"
+
+
+def test_the_outbox_row_commits_with_its_event_or_not_at_all(client, tiny_model, dataset):
+    from service.jobs import repository
+
+    key, _ = tenant_with_webhook("http://127.0.0.1:9/unused")
+    job_id = client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=key.headers).json()["id"]
+    with pytest.raises(RuntimeError), transaction() as session:
+        repository.add_event(session, job_id, "checkpoint", {"step": 5, "path": "jobs/x", "attempt": 1})
+        raise RuntimeError("the transaction fails after the event")
+    with transaction() as session:
+        repository.add_event(session, job_id, "checkpoint", {"step": 10, "path": "jobs/y", "attempt": 1})
+        repository.add_event(session, job_id, "progress", {"step": 10})  # progress is not a webhook's business
+    log = deliveries(client, key, job_id)
+    assert [d["event_type"] for d in log] == ["job.status_changed", "job.checkpoint_saved"]
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=key.headers).json()["data"]
+    assert log[1]["event_seq"] == next(e["seq"] for e in events if e["kind"] == "checkpoint")
