@@ -77,7 +77,8 @@ class CallerDatabase:
         return answer
 
     def _caller_of(self, connection: Connection) -> Caller:
-        self.rate_limiter.hit(self.key_sha256)
+        if self.claim is None:  # with an Idempotency-Key the layer counted the request when it claimed the key
+            self.rate_limiter.hit(self.key_sha256)
         self._caller = authenticate(connection, self.key_sha256)
         return self._caller
 

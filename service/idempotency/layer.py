@@ -43,6 +43,7 @@ from service.jobs.attempts import database_now
 from service.models import IdempotencyKey
 from service.settings import Settings
 from service.tenancy.keys import authenticate, presented_key_sha256
+from service.tenancy.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 HEADER = b"idempotency-key"
@@ -108,7 +109,8 @@ class IdempotencyLayer:
         database: Database = scope["app"].state.database
         token = secrets.token_hex(16)
         try:
-            tenant_id, held = await database.write(self._claim, key_sha256, key, fingerprint, token)
+            tenant_id, held = await database.write(self._claim, scope["app"].state.rate_limiter, key_sha256, key,
+                                                   fingerprint, token)
         except Unauthenticated:  # an unknown or revoked key: the route says so, as it would without the header
             return await self.app(scope, _replay_body(body, receive), send)
         except ProblemError as error:
@@ -134,8 +136,11 @@ class IdempotencyLayer:
         else:
             await database.write(repository.release, tenant_id, key, token)
 
-    def _claim(self, session: Session, key_sha256: str, key: str, fingerprint: str, token: str
-               ) -> tuple[str, IdempotencyKey | None]:
+    def _claim(self, session: Session, rate_limiter: RateLimiter, key_sha256: str, key: str, fingerprint: str,
+               token: str) -> tuple[str, IdempotencyKey | None]:
+        # The request is counted against its key's rate limit here, replays included, and only here: the route's
+        # own unit skips the count when it finds the claim (service/api/deps.py).
+        rate_limiter.hit(key_sha256)
         caller = authenticate(session.connection(), key_sha256)
         now = database_now(session)
         held = repository.claim(session, caller.tenant_id, key, fingerprint, token, now,

@@ -166,3 +166,14 @@ def test_an_upload_retried_with_a_fresh_multipart_boundary_replays(client, keys)
     again = upload(uuid.uuid4().hex)  # as a client's retry builds it: the same parts, another boundary
     assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
     assert upload(uuid.uuid4().hex, rows + rows).json()["code"] == "idempotency_key_reused"
+
+
+def test_each_request_counts_once_against_the_rate_limit_replays_included(settings, make_key):
+    limited = settings.model_copy(update={"rate_limit_requests": 4, "rate_limit_window_seconds": 3600})
+    key = make_key(f"idem-limited-{uuid.uuid4().hex[:6]}")
+    body = {"base_model": "no-such-model", "training": {"max_steps": 1}}
+    with TestClient(create_app(limited)) as limited_client:
+        statuses = [limited_client.post("/v1/plans", json=body, headers=headers(key, name)).status_code
+                    for name in ("first", "first", "second", "second", "third")]
+    # Counted twice (by the layer and by the route), the third request would have been refused.
+    assert 429 not in statuses[:4] and statuses[4] == 429
