@@ -175,13 +175,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)
+    # Inside CORS, whose headers its own answers (replays, 409, 422) need, and inside the length guard, which
+    # refuses an oversized declared body before this layer spools a byte of it.
+    app.add_middleware(IdempotencyLayer, settings=settings, upload_limit_bytes=upload_limit,
+                       json_limit_bytes=settings.max_json_body_bytes)
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"])
-    # Inside the length guard, which refuses an oversized declared body before this layer spools a byte of it.
-    app.add_middleware(IdempotencyLayer, settings=settings, upload_limit_bytes=upload_limit,
-                       json_limit_bytes=settings.max_json_body_bytes)
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+                           expose_headers=["Idempotent-Replayed"])
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
                        json_limit_bytes=settings.max_json_body_bytes)
     metrics.install(app, settings)  # outermost, so refused requests are measured too

@@ -177,3 +177,16 @@ def test_each_request_counts_once_against_the_rate_limit_replays_included(settin
                     for name in ("first", "first", "second", "second", "third")]
     # Counted twice (by the layer and by the route), the third request would have been refused.
     assert 429 not in statuses[:4] and statuses[4] == 429
+
+
+def test_a_replay_carries_cors_headers_for_a_browser(settings, keys):
+    browser = settings.model_copy(update={"cors_origins": "https://app.example"})
+    alpha, key = keys["alpha"], str(uuid.uuid4())
+    sent = {**headers(alpha, key), "Origin": "https://app.example"}
+    body = {"base_model": "no-such-model", "training": {"max_steps": 1}}
+    with TestClient(create_app(browser)) as browser_client:
+        browser_client.post("/v1/plans", json=body, headers=sent)
+        replayed = browser_client.post("/v1/plans", json=body, headers=sent)
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "idempotent-replayed" in replayed.headers["access-control-expose-headers"].lower()
