@@ -9,8 +9,14 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+ENV_FILE = ".env"
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+    # The environment first, then `.env` in the working directory (as docker compose and most tools read it);
+    # a name set in both is the environment's. The file's other names are ignored, as the environment's are.
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore", env_file=ENV_FILE,
+                                      env_file_encoding="utf-8")
 
     home: Path = Field(Path(".ftjobs"), description="Where the embedded database, broker, uploads and artifacts live")
     # DATABASE_URL and REDIS_URL are honoured unprefixed too, as docker-compose and most PaaS set them.
