@@ -166,3 +166,19 @@ def test_a_job_serves_its_spec_and_plan_as_the_declared_models(api, tiny_model, 
     assert Plan.model_validate(job["plan"]).model_dump(mode="json") == job["plan"]
     assert job["plan"] == api.post("/v1/plans", json=spec).json()
     assert job["status"] == "queued" and job["created_at"].endswith(("Z", "+00:00"))
+
+
+def test_a_new_route_gets_problem_declarations_and_a_readable_id(settings):
+    """What FastAPI declares on its own for a route added without `responses` (its 422) is a problem too."""
+    from service.app import create_app
+
+    app = create_app(settings)
+
+    async def count_widgets(limit: int = 10) -> dict[str, int]:
+        return {"limit": limit}
+
+    app.add_api_route("/v1/widgets", count_widgets)
+    operation = app.openapi()["paths"]["/v1/widgets"]["get"]
+    assert operation["operationId"] == "count_widgets"
+    assert list(operation["responses"]["422"]["content"]) == ["application/problem+json"]
+    assert "HTTPValidationError" not in str(app.openapi())
