@@ -121,3 +121,8 @@ class FileOut(BaseModel):
         return cls(id=uploaded.id, filename=uploaded.filename, size_bytes=uploaded.size_bytes,
                    sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format,
                    created_at=uploaded.created_at)
+
+
+class FilePage(BaseModel):
+    data: list[FileOut]
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page")
