@@ -113,6 +113,15 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout_seconds, headers=headers)
 
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     # --- jobs ---------------------------------------------------------------------------------------------
 
     def submit(self, spec: dict[str, Any]) -> Job:
@@ -129,8 +138,10 @@ class Client:
         return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
+        # A page of JSON, said outright: the same route may also stream Server-Sent Events to who asks for them.
         return EventPage.model_validate(self._json("GET", f"/v1/jobs/{job_id}/events",
-                                                   params={"after": after, "limit": limit}))
+                                                   params={"after": after, "limit": limit},
+                                                   headers={"Accept": "application/json"}))
 
     def follow_events(self, job_id: str, *, after: int = 0, poll_seconds: float = 1.0) -> Iterator[Event]:
         """Every event after `after`, as it comes, until the job has ended and its last event is out."""
@@ -171,7 +182,10 @@ class Client:
     def upload(self, path: Path, dataset_format: str | None = None) -> File:
         with open(path, "rb") as handle:
             data = {"format": dataset_format} if dataset_format else None
+            # One boundary for the call: a retry sends the very bytes of the first try, as its Idempotency-Key says.
+            boundary = uuid.uuid4().hex
             body = self._json("POST", "/v1/files", files={"file": (path.name, handle)}, data=data,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
                               rewind=lambda: handle.seek(0))
         return File.model_validate(body)
 
@@ -201,7 +215,7 @@ class Client:
 
     def _request(self, method: str, path: str, *, rewind: Callable[[], Any] | None = None,
                  **kwargs: Any) -> httpx.Response:
-        headers = {"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else {}
+        headers = {**kwargs.pop("headers", {}), **({"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else {})}
         for delay in (*RETRY_DELAYS_SECONDS, None):
             try:
                 return self.http.request(method, path, headers=headers, **kwargs)

@@ -8,10 +8,10 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 
 from planner.spec import DatasetFormat
+from service import files as service
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
 from service.errors import InvalidSpec
-from service import files as service
 from service.files import record_upload, store_upload
 from service.models import UploadedFile
 from service.schemas import FileOut, FilePage

@@ -102,12 +102,12 @@ def _event_page(after: int, events: list[Row]) -> EventPage:
                              "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
                        **problems(404)})
 async def download_artifacts(job_id: str, db: CallerDbDep, settings: SettingsDep) -> Response:
-    job = await db.read(service.get_artifacts_job, job_id, then=lambda job: (job.id, _artifact_names(job)))
-    return await anyio.to_thread.run_sync(_archive_response, *job, settings)
+    job_id, names = await db.read(service.get_artifacts_job, job_id, then=_id_and_artifact_names)
+    return await anyio.to_thread.run_sync(_archive_response, job_id, names, settings)
 
 
-def _artifact_names(job: Job) -> list[str]:
-    return [artifact["name"] for artifact in job.artifacts]
+def _id_and_artifact_names(job: Job) -> tuple[str, list[str]]:
+    return job.id, [artifact["name"] for artifact in job.artifacts]
 
 
 def _archive_response(job_id: str, names: list[str], settings: Settings) -> Response:
