@@ -9,7 +9,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ftjobs.client import Event, Job
+from ftjobs.client import Event, Job, draw_progress
 from ftjobs.commands.common import SUCCEEDED, client_of, emit, job_error_line, job_outcome, table, when
 
 
@@ -93,8 +93,6 @@ def _status(args) -> int:
     else:
         job = client.job(args.job_id)
         if not args.json:
-            from ftjobs.client import draw_progress
-
             draw_progress(job)
     return _final(args, job)
 
