@@ -15,7 +15,7 @@ from service.dataset_refs import upload_key
 from service.datasets import validate_dataset
 from service.errors import FileInUse, FileNotFound, InvalidCursor, UploadTooLarge
 from service.jobs import repository
-from service.jobs.service import new_id
+from service.jobs.service import ID_PATTERN, new_id
 from service.models import UploadedFile
 from service.settings import Settings
 from service.storage import job_storage
@@ -47,7 +47,7 @@ def record_upload(session: Session, uploaded: UploadedFile, caller: Caller) -> U
 
 def list_files(session: Session, limit: int, after: str | None, caller: Caller) -> tuple[list[UploadedFile], bool]:
     """A page of the caller's files, newest first, continuing after the file `after`; and whether more follow."""
-    if after is not None and repository.get_file(session, after, caller.tenant_scope) is None:
+    if after is not None and _owned_file(session, after, caller) is None:
         raise InvalidCursor(f"no file {after!r} to continue after")
     files = repository.list_files(session, limit=limit + 1, after_id=after, tenant_id=caller.tenant_scope)
     return files[:limit], len(files) > limit
@@ -55,10 +55,15 @@ def list_files(session: Session, limit: int, after: str | None, caller: Caller) 
 
 def get_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
     """The file if the caller's tenant owns it; another tenant's file is as missing as no file."""
-    uploaded = repository.get_file(session, file_id, caller.tenant_scope)
+    uploaded = _owned_file(session, file_id, caller)
     if uploaded is None:
         raise FileNotFound(f"no file {file_id!r}")
     return uploaded
+
+
+def _owned_file(session: Session, file_id: str, caller: Caller) -> UploadedFile | None:
+    # Decided from the string first: a name no id can have (a NUL, which PostgreSQL text refuses) finds nothing.
+    return repository.get_file(session, file_id, caller.tenant_scope) if ID_PATTERN.fullmatch(file_id) else None
 
 
 def delete_file(session: Session, settings: Settings, file_id: str, caller: Caller) -> str:

@@ -27,6 +27,9 @@ def test_files_page_newest_first_and_a_delete_removes_the_object(tenant_client, 
     rest = tenant_client.get("/v1/files", params={"limit": 2, "after": first["next_cursor"]}).json()
     assert [f["id"] for f in rest["data"]] == [ids[0]] and rest["next_cursor"] is None
     assert tenant_client.get("/v1/files", params={"after": "file_nope"}).json()["code"] == "invalid_cursor"
+    # A NUL, which PostgreSQL text refuses, is an unknown id like any other, never a 500.
+    assert tenant_client.get("/v1/files", params={"after": "file_\x00"}).json()["code"] == "invalid_cursor"
+    assert tenant_client.get("/v1/files/file_%00").json()["code"] == "file_not_found"
 
     stored = Path(settings.resolved_storage_url) / "files" / f"{ids[0]}.jsonl"
     assert stored.is_file()
