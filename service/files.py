@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from planner.spec import DatasetFormat
 from service.dataset_refs import upload_key
 from service.datasets import validate_dataset
-from service.errors import UploadTooLarge
+from service.errors import FileInUse, FileNotFound, InvalidCursor, UploadTooLarge
 from service.jobs import repository
-from service.jobs.service import new_id
+from service.jobs.service import ID_PATTERN, new_id
 from service.models import UploadedFile
 from service.settings import Settings
 from service.storage import job_storage
@@ -43,6 +43,39 @@ def store_upload(settings: Settings, source: BinaryIO, filename: str,
 def record_upload(session: Session, uploaded: UploadedFile, caller: Caller) -> UploadedFile:
     uploaded.tenant_id = caller.tenant_id
     return repository.add_file(session, uploaded)
+
+
+def list_files(session: Session, limit: int, after: str | None, caller: Caller) -> tuple[list[UploadedFile], bool]:
+    """A page of the caller's files, newest first, continuing after the file `after`; and whether more follow."""
+    if after is not None and _owned_file(session, after, caller) is None:
+        raise InvalidCursor(f"no file {after!r} to continue after")
+    files = repository.list_files(session, limit=limit + 1, after_id=after, tenant_id=caller.tenant_scope)
+    return files[:limit], len(files) > limit
+
+
+def get_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
+    """The file if the caller's tenant owns it; another tenant's file is as missing as no file."""
+    uploaded = _owned_file(session, file_id, caller)
+    if uploaded is None:
+        raise FileNotFound(f"no file {file_id!r}")
+    return uploaded
+
+
+def _owned_file(session: Session, file_id: str, caller: Caller) -> UploadedFile | None:
+    # Decided from the string first: a name no id can have (a NUL, which PostgreSQL text refuses) finds nothing.
+    return repository.get_file(session, file_id, caller.tenant_scope) if ID_PATTERN.fullmatch(file_id) else None
+
+
+def delete_file(session: Session, settings: Settings, file_id: str, caller: Caller) -> str:
+    """Forget the file; returns its storage key, which the caller removes once this transaction has committed
+    (removed before, a failed commit would leave a row whose content is gone). A job that has not ended still
+    reads it, so that refuses."""
+    uploaded = get_file(session, file_id, caller)
+    key = upload_key(uploaded.id)
+    if repository.file_in_active_job(session, job_storage(settings).url_of(key)):
+        raise FileInUse(f"file {file_id} is the dataset of a job that has not ended")
+    repository.delete_file(session, uploaded)
+    return key
 
 
 def _printable(filename: str) -> str:

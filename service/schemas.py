@@ -172,6 +172,11 @@ class FileOut(BaseModel):
                    created_at=uploaded.created_at)
 
 
+class FilePage(BaseModel):
+    data: list[FileOut]
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page")
+
+
 class Readiness(BaseModel):
     """/readyz: a probe's answer, the same body when ready (200) and when not (503)."""
 

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     # Queued + running + cancelling jobs per tenant, unless its own limit is set (`ftjobs keys create`).
     max_active_jobs_per_tenant: int = Field(10, ge=1)
     api_key: str | None = Field(None, description="The key the CLI sends; else FTJOBS_HOME/api-key")
+    url: str | None = Field(None, description="The API the CLI talks to; else http://{api_host}:{api_port}")
     # Origins allowed to call the API from a browser, comma-separated; empty: no CORS headers at all.
     cors_origins: str = ""
     queue_name: str = "training"

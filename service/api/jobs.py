@@ -1,4 +1,5 @@
-"""/v1/jobs: submit, read, list, cancel, events and artifacts, each within the caller's tenant."""
+"""/v1/jobs: submit, read, list, cancel, events and artifacts (one by one or as a tar), each within the caller's
+tenant."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sqlalchemy import Row
 from planner.spec import JobSpec
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
+from service.archives import archive_bytes, archive_chunks, artifact_members
 from service.errors import ArtifactNotFound
 from service.jobs import service
 from service.jobs.states import JobStatus
@@ -93,6 +95,27 @@ async def list_events(job_id: str, db: CallerDbDep, after: Annotated[int, Query(
 
 def _event_page(after: int, events: list[Row]) -> EventPage:
     return EventPage(data=[EventOut.of(e) for e in events], next_cursor=events[-1].seq if events else after)
+
+
+@router.get("/{job_id}/artifacts.tar", response_class=StreamingResponse, operation_id="download_artifacts",
+            responses={200: {"description": "every artifact of the job, by its name, in one tar archive",
+                             "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       **problems(404)})
+async def download_artifacts(job_id: str, db: CallerDbDep, settings: SettingsDep) -> Response:
+    job_id, names = await db.read(service.get_artifacts_job, job_id, then=_id_and_artifact_names)
+    return await anyio.to_thread.run_sync(_archive_response, job_id, names, settings)
+
+
+def _id_and_artifact_names(job: Job) -> tuple[str, list[str]]:
+    return job.id, [artifact["name"] for artifact in job.artifacts]
+
+
+def _archive_response(job_id: str, names: list[str], settings: Settings) -> Response:
+    storage = job_storage(settings)
+    members = artifact_members(storage, job_id, names)
+    return StreamingResponse(archive_chunks(storage, members), media_type="application/x-tar",
+                             headers={"Content-Length": str(archive_bytes(members)),
+                                      "Content-Disposition": f'attachment; filename="{job_id}-artifacts.tar"'})
 
 
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse, operation_id="download_artifact",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Integer, Row, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, Integer, Row, bindparam, delete, exists, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
@@ -178,6 +178,28 @@ def get_file(session: Session, file_id: str, tenant_id: str | None = None) -> Up
     if tenant_id is not None:
         query = query.where(UploadedFile.tenant_id == tenant_id)
     return session.scalar(query)
+
+
+def list_files(session: Session, *, limit: int, after_id: str | None, tenant_id: str | None) -> list[UploadedFile]:
+    """Newest first, ties broken by id; `after_id` continues after that file."""
+    query = select(UploadedFile).order_by(UploadedFile.created_at.desc(), UploadedFile.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(UploadedFile.tenant_id == tenant_id)
+    if after_id is not None:
+        anchor = select(UploadedFile.created_at).where(UploadedFile.id == after_id).scalar_subquery()
+        query = query.where(tuple_(UploadedFile.created_at, UploadedFile.id) < tuple_(anchor, after_id))
+    return list(session.scalars(query))
+
+
+def delete_file(session: Session, uploaded: UploadedFile) -> None:
+    session.delete(uploaded)
+    session.flush()
+
+
+def file_in_active_job(session: Session, dataset_url: str) -> bool:
+    """Whether a job that has not ended still reads this dataset (its worker would find it gone)."""
+    active = [status.value for status in JobStatus if not status.is_terminal]
+    return session.scalar(select(exists().where(Job.dataset_url == dataset_url, Job.status.in_(active))))
 
 
 def record_file_validation(session: Session, file_id: str, dataset_format: str, rows: int) -> None:

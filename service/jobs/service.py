@@ -138,6 +138,14 @@ def get_artifact_job(session: Session, job_id: str, name: str, caller: Caller) -
     return job
 
 
+def get_artifacts_job(session: Session, job_id: str, caller: Caller) -> Job:
+    """The job, if it recorded any artifact (only a succeeded job does)."""
+    job = load_job(session, job_id, caller.tenant_scope)
+    if not job.artifacts:
+        raise ArtifactNotFound(f"job {job.id} has no artifacts (it is {job.status})")
+    return job
+
+
 _CANCEL_TARGET = {JobStatus.queued: JobStatus.cancelled, JobStatus.running: JobStatus.cancelling}
 
 

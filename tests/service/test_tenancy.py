@@ -68,12 +68,13 @@ def problem(response, status: int, code: str) -> dict:
 
 def job_routes(job_id: str) -> list[tuple[str, str]]:
     return [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
-            ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json")]
+            ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json"),
+            ("GET", f"/v1/jobs/{job_id}/artifacts.tar")]
 
 
 def test_every_v1_route_needs_a_valid_key(client, alpha_job):
     routes = [*job_routes(alpha_job), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("POST", "/v1/plans"),
-              ("POST", "/v1/files")]
+              ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/file_x"), ("DELETE", "/v1/files/file_x")]
     for method, url in routes:
         for headers in ({}, {"Authorization": "Bearer ftj_not-a-key"}, {"Authorization": "Basic abc"}):
             response = client.request(method, url, headers=headers)
@@ -121,6 +122,15 @@ def test_another_tenants_file_cannot_be_used_in_a_job(client, keys, tiny_model, 
                           headers=keys["beta"].headers)
     problem(refused, 422, "dataset_not_found")
     assert "another tenant" not in refused.text
+    # Nor read, listed or deleted by it: as missing as a file that never existed.
+    for method in ("GET", "DELETE"):
+        problem(client.request(method, f"/v1/files/{uploaded['id']}", headers=keys["beta"].headers), 404,
+                "file_not_found")
+    assert uploaded["id"] not in {f["id"] for f in client.get("/v1/files", params={"limit": 200},
+                                                              headers=keys["beta"].headers).json()["data"]}
+    assert client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).json() == uploaded
+    assert client.delete(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).status_code == 204
+    problem(client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers), 404, "file_not_found")
 
 
 def test_revoked_key_is_refused(client, make_key):

@@ -194,6 +194,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         written = _save_model(spec, model, plan, output_dir) + _save_dir(tokenizer, output_dir, "tokenizer")
         written += extras.save_merged(spec, Path(base_model_dir), output_dir, _save_dir)
+        written += extras.save_tokenizer_beside_model(tokenizer, output_dir, written)
     except torch.OutOfMemoryError as exc:
         peak = memory.peak_bytes()
         peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
@@ -244,7 +245,7 @@ def train(
 def _save_model(spec: JobSpec, model, plan: loading.PrecisionPlan, output_dir: Path) -> list[str]:
     """Adapters for lora/qlora (adapter/), the whole model for full/freeze (model/); safetensors only."""
     if spec.method in (Method.lora, Method.qlora):
-        return extras.save_adapter(model, output_dir, _save_dir)
+        return extras.save_adapter(spec, model, output_dir, _save_dir)
     if spec.method is Method.freeze:
         # One dtype per checkpoint: the trained layers go back to the frozen layers' dtype.
         model.to(plan.frozen_dtype)
