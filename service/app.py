@@ -18,12 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
-from service.api import files, health, jobs, plans
+from service.api import checkpoints, files, health, jobs, openai, plans
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
 from service.logs import configure_logging
+from service.openai_compat import openai_error
 from service.settings import Settings, get_settings
 from service.tenancy.ratelimit import RateLimiter
 
@@ -41,9 +42,21 @@ class ProblemResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+class OpenAIErrorResponse(ProblemResponse):
+    media_type = "application/json"
+
+
 def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
-    return ProblemResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                           headers={**(error.headers or {}), **(headers or {})})
+    """problem+json; OpenAI's error envelope on the OpenAI routes; both in one body on /v1/files, which native
+    clients and the OpenAI SDK share (the envelope as the problem's `error` member)."""
+    headers = {**(error.headers or {}), **(headers or {})}
+    path = request.url.path
+    if path.startswith(openai.PREFIX):
+        return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=error.status, headers=headers)
+    body = error.to_problem(instance=path)
+    if path.startswith(files.router.prefix):
+        body["error"] = openai_error(error).error.model_dump()
+    return ProblemResponse(body, status_code=error.status, headers=headers)
 
 
 async def _on_problem(request: Request, error: ProblemError) -> Response:
@@ -165,7 +178,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(checkpoints.router, responses=AUTHENTICATED)
     app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
+    app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
     app.include_router(health.router)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
@@ -173,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
                        json_limit_bytes=settings.max_json_body_bytes)
     metrics.install(app, settings)  # outermost, so refused requests are measured too

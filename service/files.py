@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from planner.spec import DatasetFormat
 from service.dataset_refs import upload_key
 from service.datasets import validate_dataset
-from service.errors import UploadTooLarge
+from service.errors import FileNotFound, InvalidCursor, UploadTooLarge
 from service.jobs import repository
-from service.jobs.service import new_id
+from service.jobs.service import ID_PATTERN, new_id
 from service.models import UploadedFile
 from service.settings import Settings
 from service.storage import job_storage
@@ -60,3 +60,39 @@ def _copy_limited(source: BinaryIO, target: BinaryIO, limit_bytes: int) -> tuple
         digest.update(chunk)
         target.write(chunk)
     return size_bytes, digest.hexdigest()
+
+
+def load_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
+    """The caller's file; another tenant's reads as missing, exactly like one that never existed."""
+    uploaded = repository.get_file(session, file_id, caller.tenant_scope) if ID_PATTERN.fullmatch(file_id) else None
+    if uploaded is None:
+        raise FileNotFound(f"no file {file_id!r}")
+    return uploaded
+
+
+def list_files(session: Session, limit: int, after: str | None, newest_first: bool,
+               caller: Caller) -> tuple[list[UploadedFile], bool]:
+    """A page of the caller's files, continuing after the file `after`; and whether more follow."""
+    anchor = None
+    if after is not None:
+        anchor = repository.get_file(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
+        if anchor is None:
+            raise InvalidCursor(f"no file {after!r} to continue after")
+    files = repository.list_files(session, caller.tenant_scope, limit=limit + 1, after=anchor,
+                                  newest_first=newest_first)
+    return files[:limit], len(files) > limit
+
+
+def delete_file(session: Session, file_id: str, caller: Caller) -> str:
+    """Forget the file; its bytes leave storage after the commit (remove_stored). A job still queued on it will
+    fail to stage it, as a job on a deleted data-root file does."""
+    uploaded = load_file(session, file_id, caller)
+    repository.delete_file(session, uploaded)
+    return uploaded.id
+
+
+def remove_stored(settings: Settings, file_id: str) -> None:
+    storage = job_storage(settings)
+    key = upload_key(file_id)
+    if storage.exists(key):
+        storage.delete_tree(key)

@@ -118,6 +118,8 @@ class JobCheckpoint(Base):
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     storage_key: Mapped[str] = mapped_column(Text)
+    # step, epoch, tokens_seen, train_loss (worker/training/checkpoint.py); null for checkpoints written before
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -13,6 +13,7 @@ Plain code with no Celery in it: the task in worker/tasks.py is a two-line adapt
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.spec import CHECKPOINT_METRICS_FILE
 from service.db import in_transaction, transaction
 from service.errors import StorageUnavailable
 from service.jobs import attempts, repository
@@ -191,9 +193,11 @@ class AttemptRunner:
             return False
         self.storage.put_tree(local_dir, key)
         keep = self.job.spec["training"]["keep_checkpoints"]
+        metrics_file = local_dir / CHECKPOINT_METRICS_FILE
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
 
         def record(session) -> list[str] | None:
-            if not attempts.record_checkpoint(session, self.fence, step, key):
+            if not attempts.record_checkpoint(session, self.fence, step, key, metrics):
                 return None
             dropped = [c.storage_key for c in attempts.checkpoints_of(session, self.fence.job_id)[keep:]]
             attempts.forget_checkpoints(session, self.fence.job_id, dropped)
@@ -234,13 +238,9 @@ class AttemptRunner:
         for name in outcome["artifacts"]:
             self.storage.put_file(self.output_dir / name, f"{prefix}/{name}")
             artifacts.append({"name": name, "size_bytes": (self.output_dir / name).stat().st_size})
-        status = self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
-                              measured_peak_bytes=outcome.get("measured_peak_bytes"))
-        if status is not None:  # nothing is left to resume: the checkpoints are not artifacts
-            keys = in_transaction(lambda s: _forget_all_checkpoints(s, self.fence.job_id))
-            for key in keys:
-                self.storage.delete_tree(key)
-        return status
+        # The checkpoints stay, already pruned to keep_checkpoints: they are listed and downloadable after success.
+        return self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
+                            measured_peak_bytes=outcome.get("measured_peak_bytes"))
 
     def _finish(self, to: JobStatus, outcome: str, **fields: Any) -> JobStatus | None:
         if not in_transaction(lambda s: attempts.finish(s, self.fence, to, outcome, **fields)):
@@ -301,12 +301,6 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
-
-
-def _forget_all_checkpoints(session, job_id: str) -> list[str]:
-    keys = [checkpoint.storage_key for checkpoint in attempts.checkpoints_of(session, job_id)]
-    attempts.forget_checkpoints(session, job_id, keys)
-    return keys
 
 
 def _enqueue_or_leave_to_reconciler(job_id: str, settings: Settings) -> None:

@@ -47,6 +47,7 @@ class Progress:
     memory_reserved_bytes: int | None
     memory_peak_bytes: int | None  # peak reserved since the job started
     eval_loss: float | None = None  # per-token loss on training.validation_fraction's held-out examples
+    tokens_seen: int | None = None  # tokens through the model so far, padding excluded (OpenAI's trained_tokens)
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,11 @@ def train(
                     memory_reserved_bytes=memory.reserved_bytes(),
                     memory_peak_bytes=memory.peak_bytes(),
                     eval_loss=_eval(step),
+                    tokens_seen=tokens_seen,
                 ))
                 losses_since_report.clear()
-            if checkpoints.due(step, total_steps):
+            epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
+            if checkpoints.due(step, total_steps, epoch_ended):
                 state = checkpoint.RunState(step, micro_steps, tokens_seen, time.perf_counter() - train_start,
                                             loss_curve, losses_since_report)
                 on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
