@@ -233,6 +233,9 @@ class JobSpec(_Strict):
                     "(absolute, or relative to a root), or a hub id found in the local cache",
     )
     dataset: DatasetRef | None = Field(None, description="Required to submit a job; optional for a plan")
+    validation_dataset: DatasetRef | None = Field(
+        None, description="Held-out examples in dataset_format, for the eval loss (OpenAI's validation_file); "
+                          "instead of training.validation_fraction")
     dataset_format: DatasetFormat = DatasetFormat.alpaca
     method: Method = Method.qlora
     lora: LoraOptions | None = None
@@ -255,6 +258,8 @@ class JobSpec(_Strict):
             problems.append(f"'lora' options apply to lora and qlora, not {self.method.value}")
         if self.quantization is not None and self.method is not Method.qlora:
             problems.append(f"'quantization' applies to qlora only, not {self.method.value}")
+        if self.validation_dataset is not None and self.training.validation_fraction is not None:
+            problems.append("give validation_dataset or training.validation_fraction, not both")
         if self.freeze is not None and self.method is not Method.freeze:
             problems.append(f"'freeze' applies to the freeze method only, not {self.method.value}")
         if self.lora is not None and self.lora.init == "pissa" and self.method is Method.qlora:

@@ -69,6 +69,7 @@ class Job(Base):
     plan: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     base_model_path: Mapped[str] = mapped_column(Text)
     dataset_url: Mapped[str] = mapped_column(Text)  # a local path or s3:// URL (service/storage.py)
+    validation_dataset_url: Mapped[str | None] = mapped_column(Text)  # spec.validation_dataset's, if it has one
     predicted_peak_bytes: Mapped[int] = mapped_column(BigInteger)
     measured_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)

@@ -4,6 +4,7 @@ and errors to OpenAI's shapes (service/schemas_openai.py). Pure functions: no da
 The mapping:
   model                                    -> base_model
   training_file                            -> dataset.file_id, read as chat messages (dataset_format messages)
+  validation_file                          -> validation_dataset.file_id: the eval loss is taken on it
   hyperparameters, or the same under method.supervised.hyperparameters:
     n_epochs ("auto": 3)                   -> training.epochs
     batch_size ("auto": the planner's)     -> training.micro_batch_size (no accumulation)
@@ -25,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.spec import MAX_SEED, JobSpec
+from planner.spec import MAX_SEED, DatasetRef, JobSpec
 from service.errors import InvalidCursor, InvalidSpec, ProblemError
 from service.jobs.states import JobStatus
 from service.models import Job, JobCheckpoint
@@ -37,7 +38,7 @@ BASE_LEARNING_RATE = 2e-4  # TrainingOptions' default, LoRA's usual rate: what a
 AUTO_EPOCHS = 3  # OpenAI's n_epochs "auto" settles on a few epochs for a small dataset; 3 is its common pick
 KEPT_EPOCH_CHECKPOINTS = 3  # OpenAI keeps the last three epochs' checkpoints
 # Set from the OpenAI fields: the ftjobs extra may not name them again.
-RESERVED_FTJOBS_FIELDS = ("base_model", "dataset")
+RESERVED_FTJOBS_FIELDS = ("base_model", "dataset", "validation_dataset")
 
 _STATUS = {JobStatus.queued: "queued", JobStatus.running: "running", JobStatus.succeeded: "succeeded",
            JobStatus.failed: "failed", JobStatus.cancelled: "cancelled",
@@ -45,6 +46,7 @@ _STATUS = {JobStatus.queued: "queued", JobStatus.running: "running", JobStatus.s
            # difference (and the rare job that finishes before its process stops keeps its real outcome).
            JobStatus.cancelling: "cancelled"}
 _EVENT_ID = re.compile(r"ftevent-(\d{1,19})")
+_METADATA_PARAM = re.compile(r"metadata\[(.+)\]", re.DOTALL)
 _CHECKPOINT_ID = re.compile(r"ftckpt-(job_[0-9a-f]{24})-(\d{1,10})")
 
 
@@ -52,9 +54,6 @@ _CHECKPOINT_ID = re.compile(r"ftckpt-(job_[0-9a-f]{24})-(\d{1,10})")
 
 def to_spec(request: FineTuningJobCreate) -> JobSpec:
     """The JobSpec the request asks for; InvalidSpec, naming the field at fault, if it asks for none."""
-    if request.validation_file is not None:
-        raise InvalidSpec("validation_file is not supported yet: hold out examples with "
-                          "ftjobs.training.validation_fraction instead", param="validation_file")
     hyper = _hyperparameters(request)
     training: dict[str, Any] = {
         "epochs": AUTO_EPOCHS if hyper.n_epochs in (None, "auto") else hyper.n_epochs,
@@ -66,6 +65,8 @@ def to_spec(request: FineTuningJobCreate) -> JobSpec:
     spec: dict[str, Any] = {"base_model": request.model, "dataset": {"file_id": request.training_file},
                             "dataset_format": "messages", "method": "qlora", "training": training,
                             "metadata": request.metadata or {}}
+    if request.validation_file is not None:
+        spec["validation_dataset"] = {"file_id": request.validation_file}
     if request.suffix is not None:
         spec["output"] = {"suffix": request.suffix}
     extra = request.ftjobs or {}
@@ -106,11 +107,21 @@ def _param(exc: ValidationError) -> str | None:
 
 def _loc(loc: tuple) -> str:
     """Where a JobSpec error points, named as the request does."""
-    names = {"base_model": "model", "dataset": "training_file"}
+    names = {"base_model": "model", "dataset": "training_file", "validation_dataset": "validation_file"}
     head = str(loc[0])
     if head in names:
         return names[head]
     return "ftjobs." + ".".join(str(part) for part in loc)
+
+
+def metadata_filter(query: dict[str, str]) -> dict[str, str]:
+    """The `metadata[key]=value` pairs of a list request's query, bounded as a spec's metadata is."""
+    pairs = {match[1]: value for name, value in query.items() if (match := _METADATA_PARAM.fullmatch(name))}
+    for key, value in pairs.items():
+        if len(key) > 64 or len(value) > 512 or not (key + value).isprintable():
+            raise InvalidSpec(f"metadata[{key!r}]: keys are up to 64 printable characters, values up to 512",
+                              param="metadata")
+    return pairs
 
 
 # --- jobs --------------------------------------------------------------------------------------------------
@@ -119,18 +130,22 @@ def job_out(job: Job) -> FineTuningJob:
     spec = JobSpec.model_validate(job.spec)
     status = JobStatus(job.status)
     progress = job.progress or {}
+    hyper = _hyperparameters_out(spec)
+    error = JobErrorOut(code=job.error_code, message=job.error_message or job.error_code) if job.error_code else None
     return FineTuningJob(
         id=job.id, created_at=_unix(job.created_at), finished_at=_unix(job.finished_at), status=_STATUS[status],
-        model=spec.base_model, fine_tuned_model=fine_tuned_model(job.id, spec) if status is JobStatus.succeeded
-        else None, organization_id=job.tenant_id,
-        training_file=spec.dataset.file_id or spec.dataset.path if spec.dataset else "", validation_file=None,
-        hyperparameters=(hyper := _hyperparameters_out(spec)),
-        method=MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper)),
-        seed=spec.training.seed, suffix=spec.output.suffix, metadata=spec.metadata,
-        error=JobErrorOut(code=job.error_code, message=job.error_message or job.error_code) if job.error_code
-        else None,
+        model=spec.base_model, organization_id=job.tenant_id,
+        fine_tuned_model=fine_tuned_model(job.id, spec) if status is JobStatus.succeeded else None,
+        training_file=_file_of(spec.dataset) or "", validation_file=_file_of(spec.validation_dataset),
+        hyperparameters=hyper, method=MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper)),
+        seed=spec.training.seed, suffix=spec.output.suffix, metadata=spec.metadata, error=error,
         trained_tokens=progress.get("tokens_seen"), estimated_finish=_estimated_finish(job, status, progress),
         result_files=[], integrations=[])
+
+
+def _file_of(ref: DatasetRef | None) -> str | None:
+    """An upload's id; a native job's data-root path."""
+    return None if ref is None else ref.file_id or ref.path
 
 
 def fine_tuned_model(job_id: str, spec: JobSpec) -> str:
@@ -161,7 +176,7 @@ def event_cursor(after: str | None) -> int:
     if after is None:
         return 2**63 - 1
     match = _EVENT_ID.fullmatch(after)
-    if match is None:
+    if match is None or int(match[1]) > 2**63 - 1:
         raise InvalidCursor(f"no event {after!r} to continue after", param="after")
     return int(match[1])
 

@@ -39,7 +39,8 @@ class FineTuningJobCreate(_Request):
     model: str = Field(min_length=1, max_length=1024,
                        description="The base model: a directory under the server's model roots, or a cached hub id")
     training_file: str = Field(min_length=1, max_length=128, description="An uploaded file's id (POST /v1/files)")
-    validation_file: str | None = Field(None, max_length=128, description="Not supported yet: refused if given")
+    validation_file: str | None = Field(None, min_length=1, max_length=128,
+                                        description="An uploaded file's id: the eval loss is taken on its rows")
     hyperparameters: Hyperparameters | None = Field(None, description="As OpenAI's, deprecated there for `method`")
     method: MethodIn | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: one is drawn and reported on the job")

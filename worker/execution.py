@@ -46,6 +46,7 @@ class ClaimedJob:
     spec: dict[str, Any]
     base_model_dir: str
     dataset_url: str
+    validation_dataset_url: str | None
     predicted_peak_bytes: int
     resume_key: str | None  # the newest complete checkpoint in storage, if any
     resume_step: int | None
@@ -62,7 +63,8 @@ def claim(job_id: str, hostname: str, settings: Settings) -> ClaimedJob | None:
             return None
         job = repository.get_job(session, job_id)
         latest = attempts.latest_checkpoint(session, job_id)
-        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.predicted_peak_bytes,
+        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.validation_dataset_url,
+                          job.predicted_peak_bytes,
                           latest.storage_key if latest else None, latest.step if latest else None, deadline)
 
     return in_transaction(work)
@@ -104,7 +106,7 @@ class AttemptRunner:
 
     def _train(self) -> dict[str, Any]:
         try:
-            dataset = self._stage()
+            dataset, validation = self._stage()
         except (StorageUnavailable, FileNotFoundError) as exc:
             return {"type": "error", "code": "staging_failed", "retryable": True,
                     "message": f"could not stage the job's files: {exc}"}
@@ -112,7 +114,8 @@ class AttemptRunner:
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(target=job_process_main, name=f"ftjobs-{self.fence.job_id}", daemon=False,
                                   args=(self.job.spec, self.job.base_model_dir, str(dataset), str(self.output_dir),
-                                        child_end, self.job.lease_deadline))
+                                        child_end, self.job.lease_deadline,
+                                        str(validation) if validation else None))
         process.start()
         child_end.close()
         link = ChildLink(parent_end)
@@ -131,13 +134,16 @@ class AttemptRunner:
             outcome["message"] = f"the training process exited with code {process.exitcode} without a result"
         return outcome
 
-    def _stage(self) -> Path:
-        """The dataset and the checkpoint to resume from, on this machine's disk."""
+    def _stage(self) -> tuple[Path, Path | None]:
+        """The dataset, the validation dataset if any, and the checkpoint to resume from, on this machine's disk."""
         if self.job.resume_key:
             target = self.output_dir / "checkpoints" / f"step-{self.job.resume_step:06d}"
             self.storage.get_tree(self.job.resume_key, target)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", self.settings.s3_endpoint_url)
+        endpoint = self.settings.s3_endpoint_url
+        validation = (local_copy(self.job.validation_dataset_url, self.workdir / "validation.jsonl", endpoint)
+                      if self.job.validation_dataset_url else None)
+        return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", endpoint), validation
 
     def _relay(self, process, link: ChildLink) -> dict[str, Any]:
         next_status_check, drain_deadline = 0.0, None

@@ -5,7 +5,6 @@ service/openai_compat.py. Errors come in OpenAI's envelope, {"error": {message, 
 from __future__ import annotations
 
 import functools
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -40,7 +39,6 @@ def openai_errors(*statuses: int) -> dict[int | str, dict]:
 
 # Every route here: the counterpart of service/api/problems.py AUTHENTICATED.
 ERRORS = openai_errors(400, 401, 422, 429, 500, 503)
-_METADATA_PARAM = re.compile(r"metadata\[(.{1,64})\]")
 _METADATA_DOC = {"parameters": [{
     "name": "metadata", "in": "query", "required": False, "style": "deepObject", "explode": True,
     "schema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 512}},
@@ -62,8 +60,7 @@ router.add_api_route("", create_fine_tuning_job, methods=["POST"], response_mode
 async def list_fine_tuning_jobs(request: Request, db: CallerDbDep,
                                 after: Annotated[str | None, Query(max_length=64)] = None,
                                 limit: Annotated[int, Query(ge=1, le=200)] = 20) -> FineTuningJobPage:
-    metadata = {match[1]: value for name, value in request.query_params.items()
-                if (match := _METADATA_PARAM.fullmatch(name))}
+    metadata = openai_compat.metadata_filter(dict(request.query_params))
     return await db.read(functools.partial(service.list_jobs, metadata=metadata), None, limit, after, None,
                          then=_job_page)
 

@@ -43,10 +43,13 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
     model_dir = resolve_base_model_dir(spec.base_model, settings.model_root_dirs)
     dataset_url = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
+    validation_url = (resolve_dataset(session, settings, spec.validation_dataset, caller.tenant_id,
+                                      spec.dataset_format) if spec.validation_dataset else None)
     _check_quota(session, settings, caller.tenant_id)
     resolved = _with_resolved_micro_batch(spec, job_plan)
     job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
               plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
+              validation_dataset_url=validation_url,
               predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow(),
               tenant_id=caller.tenant_id, created_by_key_id=caller.key_id)
     return repository.add_job(session, job)

@@ -70,12 +70,13 @@ def test_files_through_the_sdk(client, training_file):
 def test_a_job_trains_to_success_through_the_sdk(client, training_file, tiny_model):
     uploaded, _ = training_file
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=uploaded.id, seed=7, suffix="tiny", metadata={"run": "sdk-path"},
+        model=str(tiny_model), training_file=uploaded.id, validation_file=uploaded.id, seed=7, suffix="tiny",
+        metadata={"run": "sdk-path"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
         extra_body={"ftjobs": NATIVE})
     assert job.object == "fine_tuning.job" and job.status == "queued" and job.seed == 7
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 2
-    assert job.training_file == uploaded.id and job.metadata == {"run": "sdk-path"}
+    assert job.training_file == job.validation_file == uploaded.id and job.metadata == {"run": "sdk-path"}
 
     done = _poll(client, job.id, TERMINAL)
     assert done.status == "succeeded", done.error
@@ -96,6 +97,7 @@ def test_a_job_trains_to_success_through_the_sdk(client, training_file, tiny_mod
     assert events[0].message == "job succeeded" and events[-1].message == "job queued"
     assert {e.type for e in events} == {"message", "metrics"}
     assert sum(e.data.get("status") == "succeeded" for e in events) == 1
+    assert all(e.data["eval_loss"] > 0 for e in events if e.type == "metrics")  # on the validation_file's rows
 
 
 def _native_status(service, job_id: str, statuses: set[str], timeout_seconds: float = 60) -> str:

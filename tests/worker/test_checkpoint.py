@@ -141,11 +141,32 @@ def test_checkpoints_are_written_every_n_steps_and_only_the_newest_k_are_kept(ma
     assert step_dirs(tmp_path) == ["step-000006", "step-000008"]  # the stale temp dir is gone too
     for name in step_dirs(tmp_path):
         files = sorted(path.name for path in (tmp_path / "checkpoints" / name).iterdir())
-        assert files == ["COMPLETE", "optimizer.json", "optimizer.safetensors", "trainable.json",
-                         "trainable.safetensors", "trainer.json", "trainer.safetensors"]
-    trainer = json.loads((tmp_path / "checkpoints" / "step-000008" / "trainer.json").read_text())
+        assert files == ["COMPLETE", "adapter", "metrics.json", "optimizer.json", "optimizer.safetensors",
+                         "trainable.json", "trainable.safetensors", "trainer.json", "trainer.safetensors"]
+    newest = tmp_path / "checkpoints" / "step-000008"
+    trainer = json.loads((newest / "trainer.json").read_text())
     # 8 rows in micro-batches of 3, 3 and 2: 8 steps consumed 2 whole epochs and 2 micro-batches of the third.
     assert trainer["data_position"] == {"epoch": 2, "micro_batch": 2}
+    metrics = json.loads((newest / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["epoch"] == pytest.approx(8 / 3)
+    assert metrics["train_loss"] == trainer["run"]["loss_curve"][-1]["loss"] and metrics["tokens_seen"] > 0
+    # The adapter as peft writes it, holding exactly the trained LoRA weights of that step.
+    assert sorted(path.name for path in (newest / "adapter").iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+    adapter = load_file(newest / "adapter" / "adapter_model.safetensors")
+    trained = checkpoint.load_tree(newest, "trainable")
+    assert len(adapter) == len(trained) and all(
+        torch.equal(tensor, trained[name.replace(".weight", ".default.weight")]) for name, tensor in adapter.items())
+
+
+def test_epoch_end_checkpoints_include_the_last_step(make_spec, tiny_llama, memorise_dataset, tmp_path):
+    """8 rows in micro-batches of 3: epochs end at steps 3 and 6; the run's last step (7) is kept as well."""
+    spec = make_spec("lora", training={"max_steps": 7, "micro_batch_size": 3, "checkpoint_every_epoch": True,
+                                       "keep_checkpoints": 3})
+    written = []
+    train(spec, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path,
+          on_checkpoint=lambda step, path: written.append(step))
+    assert written == [3, 6, 7]
 
 
 def test_a_checkpoint_without_its_marker_is_ignored(make_spec, tiny_llama, demo_dataset, tmp_path):

@@ -66,6 +66,7 @@ def train(
     base_model_dir: Path,
     dataset_path: Path,
     output_dir: Path,
+    validation_path: Path | None = None,  # spec.validation_dataset's rows, staged
     on_progress: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
     should_drain: Callable[[], bool] = lambda: False,
@@ -78,6 +79,7 @@ def train(
         raise ValueError("micro_batch_size 'auto' must be resolved to a number before training")
     # Read and validate the whole dataset first: a malformed row fails in seconds, not after a model load.
     examples = list(iter_examples(dataset_path, spec.dataset_format))
+    held_out = list(iter_examples(validation_path, spec.dataset_format)) if validation_path else None
 
     # --- setup ------------------------------------------------------------------------------------------
     from transformers import set_seed
@@ -89,7 +91,10 @@ def train(
     memory = MemoryProbe(device)
     tokenizer = data.load_tokenizer(base_model_dir)
     dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, spec.training.max_seq_length)
-    dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
+    if held_out is None:
+        dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
+    else:
+        validation, _ = data.tokenize_examples(tokenizer, held_out, spec.training.max_seq_length)
     source_examples = len(dataset)
     if spec.training.packing:
         dataset = data.pack_examples(dataset, spec.training.max_seq_length, spec.training.seed)
