@@ -22,6 +22,7 @@ from service.storage import job_storage
 from service.tenancy.keys import Caller
 
 CHUNK_BYTES = 1024 * 1024
+FILE_PURPOSE = "fine-tune"  # the one OpenAI purpose a fine-tuning service keeps files for
 
 
 def store_upload(settings: Settings, source: BinaryIO, filename: str,
@@ -70,9 +71,12 @@ def load_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
     return uploaded
 
 
-def list_files(session: Session, limit: int, after: str | None, newest_first: bool,
+def list_files(session: Session, limit: int, after: str | None, newest_first: bool, purpose: str | None,
                caller: Caller) -> tuple[list[UploadedFile], bool]:
-    """A page of the caller's files, continuing after the file `after`; and whether more follow."""
+    """A page of the caller's files, continuing after the file `after`; and whether more follow. Every file is
+    a fine-tune file: another `purpose` lists none."""
+    if purpose not in (None, FILE_PURPOSE):
+        return [], False
     anchor = None
     if after is not None:
         anchor = repository.get_file(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None

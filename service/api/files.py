@@ -26,7 +26,6 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
 FORM_FIELDS = {"file", "format", "purpose"}
-FILE_PURPOSE = "fine-tune"  # the one OpenAI purpose a fine-tuning service keeps files for
 
 
 async def _strict_form(request: Request) -> None:
@@ -46,7 +45,7 @@ async def upload_file(file: Annotated[UploadFile, File(description="A JSONL data
                       db: AuthenticatedDbDep, settings: SettingsDep,
                       format: Annotated[DatasetFormat | None, Form(description="Validate rows as this format")] = None,
                       purpose: Annotated[Literal["fine-tune"], Form(description="OpenAI's purpose; only fine-tune")]
-                      = FILE_PURPOSE) -> FileOut:
+                      = files.FILE_PURPOSE) -> FileOut:
     stored = await anyio.to_thread.run_sync(files.store_upload, settings, file.file, file.filename or "dataset.jsonl",
                                             format)
     return await db.write(files.record_upload, stored, then=FileOut.of)
@@ -57,9 +56,7 @@ async def list_files(db: CallerDbDep, limit: Annotated[int, Query(ge=1, le=10_00
                      after: Annotated[str | None, Query(max_length=64)] = None,
                      order: Literal["asc", "desc"] = "desc",
                      purpose: Annotated[str | None, Query(max_length=64)] = None) -> FilePage:
-    if purpose is not None and purpose != FILE_PURPOSE:
-        return FilePage(data=[], has_more=False)
-    return await db.read(files.list_files, limit, after, order == "desc", then=_file_page)
+    return await db.read(files.list_files, limit, after, order == "desc", purpose, then=_file_page)
 
 
 def _file_page(result: tuple[list, bool]) -> FilePage:

@@ -56,6 +56,7 @@ def test_files_through_the_sdk(client, training_file):
     uploaded, body = training_file
     assert client.files.retrieve(uploaded.id).filename == "chats.jsonl"
     assert uploaded.id in [f.id for f in client.files.list()]
+    assert list(client.files.list(purpose="batch")) == []  # every file here is a fine-tune file
     assert client.files.content(uploaded.id).read() == body
     spare = client.files.create(file=("spare.jsonl", io.BytesIO(body)), purpose="fine-tune")
     # Two files and a page size of one: the SDK follows `after` to the second page by itself.
