@@ -49,8 +49,10 @@ class OpenAIErrorResponse(ProblemResponse):
 def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
     """problem+json; OpenAI's error envelope on the OpenAI routes; both in one body on /v1/files, which native
     clients and the OpenAI SDK share (the envelope as the problem's `error` member)."""
-    headers = {**(error.headers or {}), **(headers or {})}
-    path = request.url.path
+    return error_response(error, request.url.path, {**(error.headers or {}), **(headers or {})})
+
+
+def error_response(error: ProblemError, path: str, headers: dict[str, str] | None = None) -> Response:
     if path.startswith(openai.PREFIX):
         return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=error.status, headers=headers)
     body = error.to_problem(instance=path)
@@ -125,8 +127,7 @@ class DeclaredLengthGuard:
             if length.isdigit() and int(length) > limit:
                 error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
                                                                         limit_bytes=limit)
-                response = ProblemResponse(error.to_problem(instance=scope["path"]), status_code=error.status)
-                return await response(scope, receive, send)
+                return await error_response(error, scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
