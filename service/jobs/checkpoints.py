@@ -3,8 +3,9 @@
 What a download holds (worker/training/checkpoint.py writes it):
   lora / qlora   adapter_config.json + adapter_model.safetensors, as peft saves them: extracted into a
                  directory, it loads with PeftModel.from_pretrained(base, directory)
-  full / freeze  trainable.safetensors (+ trainable.json): the trained parameters by name, for
-                 model.load_state_dict(..., strict=False) on the base; the other weights are the base's
+  full / freeze  trainable.safetensors (+ trainable.json): the trained parameters, each under "trainable." and
+                 its parameter name: with the prefix cut, model.load_state_dict(..., strict=False) on the
+                 base loads them (for full, every weight; for freeze, the other weights are the base's)
 Either way with metrics.json (step, epoch, tokens_seen, train_loss).
 """
 
