@@ -191,7 +191,9 @@ def event_out(event: Any) -> FineTuningJobEvent:
         level = "error" if data["status"] == "failed" else "info"
     elif event.kind == "progress":
         kind = "metrics"
-        message = f"step {data.get('step')}/{data.get('total_steps')}: training loss={data.get('loss', 0):.4f}"
+        loss = data.get("loss")
+        message = f"step {data.get('step')}/{data.get('total_steps')}" + (
+            f": training loss={loss:.4f}" if isinstance(loss, (int, float)) else "")
     elif event.kind == "checkpoint":
         message = f"checkpoint saved at step {data.get('step')}"
     return FineTuningJobEvent(id=f"ftevent-{event.seq}", created_at=_unix(event.created_at), level=level,
