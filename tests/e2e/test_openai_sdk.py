@@ -169,7 +169,9 @@ def test_a_checkpoint_downloaded_mid_run_loads_with_peft(client, service, traini
     while not (kept := native.get(f"/v1/jobs/{job.id}/checkpoints").json()["data"]):
         assert time.monotonic() < deadline, "no checkpoint was kept"
         time.sleep(0.3)
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.trained_tokens > 0
+    assert running.estimated_finish > running.created_at  # 100,000 steps to go: far ahead
     checkpoint = kept[0]
     assert checkpoint["step"] % 2 == 0 and checkpoint["metrics"]["train_loss"] > 0
 
