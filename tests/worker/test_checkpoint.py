@@ -201,3 +201,25 @@ def test_without_checkpoint_every_steps_nothing_is_written(make_spec, tiny_llama
     result = train(make_spec("lora", training={"max_steps": 3}), base_model_dir=tiny_llama,
                    dataset_path=demo_dataset, output_dir=tmp_path, on_checkpoint=kill_after(1))
     assert result.steps == 3 and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_exporting_a_checkpoints_adapter_leaves_the_run_unchanged(init, make_spec, tiny_llama, memorise_dataset,
+                                                                  tmp_path):
+    """Exporting each checkpoint's adapter (for PiSSA converted for the original base, which peft does by loading
+    a second adapter in eval mode) must not touch the run: it ends exactly where the same run unsaved does."""
+    ranks: list[int] = []
+    spec = make_spec("lora", lora={"init": init, "r": 4}, training={"max_steps": 3, "learning_rate": 1e-2})
+    with_checkpoints = spec.model_copy(update={"training": spec.training.model_copy(
+        update={"checkpoint_every_steps": 1})})
+
+    def record_rank(step: int, path: str) -> None:
+        ranks.append(json.loads((tmp_path / "a" / path / "adapter" / "adapter_config.json").read_text())["r"])
+
+    train(with_checkpoints, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path / "a",
+          on_checkpoint=record_rank)
+    train(spec, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path / "b")
+    assert ranks == ([8, 8] if init == "pissa" else [4, 4])  # PiSSA: converted to a rank-2r LoRA of the base
+    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)

@@ -154,14 +154,20 @@ def export_adapter(model, target: Path) -> None:
     """adapter/ in the checkpoint: what PeftModel.from_pretrained loads onto the base, written by peft itself
     (adapter_config.json, adapter_model.safetensors). A PiSSA run is converted to a LoRA adapter of the original
     base, as its final artifact is. A full or freeze fine-tune has no adapter: its checkpoint's trained weights are
-    trainable.safetensors, keyed by parameter name."""
+    trainable.safetensors, each under "trainable." and its parameter name."""
     if not hasattr(model, "peft_config"):
         return
     initial = getattr(model, "ftjobs_pissa_initial", None)
     if initial is None:
         model.save_pretrained(target)
     else:
+        # peft converts PiSSA by loading the initial adapter beside the trained one (peft_model.py load_adapter):
+        # its layers are initialised randomly before the weights are loaded, and the model is put in eval mode.
+        # Both go back, so the run continues exactly as it would unsaved.
+        saved_rng, was_training = rng_state(), model.training
         model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial))
+        set_rng_state(saved_rng)
+        model.train(was_training)
     (target / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing of this job in it
 
 
