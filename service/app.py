@@ -19,12 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
-from service.api import docs, files, health, jobs, plans
+from service.api import checkpoints, docs, files, health, jobs, openai, plans
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
 from service.logs import configure_logging
+from service.openai_compat import openai_error
 from service.settings import Settings, get_settings
 from service.tenancy.ratelimit import RateLimiter
 
@@ -42,9 +43,23 @@ class ProblemResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+class OpenAIErrorResponse(ProblemResponse):
+    media_type = "application/json"
+
+
 def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
-    return ProblemResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                           headers={**(error.headers or {}), **(headers or {})})
+    """problem+json; OpenAI's error envelope on the OpenAI routes; both in one body on /v1/files, which native
+    clients and the OpenAI SDK share (the envelope as the problem's `error` member)."""
+    return error_response(error, request.url.path, {**(error.headers or {}), **(headers or {})})
+
+
+def error_response(error: ProblemError, path: str, headers: dict[str, str] | None = None) -> Response:
+    if path.startswith(openai.PREFIX):
+        return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=error.status, headers=headers)
+    body = error.to_problem(instance=path)
+    if path.startswith(files.router.prefix):
+        body["error"] = openai_error(error).error.model_dump()
+    return ProblemResponse(body, status_code=error.status, headers=headers)
 
 
 async def _on_problem(request: Request, error: ProblemError) -> Response:
@@ -113,8 +128,7 @@ class DeclaredLengthGuard:
             if length.isdigit() and int(length) > limit:
                 error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
                                                                         limit_bytes=limit)
-                response = ProblemResponse(error.to_problem(instance=scope["path"]), status_code=error.status)
-                return await response(scope, receive, send)
+                return await error_response(error, scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -212,7 +226,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(checkpoints.router, responses=AUTHENTICATED)
     app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
+    app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
     app.include_router(health.router, responses=problems(500))
     docs.install(app)  # /docs and /redoc from local assets
     app.add_exception_handler(ProblemError, _on_problem)
@@ -221,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
                        json_limit_bytes=settings.max_json_body_bytes)
     metrics.install(app, settings)  # outermost, so refused requests are measured too

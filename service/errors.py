@@ -160,6 +160,10 @@ class ArtifactNotFound(ProblemError):
     status, code, title = 404, "artifact_not_found", "No such artifact"
 
 
+class CheckpointNotFound(ProblemError):
+    status, code, title = 404, "checkpoint_not_found", "No such checkpoint"
+
+
 class InvalidTransition(ProblemError):
     status, code, title = 409, "invalid_transition", "The job is not in a state that allows this"
 

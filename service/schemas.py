@@ -12,7 +12,7 @@ from sqlalchemy import Row
 from planner import Plan
 from planner.spec import DatasetFormat, JobSpec
 from service.jobs.states import JobStatus
-from service.models import Job, JobAttempt, JobEvent, UploadedFile
+from service.models import Job, JobAttempt, JobCheckpoint, JobEvent, UploadedFile
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -156,25 +156,66 @@ class EventPage(BaseModel):
 
 
 class FileOut(BaseModel):
+    """An upload, in OpenAI's FileObject shape (id, object, bytes, created_at in unix seconds, filename, purpose,
+    status), which the OpenAI SDK reads, plus ftjobs' own fields."""
+
     id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int = Field(description="Unix seconds, as OpenAI gives it")
     filename: str
+    purpose: Literal["fine-tune"]
+    status: Literal["uploaded", "processed"] = Field(description="processed: every row was checked in a format")
     size_bytes: int
     sha256: str
     rows: int | None = None
-    created_at: UtcDatetime
-
     validated_format: DatasetFormat | None = Field(None, description="The format every row was checked against, if any")
 
     @classmethod
     def of(cls, uploaded: UploadedFile) -> FileOut:
-        return cls(id=uploaded.id, filename=uploaded.filename, size_bytes=uploaded.size_bytes,
-                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format,
-                   created_at=uploaded.created_at)
+        return cls(id=uploaded.id, bytes=uploaded.size_bytes, created_at=int(_as_utc(uploaded.created_at).timestamp()),
+                   filename=uploaded.filename, purpose="fine-tune",
+                   status="processed" if uploaded.validated_format else "uploaded", size_bytes=uploaded.size_bytes,
+                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format)
 
 
 class FilePage(BaseModel):
-    data: list[FileOut]
-    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page")
+    object: Literal["list"] = "list"
+    data: list[FileOut] = Field(description="Newest first")
+    has_more: bool = Field(description="Pass the last file's id as `after` for the next page")
+    next_cursor: str | None = Field(description="The same: the id to pass as `after`; null on the last page")
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class CheckpointMetrics(BaseModel):
+    step: int
+    epoch: float | None = Field(None, description="Epochs of data consumed at this step")
+    tokens_seen: int | None = None
+    train_loss: float | None = Field(None, description="The per-token loss of this optimizer step")
+
+
+class CheckpointOut(BaseModel):
+    step: int
+    attempt: int = Field(description="The attempt that saved it")
+    metrics: CheckpointMetrics
+    created_at: UtcDatetime
+    url: str = Field(description="The checkpoint as a tar: for lora/qlora a peft adapter (adapter_config.json, "
+                                 "adapter_model.safetensors); for full/freeze the trained parameters")
+
+    @classmethod
+    def of(cls, job_id: str, checkpoint: JobCheckpoint) -> CheckpointOut:
+        metrics = CheckpointMetrics.model_validate({"step": checkpoint.step, **(checkpoint.metrics or {})})
+        return cls(step=checkpoint.step, attempt=checkpoint.attempt, metrics=metrics,
+                   created_at=checkpoint.created_at, url=f"/v1/jobs/{job_id}/checkpoints/{checkpoint.step}/download")
+
+
+class CheckpointPage(BaseModel):
+    data: list[CheckpointOut] = Field(description="Newest step first: the job's kept checkpoints")
 
 
 class Readiness(BaseModel):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import operator
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query
@@ -41,8 +41,15 @@ _JOB_LINKS = _job_links("$response.body#/id")
 
 
 async def submit_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep) -> JobOut:
+    return await accept_job(spec, db, settings, then=JobOut.of)
+
+
+async def accept_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep, *,
+                     then: Callable[[Job], Any]) -> Any:
+    """Submit and send: every route that creates a job (this one, the OpenAI one) comes here; `then` shapes the
+    job for its route's response."""
     # The row is the truth: once its transaction has committed, the job is accepted whatever happens to the send.
-    job = await db.write(service.submit_job, settings, spec, then=JobOut.of)
+    job = await db.write(service.submit_job, settings, spec, then=then)
     try:
         await anyio.to_thread.run_sync(enqueue_job, job.id, settings)
     except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over
