@@ -1,4 +1,5 @@
-"""The `ftjobs` command: run the service (up, api, worker, db upgrade, keys) and use it (plan, submit, status, demo)."""
+"""The `ftjobs` command: run the service (up, api, worker, db upgrade, keys) and use it (plan, submit, status,
+jobs, files, demo). The commands that use it talk to the API through ftjobs.client (ftjobs/commands/)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,40 @@ from service.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (a job succeeded); 1 a job failed or was cancelled; 2 bad input (arguments, a spec file,
+    a 4xx answer); 3 the server cannot be reached or could not answer (5xx). Every error is one line on stderr."""
+    from ftjobs.client import ApiError, ServerUnreachable
+    from ftjobs.commands.common import BAD_INPUT, UNREACHABLE, report_error
+    from ftjobs.commands.jobs import SpecFileError
+
     args = _parser().parse_args(argv)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except ApiError as exc:
+        report_error(args, exc.problem if "code" in exc.problem else {**exc.problem, "code": exc.code})
+        return UNREACHABLE if exc.status >= 500 else BAD_INPUT
+    except ServerUnreachable as exc:
+        report_error(args, {"code": "server_unreachable", "detail": str(exc)})
+        return UNREACHABLE
+    except SpecFileError as exc:
+        report_error(args, {"code": "invalid_spec", "detail": str(exc)})
+        return BAD_INPUT
+    except OSError as exc:  # a file named on the command line: missing, unreadable, or its target unwritable
+        report_error(args, {"code": "file_error", "detail": f"{exc.filename or ''}: {exc.strerror or exc}"})
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ftjobs.commands import files, jobs
+    from ftjobs.commands.common import connection_options, json_option
+
     settings = get_settings()
-    default_url = f"http://{settings.api_host}:{settings.api_port}"
-    parser = argparse.ArgumentParser(prog="ftjobs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ftjobs", description=__doc__,
+                                     epilog="exit codes: 0 done or succeeded, 1 job failed or cancelled, "
+                                            "2 bad input, 3 server unreachable")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the API and an embedded worker on this machine")
@@ -42,25 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default=None, help="Celery node name (default: celery@HOSTNAME)")
     worker.set_defaults(run=_worker)
     db = commands.add_parser("db", help="database maintenance")
-    db.add_argument("action", choices=["upgrade"])
+    db.add_argument("action", choices=["upgrade"], help="upgrade: run the migrations up to the latest revision")
+    json_option(db)
     db.set_defaults(run=_db)
     _keys_parser(commands)
 
     plan = commands.add_parser("plan", help="print the memory plan of a spec as JSON (no server needed)")
-    plan.add_argument("spec", type=Path)
+    plan.add_argument("spec", type=Path, help="the job spec, a JSON file")
+    json_option(plan)
     plan.set_defaults(run=_plan)
-    submit = commands.add_parser("submit", help="submit a job spec")
-    submit.add_argument("spec", type=Path)
-    submit.add_argument("--url", default=default_url)
-    _api_key(submit)
-    submit.add_argument("--watch", action="store_true", help="show progress until the job ends")
-    submit.set_defaults(run=_submit)
-    status = commands.add_parser("status", help="show a job's progress")
-    status.add_argument("job_id")
-    status.add_argument("--url", default=default_url)
-    _api_key(status)
-    status.add_argument("--watch", action="store_true", help="keep polling until the job ends")
-    status.set_defaults(run=_status)
+    connection = connection_options()
+    jobs.register(commands, connection)
+    files.register(commands, connection)
     demo = commands.add_parser("demo", help="train a QLoRA adapter on a tiny local model, end to end")
     demo.add_argument("--url", default=None, help="use a running service instead of starting one")
     _api_key(demo)
@@ -68,31 +88,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftjobs")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def _keys_parser(commands) -> None:
+    from ftjobs.commands.common import json_option
+
     keys = commands.add_parser("keys", help="API keys, straight in the database (as `db upgrade`)")
     actions = keys.add_subparsers(required=True, metavar="ACTION")
     create = actions.add_parser("create", help="create a key; the key itself is the last line printed")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", required=True, help="the tenant's name; created on first use")
     create.add_argument("--admin", action="store_true", help="the key acts across every tenant")
     create.add_argument("--max-active-jobs", type=int, default=None, help="the tenant's active-jobs quota")
     create.add_argument("--webhook-url", default=None,
                         help="POST the tenant's job state changes and checkpoints here (Standard Webhooks); "
                              "prints the tenant's signing secret")
     create.set_defaults(run=_keys_create)
-    actions.add_parser("list", help="every key: id, tenant, admin, created, revoked").set_defaults(run=_keys_list)
+    listing = actions.add_parser("list", help="every key: id, tenant, admin, created, revoked")
+    listing.set_defaults(run=_keys_list)
     revoke = actions.add_parser("revoke", help="refuse a key from now on")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key's id, as `keys list` prints it")
     revoke.set_defaults(run=_keys_revoke)
+    for action in (create, listing, revoke):
+        json_option(action)
 
 
 def _api_key(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-key", default=None,
-                        help="default: FTJOBS_API_KEY, else the local admin key `ftjobs up` wrote to FTJOBS_HOME/api-key")
+    from ftjobs.commands.common import API_KEY_HELP
+
+    parser.add_argument("--api-key", default=None, help=API_KEY_HELP)
 
 
 def _host_port(parser: argparse.ArgumentParser, settings) -> None:
-    parser.add_argument("--host", default=settings.api_host)
-    parser.add_argument("--port", type=int, default=settings.api_port)
+    parser.add_argument("--host", default=settings.api_host, help="address to listen on (default: FTJOBS_API_HOST)")
+    parser.add_argument("--port", type=int, default=settings.api_port, help="port (default: FTJOBS_API_PORT)")
 
 
 def _process_count(text: str) -> int:
@@ -224,14 +259,19 @@ def _keys_create(args) -> int:
     from service.tenancy.repository import get_tenant_by_name
 
     if args.max_active_jobs is not None and args.max_active_jobs < 1:
-        return _problem({"code": "invalid_argument", "detail": "--max-active-jobs must be at least 1"})
+        return _problem(args, {"code": "invalid_argument", "detail": "--max-active-jobs must be at least 1"})
     try:
         with transaction() as session:
             key, secret = create_key(session, args.tenant, admin=args.admin, max_active_jobs=args.max_active_jobs,
                                      webhook_url=args.webhook_url)
             webhook_secret = get_tenant_by_name(session, args.tenant).webhook_secret if args.webhook_url else None
     except ProblemError as exc:  # a webhook URL that is not one
-        return _problem(exc.to_problem())
+        return _problem(args, exc.to_problem())
+    if args.json:
+        print(json.dumps({"id": key.id, "tenant": args.tenant, "admin": key.admin, "key": secret,
+                          **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if webhook_secret
+                             else {})}))
+        return 0
     if webhook_secret:
         print(f"webhook {args.webhook_url} signed with the tenant's secret: {webhook_secret}")
     print(f"created {'admin ' if key.admin else ''}key {key.id} for tenant {args.tenant}; it is shown only once:")
@@ -240,16 +280,19 @@ def _keys_create(args) -> int:
 
 
 def _keys_list(args) -> int:
+    from ftjobs.commands.common import table, when
     from service.db import transaction
     from service.tenancy.repository import list_keys
 
     with transaction() as session:
-        rows = list_keys(session)
-    print(f"{'KEY_ID':<30} {'TENANT':<20} {'ADMIN':<6} {'CREATED':<26} REVOKED")
-    for key, tenant in rows:
-        revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
-        print(f"{key.id:<30} {tenant.name:<20} {'yes' if key.admin else 'no':<6} "
-              f"{key.created_at.isoformat(timespec='seconds'):<26} {revoked}")
+        rows = [{"id": key.id, "tenant": tenant.name, "admin": key.admin, "created_at": when(key.created_at),
+                 "revoked_at": when(key.revoked_at)} for key, tenant in list_keys(session)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(table(["KEY_ID", "TENANT", "ADMIN", "CREATED", "REVOKED"],
+                [[r["id"], r["tenant"], "yes" if r["admin"] else "no", r["created_at"], r["revoked_at"]]
+                 for r in rows]))
     return 0
 
 
@@ -262,8 +305,8 @@ def _keys_revoke(args) -> int:
         with transaction() as session:
             revoke_key(session, args.key_id)
     except ProblemError as exc:
-        return _problem(exc.to_problem())
-    print(f"revoked {args.key_id}")
+        return _problem(args, exc.to_problem())
+    print(json.dumps({"id": args.key_id, "revoked": True}) if args.json else f"revoked {args.key_id}")
     return 0
 
 
@@ -276,35 +319,40 @@ def cli_api_key(explicit: str | None) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def cli_url(explicit: str | None) -> str:
+    """--url, else FTJOBS_URL, else the address `ftjobs up` and `ftjobs api` listen on."""
+    settings = get_settings()
+    return explicit or settings.url or f"http://{settings.api_host}:{settings.api_port}"
+
+
 def _db(args) -> None:
     from service.migrate import upgrade_database
 
     upgrade_database(get_settings())
-    print("database is at the latest revision")
-
-
-def _read_spec(path: Path):
-    from planner.spec import JobSpec
-
-    return JobSpec.model_validate(json.loads(path.read_text()))
+    print(json.dumps({"database": "latest"}) if args.json else "database is at the latest revision")
 
 
 def _plan(args) -> int:
-    from service.errors import InvalidSpec, ProblemError
+    from ftjobs.commands.jobs import read_spec
+    from planner.spec import JobSpec
+    from service.errors import ProblemError
     from service.planning import plan_spec
 
     try:
-        spec = _read_spec(args.spec)
+        spec = JobSpec.model_validate(read_spec(args.spec))
         with _registry_session() as session:
             result = plan_spec(session, get_settings(), spec, model_roots=None)  # the operator may plan any path
     except ValidationError as exc:
-        return _problem(InvalidSpec(str(exc)).to_problem())
-    except (OSError, json.JSONDecodeError) as exc:
-        return _problem(InvalidSpec(f"cannot read {args.spec}: {exc}").to_problem())
+        return _problem(args, {"code": "invalid_spec", "detail": _one_line(exc)})
     except ProblemError as exc:
-        return _problem(exc.to_problem())
+        return _problem(args, exc.to_problem())
     print(result.model_dump_json(indent=2))
     return 0
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}"
+                     for error in exc.errors())
 
 
 @contextmanager
@@ -323,39 +371,11 @@ def _registry_session():
         yield session
 
 
-def _problem(problem: dict) -> int:
-    print(json.dumps(problem, indent=2), file=sys.stderr)
-    return 2
+def _problem(args, problem: dict) -> int:
+    from ftjobs.commands.common import BAD_INPUT, report_error
 
-
-def _submit(args) -> int:
-    from ftjobs.client import ApiError, Client
-
-    client = Client(args.url, cli_api_key(args.api_key))
-    try:
-        job = client.submit(json.loads(args.spec.read_text()))
-    except ApiError as exc:
-        return _problem(exc.problem)
-    print(json.dumps(job, indent=2) if not args.watch else f"submitted {job['id']}")
-    if args.watch:
-        return 0 if client.watch(job["id"])["status"] == "succeeded" else 1
-    return 0
-
-
-def _status(args) -> int:
-    from ftjobs.client import ApiError, Client, draw_progress
-
-    client = Client(args.url, cli_api_key(args.api_key))
-    try:
-        job = client.watch(args.job_id) if args.watch else client.job(args.job_id)
-    except ApiError as exc:
-        return _problem(exc.problem)
-    if not args.watch:
-        draw_progress(job)
-        print()
-    if job.get("error"):
-        print(f"error {job['error']['code']}: {job['error']['message']}")
-    return 0
+    report_error(args, problem)
+    return BAD_INPUT
 
 
 def _demo(args) -> int:

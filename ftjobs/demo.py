@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ftjobs.client import Client
+from ftjobs.client import Client, Job
 from service.settings import get_settings
 
 DEMO_DATASET = Path(__file__).parent / "demo_data" / "instructions.jsonl"
@@ -65,12 +65,12 @@ def run_demo(url: str | None, api_key: str | None = None) -> int:
         # Read after the stack is up: on a first start `ftjobs up` has only just written the local key.
         client = Client(url, cli_api_key(api_key))
         job = client.submit(demo_spec(model_dir))
-        print(f"submitted {job['id']}: predicted peak GPU memory "
-              f"{job['predicted_peak_bytes'] / 2**20:.0f} MiB (on a GPU; this machine trains on "
+        print(f"submitted {job.id}: predicted peak GPU memory "
+              f"{job.predicted_peak_bytes / 2**20:.0f} MiB (on a GPU; this machine trains on "
               f"{'the GPU' if _has_gpu() else 'the CPU'})")
-        job = client.watch(job["id"])
-        if job["status"] != "succeeded":
-            print(f"job {job['status']}: {job.get('error')}")
+        job = client.watch(job.id)
+        if job.status != "succeeded":
+            print(f"job {job.status}: {job.error}")
             return 1
         _check_adapter(client, job, model_dir)
         return 0
@@ -79,12 +79,12 @@ def run_demo(url: str | None, api_key: str | None = None) -> int:
             _stop(stack)
 
 
-def _check_adapter(client: Client, job: dict, model_dir: Path) -> None:
-    adapter_dir = get_settings().resolved_home / "demo" / job["id"]
-    for artifact in job["artifacts"]:
-        client.download(job["id"], artifact["name"], adapter_dir / artifact["name"])
+def _check_adapter(client: Client, job: Job, model_dir: Path) -> None:
+    adapter_dir = get_settings().resolved_home / "demo" / job.id
+    for artifact in job.artifacts:
+        client.download(job.id, artifact.name, adapter_dir / artifact.name)
     change = adapter_logit_change(model_dir, adapter_dir / "adapter")
-    print(f"artifacts in {adapter_dir}: {', '.join(a['name'] for a in job['artifacts'])}")
+    print(f"artifacts in {adapter_dir}: {', '.join(a.name for a in job.artifacts)}")
     print(f"the adapter loads with peft and moves the tiny model's logits by up to {change:.4f}")
     if change == 0:
         raise SystemExit("the trained adapter left the logits unchanged")

@@ -73,9 +73,14 @@ HF_TRAINER = Recipe(kbit_upcast=True, padded_batches=False, foreach_adamw=True, 
                     expandable_segments=False, fused_loss_default=False)
 
 
+# A JSON merge-patch onto the job spec, as planner/suggest.py writes them: a section's fields, or a top-level value
+# (`method`; null removes a section).
+SpecPatch = dict[str, str | None | dict[str, str | bool | int | float | None]]
+
+
 class Suggestion(BaseModel):
     description: str
-    patch: dict[str, Any] = Field(description="A JSON merge-patch onto the job spec")
+    patch: SpecPatch = Field(description="A JSON merge-patch onto the job spec")
     peak_vram_bytes: int
     headroom_bytes: int
 
@@ -93,7 +98,8 @@ class Plan(BaseModel):
     num_gpus: int = Field(1, description="Ranks, one GPU each; peak_vram_bytes and breakdown are one rank's")
     sharding: str | None = Field(None, description="zero2 | zero3 (FSDP2), or None: no sharding")
     sharded_terms: list[str] = Field(default_factory=list, description="Breakdown terms that are one rank's shard")
-    host_breakdown: dict[str, int] = Field(default_factory=dict, description="One rank's offloaded bytes in host memory")
+    host_breakdown: dict[str, int] = Field(default_factory=dict,
+                                           description="One rank's offloaded bytes in host memory")
     host_memory_bytes: int = Field(0, description="Host memory the offloaded terms need, all ranks together")
     reasons: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(default_factory=list)

@@ -64,6 +64,11 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 10_000_000
 
 
+# Inside each checkpoint the worker stores: the API lists the first and serves the second as a download.
+CHECKPOINT_METRICS_FILE = "metrics.json"
+CHECKPOINT_ADAPTER_DIR = "adapter"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -154,7 +159,11 @@ class TrainingOptions(_Strict):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N optimizer steps; None saves none"
     )
-    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many of the newest checkpoints are kept")
+    checkpoint_every_epoch: bool = Field(
+        False, description="Also save a checkpoint at the end of each epoch and at the last step, as OpenAI does; "
+                           "the OpenAI-compatible route turns it on")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many of the newest checkpoints are kept, "
+                                                              "after the job ends too")
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -176,6 +185,8 @@ class MemoryOptions(_Strict):
 class OutputOptions(_Strict):
     merge_adapter: bool = Field(
         False, description="lora/qlora: also save the base with the adapter merged in, bf16 safetensors (model/)")
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="Part of the result's name (OpenAI's fine_tuned_model)")
 
 
 class Sharding(str, enum.Enum):
@@ -222,6 +233,9 @@ class JobSpec(_Strict):
                     "(absolute, or relative to a root), or a hub id found in the local cache",
     )
     dataset: DatasetRef | None = Field(None, description="Required to submit a job; optional for a plan")
+    validation_dataset: DatasetRef | None = Field(
+        None, description="Held-out examples in dataset_format, for the eval loss (OpenAI's validation_file); "
+                          "instead of training.validation_fraction")
     dataset_format: DatasetFormat = DatasetFormat.alpaca
     method: Method = Method.qlora
     lora: LoraOptions | None = None
@@ -244,6 +258,8 @@ class JobSpec(_Strict):
             problems.append(f"'lora' options apply to lora and qlora, not {self.method.value}")
         if self.quantization is not None and self.method is not Method.qlora:
             problems.append(f"'quantization' applies to qlora only, not {self.method.value}")
+        if self.validation_dataset is not None and self.training.validation_fraction is not None:
+            problems.append("give validation_dataset or training.validation_fraction, not both")
         if self.freeze is not None and self.method is not Method.freeze:
             problems.append(f"'freeze' applies to the freeze method only, not {self.method.value}")
         if self.lora is not None and self.lora.init == "pissa" and self.method is Method.qlora:

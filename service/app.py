@@ -13,19 +13,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
-from service.api import files, health, jobs, plans, webhooks
-from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem
+from service.api import checkpoints, docs, files, health, jobs, openai, plans, webhooks
+from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
 from service.api.streams import StreamCount
 from service.db import Database
 from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
                             ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
 from service.idempotency.layer import IdempotencyLayer, declare_in_openapi
 from service.logs import configure_logging
+from service.openai_compat import openai_error
 from service.settings import Settings, get_settings
 from service.tenancy.ratelimit import RateLimiter
 
@@ -43,9 +45,23 @@ class ProblemResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+class OpenAIErrorResponse(ProblemResponse):
+    media_type = "application/json"
+
+
 def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
-    return ProblemResponse(error.to_problem(instance=request.url.path), status_code=error.status,
-                           headers={**(error.headers or {}), **(headers or {})})
+    """problem+json; OpenAI's error envelope on the OpenAI routes; both in one body on /v1/files, which native
+    clients and the OpenAI SDK share (the envelope as the problem's `error` member)."""
+    return error_response(error, request.url.path, {**(error.headers or {}), **(headers or {})})
+
+
+def error_response(error: ProblemError, path: str, headers: dict[str, str] | None = None) -> Response:
+    if path.startswith(openai.PREFIX):
+        return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=error.status, headers=headers)
+    body = error.to_problem(instance=path)
+    if path.startswith(files.router.prefix):
+        body["error"] = openai_error(error).error.model_dump()
+    return ProblemResponse(body, status_code=error.status, headers=headers)
 
 
 async def _on_problem(request: Request, error: ProblemError) -> Response:
@@ -114,13 +130,52 @@ class DeclaredLengthGuard:
             if length.isdigit() and int(length) > limit:
                 error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
                                                                         limit_bytes=limit)
-                response = ProblemResponse(error.to_problem(instance=scope["path"]), status_code=error.status)
-                return await response(scope, receive, send)
+                return await error_response(error, scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
 def _metrics() -> Response:
     return Response(generate_latest(metrics.registry_to_scrape()), media_type=CONTENT_TYPE_LATEST)
+
+
+def _operation_id(route: APIRoute) -> str:
+    """The route function's name (submit_job, get_job): FastAPI's default appends the path and the method."""
+    return route.name
+
+
+def _problem_validation_errors(operation: dict[str, Any]) -> None:
+    """A 422 that FastAPI declared on its own (HTTPValidationError) is answered as problem+json (_on_validation)."""
+    content = operation.get("responses", {}).get("422", {}).get("content", {})
+    if "HTTPValidationError" in str(content):
+        operation["responses"]["422"] = problems(422)[422]
+
+
+def _binary_uploads(schema: dict[str, Any]) -> None:
+    """Multipart file fields carry `format: binary` beside OpenAPI 3.1's contentMediaType: client generators
+    (openapi-python-client) send a field without it as text."""
+    components = schema["components"]["schemas"]
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            body = components.get(form.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1], {})
+            for field in body.get("properties", {}).values():
+                for part in (field, field.get("items", {})):
+                    if "contentMediaType" in part and part.get("type") == "string":
+                        part.setdefault("format", "binary")
+
+
+def _const_as_enum(node: Any) -> None:
+    """`const: x` as the equivalent `enum: [x]` (a Literal of one value, e.g. micro_batch_size "auto"):
+    openapi-python-client 0.29 parses a const member of an anyOf without trying the union's other members,
+    so a client it generates fails on every job whose micro_batch_size is a number."""
+    if isinstance(node, dict):
+        if "const" in node and "enum" not in node:
+            node["enum"] = [node.pop("const")]
+        for value in node.values():
+            _const_as_enum(value)
+    elif isinstance(node, list):
+        for value in node:
+            _const_as_enum(value)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -129,6 +184,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                _problem_validation_errors(operation)
+        _binary_uploads(schema)
+        _const_as_enum(components)
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         schema["components"]["securitySchemes"] = {"bearer": {
@@ -162,15 +222,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.rate_limiter.close()
             app.state.database.dispose()
 
-    app = FastAPI(title="ftjobs", version="1.0", lifespan=lifespan,
+    app = FastAPI(title="ftjobs", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=_operation_id,
                   description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.")
     # The limits are checked while the body streams in: a body past them is never read to its end.
     upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(checkpoints.router, responses=AUTHENTICATED)
     app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
     app.include_router(webhooks.router, responses=AUTHENTICATED)
-    app.include_router(health.router)
+    app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
+    app.include_router(health.router, responses=problems(500))
+    docs.install(app)  # /docs and /redoc from local assets
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
@@ -178,10 +242,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside CORS, whose headers its own answers (replays, 409, 422) need, and inside the length guard, which
     # refuses an oversized declared body before this layer spools a byte of it.
     app.add_middleware(IdempotencyLayer, settings=settings, upload_limit_bytes=upload_limit,
-                       json_limit_bytes=settings.max_json_body_bytes)
+                       json_limit_bytes=settings.max_json_body_bytes, render_error=error_response)
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST"],
+                           allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
                            expose_headers=["Idempotent-Replayed"])
     app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,

@@ -152,8 +152,16 @@ class FileNotFound(ProblemError):
     status, code, title = 404, "file_not_found", "No such file"
 
 
+class FileInUse(ProblemError):
+    status, code, title = 409, "file_in_use", "A job that has not ended still reads this file"
+
+
 class ArtifactNotFound(ProblemError):
     status, code, title = 404, "artifact_not_found", "No such artifact"
+
+
+class CheckpointNotFound(ProblemError):
+    status, code, title = 404, "checkpoint_not_found", "No such checkpoint"
 
 
 class InvalidTransition(ProblemError):

@@ -13,15 +13,16 @@ from sqlalchemy.orm import Session
 from planner.spec import DatasetFormat
 from service.dataset_refs import upload_key
 from service.datasets import validate_dataset
-from service.errors import UploadTooLarge
+from service.errors import FileInUse, FileNotFound, InvalidCursor, UploadTooLarge
 from service.jobs import repository
-from service.jobs.service import new_id
+from service.jobs.service import ID_PATTERN, new_id
 from service.models import UploadedFile
 from service.settings import Settings
 from service.storage import job_storage
 from service.tenancy.keys import Caller
 
 CHUNK_BYTES = 1024 * 1024
+FILE_PURPOSE = "fine-tune"  # the one OpenAI purpose a fine-tuning service keeps files for
 
 
 def store_upload(settings: Settings, source: BinaryIO, filename: str,
@@ -60,3 +61,44 @@ def _copy_limited(source: BinaryIO, target: BinaryIO, limit_bytes: int) -> tuple
         digest.update(chunk)
         target.write(chunk)
     return size_bytes, digest.hexdigest()
+
+
+def load_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
+    """The caller's file; another tenant's reads as missing, exactly like one that never existed."""
+    uploaded = repository.get_file(session, file_id, caller.tenant_scope) if ID_PATTERN.fullmatch(file_id) else None
+    if uploaded is None:
+        raise FileNotFound(f"no file {file_id!r}")
+    return uploaded
+
+
+def list_files(session: Session, limit: int, after: str | None, newest_first: bool, purpose: str | None,
+               caller: Caller) -> tuple[list[UploadedFile], bool]:
+    """A page of the caller's files, continuing after the file `after`; and whether more follow. Every file is
+    a fine-tune file: another `purpose` lists none."""
+    if purpose not in (None, FILE_PURPOSE):
+        return [], False
+    anchor = None
+    if after is not None:
+        anchor = repository.get_file(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
+        if anchor is None:
+            raise InvalidCursor(f"no file {after!r} to continue after")
+    files = repository.list_files(session, caller.tenant_scope, limit=limit + 1, after=anchor,
+                                  newest_first=newest_first)
+    return files[:limit], len(files) > limit
+
+
+def delete_file(session: Session, settings: Settings, file_id: str, caller: Caller) -> str:
+    """Forget the file; its bytes leave storage after the commit (remove_stored): removed before, a failed
+    commit would leave a row whose content is gone. A job that has not ended still reads it, so that refuses."""
+    uploaded = load_file(session, file_id, caller)
+    if repository.file_in_active_job(session, job_storage(settings).url_of(upload_key(uploaded.id))):
+        raise FileInUse(f"file {file_id} is a dataset of a job that has not ended")
+    repository.delete_file(session, uploaded)
+    return uploaded.id
+
+
+def remove_stored(settings: Settings, file_id: str) -> None:
+    storage = job_storage(settings)
+    key = upload_key(file_id)
+    if storage.exists(key):
+        storage.delete_tree(key)

@@ -73,6 +73,7 @@ class Job(Base):
     plan: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     base_model_path: Mapped[str] = mapped_column(Text)
     dataset_url: Mapped[str] = mapped_column(Text)  # a local path or s3:// URL (service/storage.py)
+    validation_dataset_url: Mapped[str | None] = mapped_column(Text)  # spec.validation_dataset's, if it has one
     predicted_peak_bytes: Mapped[int] = mapped_column(BigInteger)
     measured_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
@@ -122,6 +123,8 @@ class JobCheckpoint(Base):
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     storage_key: Mapped[str] = mapped_column(Text)
+    # step, epoch, tokens_seen, train_loss (worker/training/checkpoint.py); null for checkpoints written before
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

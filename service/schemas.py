@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
 from sqlalchemy import Row
 
-from service.models import Job, JobAttempt, JobEvent, UploadedFile
+from planner import Plan
+from planner.spec import DatasetFormat, JobSpec
+from service.jobs.states import JobStatus
+from service.models import Job, JobAttempt, JobCheckpoint, JobEvent, UploadedFile
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -19,6 +23,50 @@ def _as_utc(value: datetime) -> datetime:
 # Checked when a response is built, on the time fields alone: a serializer on every field ("*") would run
 # Python code for each field of each response, the spec and plan included.
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class StoredAs:
+    """A JSON document that `model` wrote (`model_dump(mode="json")`) when it was stored, declared in OpenAPI as
+    `model`. It is served as stored, neither validated nor rebuilt: it was validated once, when it was written.
+    Validating it again would cost every status poll (about 15 µs for a JobSpec), and a spec stored by an older
+    release would then have to pass today's validators to be read at all."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+        self.model_schema: core_schema.CoreSchema | None = None
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        self.model_schema = handler.generate_schema(self.model)
+        # The model's schema rides along as the serializer's, so its definitions stay in the tree for OpenAPI;
+        # the serializer itself hands the dict on as it is.
+        return core_schema.dict_schema(serialization=core_schema.wrap_serializer_function_ser_schema(
+            lambda value, _next: value, schema=self.model_schema))
+
+    def __get_pydantic_json_schema__(self, _schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        # Through the generator itself rather than `handler`, which inlines the model: with it, the model is one
+        # component that this field refers to, as a field of the model type would.
+        return handler.generate_json_schema.generate_inner(self.model_schema)
+
+
+class Progress(BaseModel):
+    """What a worker stores as a running job's progress: worker/training/recipe.py `Progress` and the training
+    process's resident memory (worker/job_process.py). tests/worker/test_progress_contract.py holds them equal."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(description="Optimizer steps completed")
+    total_steps: int
+    epoch: float = Field(description="Fractional epochs consumed")
+    loss: float = Field(description="Mean per-token loss over the steps since the previous report")
+    learning_rate: float = Field(description="The learning rate this step used")
+    tokens_per_second: float = Field(description="Non-padding tokens per second of training so far")
+    eta_seconds: float | None
+    memory_allocated_bytes: int | None = Field(description="torch's allocated GPU memory; null on the CPU")
+    memory_reserved_bytes: int | None = Field(description="torch's reserved GPU memory; null on the CPU")
+    memory_peak_bytes: int | None = Field(description="Peak reserved GPU memory since the job started")
+    eval_loss: float | None = Field(None, description="Per-token loss on the held-out validation examples")
+    process_resident_bytes: int | None = Field(None, description="The training process's resident memory (Linux)")
+    process_peak_resident_bytes: int | None = Field(None, description="Its peak resident memory (Linux)")
 
 
 class JobError(BaseModel):
@@ -51,17 +99,18 @@ class AttemptOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: str
+    status: JobStatus
     tenant_id: str
     created_by_key_id: str | None = Field(description="The API key that submitted the job")
     cancelled_by_key_id: str | None = Field(description="The API key that cancelled it, if one did")
-    spec: dict[str, Any]
-    progress: dict[str, Any] | None = Field(
-        description="step, total_steps, loss, learning_rate, tokens_per_second, eta_seconds, memory figures")
+    spec: Annotated[dict[str, Any], StoredAs(JobSpec)] = Field(
+        description="The spec as accepted, micro_batch_size resolved")
+    progress: Annotated[dict[str, Any], StoredAs(Progress)] | None = Field(
+        description="The latest progress report; null until the first one")
     predicted_peak_bytes: int
     measured_peak_bytes: int | None
     peak_error_ratio: float | None = Field(description="measured / predicted peak, once measured on a GPU")
-    plan: dict[str, Any]
+    plan: Annotated[dict[str, Any], StoredAs(Plan)] = Field(description="The planner's prediction at submission")
     error: JobError | None
     artifacts: list[Artifact]
     attempts: list[AttemptOut]
@@ -107,20 +156,73 @@ class EventPage(BaseModel):
 
 
 class FileOut(BaseModel):
+    """An upload, in OpenAI's FileObject shape (id, object, bytes, created_at in unix seconds, filename, purpose,
+    status), which the OpenAI SDK reads, plus ftjobs' own fields."""
+
     id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int = Field(description="Unix seconds, as OpenAI gives it")
     filename: str
+    purpose: Literal["fine-tune"]
+    status: Literal["uploaded", "processed"] = Field(description="processed: every row was checked in a format")
     size_bytes: int
     sha256: str
     rows: int | None = None
-    created_at: UtcDatetime
-
-    validated_format: str | None = Field(None, description="The format every row was checked against, if any")
+    validated_format: DatasetFormat | None = Field(None, description="The format every row was checked against, if any")
 
     @classmethod
     def of(cls, uploaded: UploadedFile) -> FileOut:
-        return cls(id=uploaded.id, filename=uploaded.filename, size_bytes=uploaded.size_bytes,
-                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format,
-                   created_at=uploaded.created_at)
+        return cls(id=uploaded.id, bytes=uploaded.size_bytes, created_at=int(_as_utc(uploaded.created_at).timestamp()),
+                   filename=uploaded.filename, purpose="fine-tune",
+                   status="processed" if uploaded.validated_format else "uploaded", size_bytes=uploaded.size_bytes,
+                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format)
+
+
+class FilePage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut] = Field(description="Newest first")
+    has_more: bool = Field(description="Pass the last file's id as `after` for the next page")
+    next_cursor: str | None = Field(description="The same: the id to pass as `after`; null on the last page")
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class CheckpointMetrics(BaseModel):
+    step: int
+    epoch: float | None = Field(None, description="Epochs of data consumed at this step")
+    tokens_seen: int | None = None
+    train_loss: float | None = Field(None, description="The per-token loss of this optimizer step")
+
+
+class CheckpointOut(BaseModel):
+    step: int
+    attempt: int = Field(description="The attempt that saved it")
+    metrics: CheckpointMetrics
+    created_at: UtcDatetime
+    url: str = Field(description="The checkpoint as a tar: for lora/qlora a peft adapter (adapter_config.json, "
+                                 "adapter_model.safetensors); for full/freeze the trained parameters")
+
+    @classmethod
+    def of(cls, job_id: str, checkpoint: JobCheckpoint) -> CheckpointOut:
+        metrics = CheckpointMetrics.model_validate({"step": checkpoint.step, **(checkpoint.metrics or {})})
+        return cls(step=checkpoint.step, attempt=checkpoint.attempt, metrics=metrics,
+                   created_at=checkpoint.created_at, url=f"/v1/jobs/{job_id}/checkpoints/{checkpoint.step}/download")
+
+
+class CheckpointPage(BaseModel):
+    data: list[CheckpointOut] = Field(description="Newest step first: the job's kept checkpoints")
+
+
+class Readiness(BaseModel):
+    """/readyz: a probe's answer, the same body when ready (200) and when not (503)."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description="database, broker, storage: ok, or the error that failed it")
 
 
 class WebhookAttemptOut(BaseModel):

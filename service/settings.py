@@ -9,8 +9,14 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+ENV_FILE = ".env"
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+    # The environment first, then `.env` in the working directory (as docker compose and most tools read it);
+    # a name set in both is the environment's. The file's other names are ignored, as the environment's are.
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore", env_file=ENV_FILE,
+                                      env_file_encoding="utf-8")
 
     home: Path = Field(Path(".ftjobs"), description="Where the embedded database, broker, uploads and artifacts live")
     # DATABASE_URL and REDIS_URL are honoured unprefixed too, as docker-compose and most PaaS set them.
@@ -41,6 +47,7 @@ class Settings(BaseSettings):
     # Queued + running + cancelling jobs per tenant, unless its own limit is set (`ftjobs keys create`).
     max_active_jobs_per_tenant: int = Field(10, ge=1)
     api_key: str | None = Field(None, description="The key the CLI sends; else FTJOBS_HOME/api-key")
+    url: str | None = Field(None, description="The API the CLI talks to; else http://{api_host}:{api_port}")
     # Origins allowed to call the API from a browser, comma-separated; empty: no CORS headers at all.
     cors_origins: str = ""
     queue_name: str = "training"

@@ -1,4 +1,5 @@
-"""Imports flow one way: planner ← service ← worker. Only the worker's training code imports torch."""
+"""Imports flow one way: planner ← service ← worker. Only the worker's training code imports torch. The client
+(ftjobs.client) imports none of them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def modules_loaded_by(statement: str) -> set[str]:
                                                        "service", "worker"}),
     ("import service.app, service.jobs.service, service.queue", {"torch", "transformers", "peft", "worker"}),
     ("import worker.celery_app, worker.tasks", {"torch", "transformers", "peft"}),
+    # The client is what an app may vendor: httpx and pydantic, nothing of the server.
+    ("import ftjobs.client", {"service", "worker", "planner", "torch", "fastapi", "sqlalchemy", "celery"}),
 ])
 def test_import_direction(statement, forbidden):
     assert modules_loaded_by(statement).isdisjoint(forbidden)

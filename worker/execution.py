@@ -13,6 +13,7 @@ Plain code with no Celery in it: the task in worker/tasks.py is a two-line adapt
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.spec import CHECKPOINT_METRICS_FILE
 from service.db import in_transaction, transaction
 from service.errors import StorageUnavailable
 from service.jobs import attempts, repository
@@ -44,6 +46,7 @@ class ClaimedJob:
     spec: dict[str, Any]
     base_model_dir: str
     dataset_url: str
+    validation_dataset_url: str | None
     predicted_peak_bytes: int
     resume_key: str | None  # the newest complete checkpoint in storage, if any
     resume_step: int | None
@@ -60,7 +63,8 @@ def claim(job_id: str, hostname: str, settings: Settings) -> ClaimedJob | None:
             return None
         job = repository.get_job(session, job_id)
         latest = attempts.latest_checkpoint(session, job_id)
-        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.predicted_peak_bytes,
+        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.validation_dataset_url,
+                          job.predicted_peak_bytes,
                           latest.storage_key if latest else None, latest.step if latest else None, deadline)
 
     return in_transaction(work)
@@ -102,7 +106,7 @@ class AttemptRunner:
 
     def _train(self) -> dict[str, Any]:
         try:
-            dataset = self._stage()
+            dataset, validation = self._stage()
         except (StorageUnavailable, FileNotFoundError) as exc:
             return {"type": "error", "code": "staging_failed", "retryable": True,
                     "message": f"could not stage the job's files: {exc}"}
@@ -110,7 +114,8 @@ class AttemptRunner:
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(target=job_process_main, name=f"ftjobs-{self.fence.job_id}", daemon=False,
                                   args=(self.job.spec, self.job.base_model_dir, str(dataset), str(self.output_dir),
-                                        child_end, self.job.lease_deadline))
+                                        child_end, self.job.lease_deadline,
+                                        str(validation) if validation else None))
         process.start()
         child_end.close()
         link = ChildLink(parent_end)
@@ -129,13 +134,16 @@ class AttemptRunner:
             outcome["message"] = f"the training process exited with code {process.exitcode} without a result"
         return outcome
 
-    def _stage(self) -> Path:
-        """The dataset and the checkpoint to resume from, on this machine's disk."""
+    def _stage(self) -> tuple[Path, Path | None]:
+        """The dataset, the validation dataset if any, and the checkpoint to resume from, on this machine's disk."""
         if self.job.resume_key:
             target = self.output_dir / "checkpoints" / f"step-{self.job.resume_step:06d}"
             self.storage.get_tree(self.job.resume_key, target)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", self.settings.s3_endpoint_url)
+        endpoint = self.settings.s3_endpoint_url
+        validation = (local_copy(self.job.validation_dataset_url, self.workdir / "validation.jsonl", endpoint)
+                      if self.job.validation_dataset_url else None)
+        return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", endpoint), validation
 
     def _relay(self, process, link: ChildLink) -> dict[str, Any]:
         next_status_check, drain_deadline = 0.0, None
@@ -191,9 +199,11 @@ class AttemptRunner:
             return False
         self.storage.put_tree(local_dir, key)
         keep = self.job.spec["training"]["keep_checkpoints"]
+        metrics_file = local_dir / CHECKPOINT_METRICS_FILE
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
 
         def record(session) -> list[str] | None:
-            if not attempts.record_checkpoint(session, self.fence, step, key):
+            if not attempts.record_checkpoint(session, self.fence, step, key, metrics):
                 return None
             dropped = [c.storage_key for c in attempts.checkpoints_of(session, self.fence.job_id)[keep:]]
             attempts.forget_checkpoints(session, self.fence.job_id, dropped)
@@ -234,13 +244,9 @@ class AttemptRunner:
         for name in outcome["artifacts"]:
             self.storage.put_file(self.output_dir / name, f"{prefix}/{name}")
             artifacts.append({"name": name, "size_bytes": (self.output_dir / name).stat().st_size})
-        status = self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
-                              measured_peak_bytes=outcome.get("measured_peak_bytes"))
-        if status is not None:  # nothing is left to resume: the checkpoints are not artifacts
-            keys = in_transaction(lambda s: _forget_all_checkpoints(s, self.fence.job_id))
-            for key in keys:
-                self.storage.delete_tree(key)
-        return status
+        # The checkpoints stay, already pruned to keep_checkpoints: they are listed and downloadable after success.
+        return self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
+                            measured_peak_bytes=outcome.get("measured_peak_bytes"))
 
     def _finish(self, to: JobStatus, outcome: str, **fields: Any) -> JobStatus | None:
         if not in_transaction(lambda s: attempts.finish(s, self.fence, to, outcome, **fields)):
@@ -301,12 +307,6 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
-
-
-def _forget_all_checkpoints(session, job_id: str) -> list[str]:
-    keys = [checkpoint.storage_key for checkpoint in attempts.checkpoints_of(session, job_id)]
-    attempts.forget_checkpoints(session, job_id, keys)
-    return keys
 
 
 def _enqueue_or_leave_to_reconciler(job_id: str, settings: Settings) -> None:

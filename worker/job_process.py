@@ -68,7 +68,7 @@ class ParentLink:
 
 
 def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str,
-                     conn: Connection, lease_deadline: float) -> None:
+                     conn: Connection, lease_deadline: float, validation_path: str | None = None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Must be set before torch initialises CUDA: expandable segments cut fragmentation for varying shapes.
@@ -82,20 +82,22 @@ def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, ou
     transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
     link = ParentLink(conn, lease_deadline)
     try:
-        result = _train(spec_json, base_model_dir, dataset_path, output_dir, link)
+        result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
         conn.send({"type": "error", **_describe(exc)})
         raise
     conn.send({"type": "result", **result})
 
 
-def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str, link: ParentLink) -> dict:
+def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str, link: ParentLink,
+           validation_path: str | None) -> dict:
     from planner.spec import JobSpec
     from worker.gpus import process_used_bytes
     from worker.training.recipe import train
 
     result = train(JobSpec.model_validate(spec_json), base_model_dir=Path(base_model_dir),
                    dataset_path=Path(dataset_path), output_dir=Path(output_dir),
+                   validation_path=Path(validation_path) if validation_path else None,
                    on_progress=lambda p: link.send({"type": "progress", **dataclasses.asdict(p),
                                                     **_resident_memory()}),
                    should_stop=link.should_stop, should_drain=link.should_drain,

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import DatabaseDep, SettingsDep
 from service.db import Database
 from service.migrate import pending_migrations
+from service.schemas import Readiness
 from service.settings import Settings
 from service.storage import job_storage
 
@@ -20,7 +21,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={200: {"description": "ready"}, 503: {"description": "not ready; checks says why"}})
+@router.get("/readyz", response_model=Readiness,
+            responses={200: {"description": "ready"},
+                       503: {"model": Readiness, "description": "not ready; checks says why"}})
 async def readyz(database: DatabaseDep, settings: SettingsDep) -> JSONResponse:
     checks = await anyio.to_thread.run_sync(_readiness, database, settings)
     ready = all(result == "ok" for result in checks.values())

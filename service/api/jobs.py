@@ -1,12 +1,13 @@
-"""/v1/jobs: submit, read, list, cancel, events and artifacts, each within the caller's tenant."""
+"""/v1/jobs: submit, read, list, cancel, events and artifacts (one by one or as a tar), each within the caller's
+tenant."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import operator
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
@@ -17,6 +18,7 @@ from planner.spec import JobSpec
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
 from service.api.streams import EVENT_STREAM, event_stream, wants_stream
+from service.archives import archive_bytes, archive_chunks, artifact_members
 from service.errors import ArtifactNotFound
 from service.jobs import service
 from service.jobs.states import JobStatus
@@ -40,9 +42,16 @@ _JOB_LINKS = _job_links("$response.body#/id")
 
 
 async def submit_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep) -> JobOut:
+    return await accept_job(spec, db, settings, then=JobOut.of, answers=201)
+
+
+async def accept_job(spec: JobSpec, db: AuthenticatedDbDep, settings: SettingsDep, *,
+                     then: Callable[[Job], Any], answers: int) -> Any:
+    """Submit and send: every route that creates a job (this one, the OpenAI one) comes here; `then` shapes the
+    job for its route's response, which the route answers with status `answers`."""
     # The row is the truth: once its transaction has committed, the job is accepted whatever happens to the send.
-    # answers=201: with an Idempotency-Key, the answer commits with the job (service/idempotency/layer.py).
-    job = await db.write(service.submit_job, settings, spec, then=JobOut.of, answers=201)
+    # With an Idempotency-Key, `answers` is recorded with the job, in its transaction (service/idempotency/layer.py).
+    job = await db.write(service.submit_job, settings, spec, then=then, answers=answers)
     try:
         await anyio.to_thread.run_sync(enqueue_job, job.id, settings)
     except Exception as exc:  # the broker is down: the reconciler sends the message once the grace period is over
@@ -108,6 +117,27 @@ async def list_events(request: Request, job_id: str, db: CallerDbDep, settings: 
 
 def _event_page(after: int, events: list[Row]) -> EventPage:
     return EventPage(data=[EventOut.of(e) for e in events], next_cursor=events[-1].seq if events else after)
+
+
+@router.get("/{job_id}/artifacts.tar", response_class=StreamingResponse, operation_id="download_artifacts",
+            responses={200: {"description": "every artifact of the job, by its name, in one tar archive",
+                             "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       **problems(404)})
+async def download_artifacts(job_id: str, db: CallerDbDep, settings: SettingsDep) -> Response:
+    job_id, names = await db.read(service.get_artifacts_job, job_id, then=_id_and_artifact_names)
+    return await anyio.to_thread.run_sync(_archive_response, job_id, names, settings)
+
+
+def _id_and_artifact_names(job: Job) -> tuple[str, list[str]]:
+    return job.id, [artifact["name"] for artifact in job.artifacts]
+
+
+def _archive_response(job_id: str, names: list[str], settings: Settings) -> Response:
+    storage = job_storage(settings)
+    members = artifact_members(storage, job_id, names)
+    return StreamingResponse(archive_chunks(storage, members), media_type="application/x-tar",
+                             headers={"Content-Length": str(archive_bytes(members)),
+                                      "Content-Disposition": f'attachment; filename="{job_id}-artifacts.tar"'})
 
 
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse, operation_id="download_artifact",

@@ -22,7 +22,7 @@ _DESCRIPTIONS = {
     500: "an unexpected error",
     503: "database_unavailable or storage_unavailable: a passing state (see Retry-After); the request did not commit",
 }
-_HEADERS = {
+HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
     429: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds until the key may call again"}},
     503: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds until a retry is worth it"}},
@@ -44,7 +44,7 @@ class Problem(BaseModel):
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for these statuses, each a problem+json body."""
     return {status: {"description": _DESCRIPTIONS[status], "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
-                     **({"headers": _HEADERS[status]} if status in _HEADERS else {})} for status in statuses}
+                     **({"headers": HEADERS[status]} if status in HEADERS else {})} for status in statuses}
 
 
 # Every authenticated route: an unparsable request, a missing or bad key, an invalid parameter, the rate limit,

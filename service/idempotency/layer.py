@@ -26,14 +26,15 @@ refused here, as they would be while streaming into the route.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
+from starlette.responses import Response
 
 from service.db import Database
 from service.errors import (BodyTooLarge, IdempotencyKeyInUse, IdempotencyKeyReused, InvalidIdempotencyKey,
@@ -66,7 +67,7 @@ class Claim:
     def record(self, session: Session, status_code: int, answer) -> None:
         """Record `answer` (a pydantic model, the route's response body) in the caller's transaction; refused,
         and the transaction with it, if a retry took the key over while this request stalled."""
-        body = answer.model_dump_json().encode()
+        body = answer.model_dump_json(by_alias=True).encode()  # as FastAPI serializes a response_model
         if not repository.complete(session, self.tenant_id, self.key, self.token, status_code, "application/json",
                                    body):
             raise IdempotencyKeyInUse("this request outlived its hold on the Idempotency-Key; a retry holds it")
@@ -78,8 +79,11 @@ def claim_of(scope) -> Claim | None:
 
 
 class IdempotencyLayer:
-    def __init__(self, app, settings: Settings, *, upload_limit_bytes: int, json_limit_bytes: int) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings: Settings, *, upload_limit_bytes: int, json_limit_bytes: int,
+                 render_error: Callable[[ProblemError, str, dict | None], Response]) -> None:
+        # render_error: the app's own (service/app.py error_response), so a refusal here has the body any error
+        # on that route has: problem+json, or OpenAI's envelope on the OpenAI routes.
+        self.app, self.settings, self.render_error = app, settings, render_error
         self.upload_limit, self.json_limit = upload_limit_bytes, json_limit_bytes
 
     async def __call__(self, scope, receive, send):
@@ -93,14 +97,14 @@ class IdempotencyLayer:
             key_text = _valid_key(key)
             key_sha256 = presented_key_sha256(authorization.decode("latin-1"))
         except InvalidIdempotencyKey as error:
-            return await _problem(error, scope, send)
+            return await self._problem(error, scope, receive, send)
         except Unauthenticated:
             return await self.app(scope, receive, send)
         with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as body:
             try:
                 digest = await self._spool(scope, receive, body, headers.get(b"content-type", b""))
             except ProblemError as error:
-                return await _problem(error, scope, send)
+                return await self._problem(error, scope, receive, send)
             if digest is None:
                 return  # the client hung up before its body was sent
             await self._claimed(scope, receive, send, body, key_sha256, key_text, digest)
@@ -114,9 +118,9 @@ class IdempotencyLayer:
         except Unauthenticated:  # an unknown or revoked key: the route says so, as it would without the header
             return await self.app(scope, _replay_body(body, receive), send)
         except ProblemError as error:
-            return await _problem(error, scope, send)
+            return await self._problem(error, scope, receive, send)
         if held is not None:
-            return await _answer_again(held, fingerprint, scope, send)
+            return await self._answer_again(held, fingerprint, scope, receive, send)
         claim = Claim(tenant_id, key, token)
         scope.setdefault("state", {})["idempotency"] = claim
         answer = _Recorder(send)
@@ -171,6 +175,24 @@ class IdempotencyLayer:
             if not message.get("more_body", False):
                 return neutral.hexdigest()
 
+
+    async def _answer_again(self, held: IdempotencyKey, fingerprint: str, scope, receive, send) -> None:
+        if held.fingerprint != fingerprint:
+            return await self._problem(IdempotencyKeyReused(
+                "this Idempotency-Key was first sent with another request (method, path or body); use a new key"),
+                scope, receive, send)
+        if held.status_code is None:
+            return await self._problem(IdempotencyKeyInUse(
+                "the first request with this Idempotency-Key is still running; retry to get its answer"),
+                scope, receive, send)
+        headers = [(b"content-length", str(len(held.response_body)).encode()), (b"idempotent-replayed", b"true")]
+        if held.content_type:
+            headers.append((b"content-type", held.content_type.encode("latin-1")))
+        await send({"type": "http.response.start", "status": held.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": held.response_body})
+
+    async def _problem(self, error: ProblemError, scope, receive, send) -> None:
+        await self.render_error(error, scope["path"], error.headers)(scope, receive, send)
 
 def _valid_key(raw: bytes) -> str:
     """Printable ASCII, 1 to 255 characters (a UUID is what clients send)."""
@@ -241,29 +263,6 @@ class _Recorder:
                 and not self.overflowed)
 
 
-async def _answer_again(held: IdempotencyKey, fingerprint: str, scope, send) -> None:
-    if held.fingerprint != fingerprint:
-        error: ProblemError = IdempotencyKeyReused(
-            "this Idempotency-Key was first sent with another request (method, path or body); use a new key")
-        return await _problem(error, scope, send)
-    if held.status_code is None:
-        return await _problem(IdempotencyKeyInUse("the first request with this Idempotency-Key is still running; "
-                                                  "retry to get its answer"), scope, send)
-    headers = [(b"content-length", str(len(held.response_body)).encode()), (b"idempotent-replayed", b"true")]
-    if held.content_type:
-        headers.append((b"content-type", held.content_type.encode("latin-1")))
-    await send({"type": "http.response.start", "status": held.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": held.response_body})
-
-
-async def _problem(error: ProblemError, scope, send) -> None:
-    body = json.dumps(error.to_problem(instance=scope["path"]), ensure_ascii=True, separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
-               *((name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 _HEADER_DOC = {"name": "Idempotency-Key", "in": "header", "required": False,
                "description": "Send the same key again (for 24 h) to get this request's first answer instead of a "
                               "second run; another request with the same key is a 422 idempotency_key_reused",
@@ -271,12 +270,16 @@ _HEADER_DOC = {"name": "Idempotency-Key", "in": "header", "required": False,
 
 
 def declare_in_openapi(schema: dict, problem_ref: dict) -> None:
-    """The header on every POST of the document, with the 409 it may answer: the layer serves them all."""
+    """The header on every POST of the document, with the 409 it may answer: the layer serves them all. The 409
+    has the body the route's other errors have (its 422's: problem+json, or OpenAI's envelope on its routes),
+    since the layer renders its refusals with the app's own error renderer."""
     for operations in schema.get("paths", {}).values():
         post = operations.get("post")
         if post is None:
             continue
         post.setdefault("parameters", []).append(_HEADER_DOC)
+        content = post["responses"].get("422", {}).get("content") or {"application/problem+json": {
+            "schema": problem_ref}}
         post["responses"].setdefault("409", {
             "description": "idempotency_key_in_use: the first request with this Idempotency-Key is still running",
-            "content": {"application/problem+json": {"schema": problem_ref}}})
+            "content": content})

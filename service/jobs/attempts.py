@@ -170,12 +170,14 @@ def running_on(session: Session, hostname: str) -> list[Fence]:
 
 # --- checkpoints --------------------------------------------------------------------------------------------
 
-def record_checkpoint(session: Session, fence: Fence, step: int, storage_key: str) -> bool:
+def record_checkpoint(session: Session, fence: Fence, step: int, storage_key: str,
+                      metrics: dict[str, Any] | None = None) -> bool:
     if not hold(session, fence):
         return False
-    session.add(JobCheckpoint(job_id=fence.job_id, attempt=fence.number, step=step, storage_key=storage_key))
+    session.add(JobCheckpoint(job_id=fence.job_id, attempt=fence.number, step=step, storage_key=storage_key,
+                              metrics=metrics))
     repository.add_event(session, fence.job_id, "checkpoint", {"step": step, "path": storage_key,
-                                                               "attempt": fence.number})
+                                                               "attempt": fence.number, "metrics": metrics})
     return True
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Integer, Row, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, Integer, Row, bindparam, delete, exists, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
@@ -45,6 +45,13 @@ _EVENTS_PAGE = (select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.crea
                 .where(tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), bindparam("after_seq")),
                        tuple_(EVENTS.c.job_id, EVENTS.c.seq) <= tuple_(bindparam("job_id"), SEQ_MAX))
                 .order_by(EVENTS.c.job_id, EVENTS.c.seq).limit(bindparam("limit", type_=Integer)))
+
+# The same range of the index walked backwards.
+_EVENTS_PAGE_DESC = (
+    select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.created_at)
+    .where(tuple_(EVENTS.c.job_id, EVENTS.c.seq) < tuple_(bindparam("job_id"), bindparam("before_seq")),
+           tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), 0))
+    .order_by(EVENTS.c.job_id.desc(), EVENTS.c.seq.desc()).limit(bindparam("limit", type_=Integer)))
 
 
 class AttemptRow(NamedTuple):
@@ -88,9 +95,13 @@ def read_job(connection: Connection, job_id: str, tenant_id: str | None = None
 
 
 def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None,
-              tenant_id: str | None = None, tenant_name: str | None = None) -> list[Job]:
-    """Newest first; `before_seq` continues a page; `tenant_id`/`tenant_name` narrow it to one tenant."""
+              tenant_id: str | None = None, tenant_name: str | None = None,
+              metadata: dict[str, str] | None = None) -> list[Job]:
+    """Newest first; `before_seq` continues a page; `tenant_id`/`tenant_name` narrow it to one tenant;
+    `metadata`, to jobs whose spec.metadata has each of these values."""
     query = select(Job).order_by(Job.seq.desc()).limit(limit)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.spec["metadata"][key].as_string() == value)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     if tenant_name is not None:
@@ -167,6 +178,11 @@ def job_status(connection: Connection, job_id: str, tenant_id: str | None = None
     return connection.execute(_JOB_STATUS_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).scalar()
 
 
+def list_events_newest_first(connection: Connection, job_id: str, *, before_seq: int, limit: int) -> list[Row]:
+    """Rows of (seq, kind, data, created_at), newest first, before `before_seq`: the OpenAI events order."""
+    return connection.execute(_EVENTS_PAGE_DESC, {"job_id": job_id, "before_seq": before_seq, "limit": limit}).all()
+
+
 def list_events(connection: Connection, job_id: str, *, after_seq: int, limit: int) -> list[Row]:
     """Rows of (seq, kind, data, created_at), oldest first, after `after_seq`."""
     return connection.execute(_EVENTS_PAGE, {"job_id": job_id, "after_seq": after_seq, "limit": limit}).all()
@@ -191,6 +207,34 @@ def get_file(session: Session, file_id: str, tenant_id: str | None = None) -> Up
     if tenant_id is not None:
         query = query.where(UploadedFile.tenant_id == tenant_id)
     return session.scalar(query)
+
+
+def list_files(session: Session, tenant_id: str | None, *, limit: int, after: UploadedFile | None,
+               newest_first: bool) -> list[UploadedFile]:
+    """A page of files in (created_at, id) order, continuing after `after`; `tenant_id` None: every tenant's."""
+    key = tuple_(UploadedFile.created_at, UploadedFile.id)
+    query = select(UploadedFile).limit(limit)
+    query = query.order_by(*(column.desc() if newest_first else column
+                             for column in (UploadedFile.created_at, UploadedFile.id)))
+    if tenant_id is not None:
+        query = query.where(UploadedFile.tenant_id == tenant_id)
+    if after is not None:
+        bound = tuple_(after.created_at, after.id)
+        query = query.where(key < bound if newest_first else key > bound)
+    return list(session.scalars(query))
+
+
+def delete_file(session: Session, uploaded: UploadedFile) -> None:
+    session.delete(uploaded)
+    session.flush()
+
+
+def file_in_active_job(session: Session, dataset_url: str) -> bool:
+    """Whether a job that has not ended still reads this dataset, to train or to validate on (its worker would
+    find it gone)."""
+    active = [status.value for status in JobStatus if not status.is_terminal]
+    reads_it = or_(Job.dataset_url == dataset_url, Job.validation_dataset_url == dataset_url)
+    return session.scalar(select(exists().where(reads_it, Job.status.in_(active))))
 
 
 def record_file_validation(session: Session, file_id: str, dataset_format: str, rows: int) -> None:

@@ -43,10 +43,13 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
     model_dir = resolve_base_model_dir(spec.base_model, settings.model_root_dirs)
     dataset_url = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
+    validation_url = (resolve_dataset(session, settings, spec.validation_dataset, caller.tenant_id,
+                                      spec.dataset_format) if spec.validation_dataset else None)
     _check_quota(session, settings, caller.tenant_id)
     resolved = _with_resolved_micro_batch(spec, job_plan)
     job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
               plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
+              validation_dataset_url=validation_url,
               predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow(),
               tenant_id=caller.tenant_id, created_by_key_id=caller.key_id)
     return repository.add_job(session, job)
@@ -99,6 +102,11 @@ def load_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job
     return job
 
 
+def get_job(session: Session, job_id: str, caller: Caller) -> Job:
+    """The caller's job as an entity, for the responses that need more of it than a status poll."""
+    return load_job(session, job_id, caller.tenant_scope)
+
+
 def read_job(connection: Connection, job_id: str, caller: Caller) -> tuple[Row, list[Row]]:
     """The job's row and its attempts', for reading only: what every status poll asks for."""
     found = repository.read_job(connection, job_id, caller.tenant_scope) if ID_PATTERN.fullmatch(job_id) else None
@@ -108,9 +116,9 @@ def read_job(connection: Connection, job_id: str, caller: Caller) -> tuple[Row, 
 
 
 def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str | None, tenant_name: str | None,
-              caller: Caller) -> tuple[list[Job], bool]:
+              caller: Caller, metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
     """A page of the caller's jobs, newest first, continuing after the job `after`; and whether more follow.
-    `tenant_name` narrows an admin's list to one tenant."""
+    `tenant_name` narrows an admin's list to one tenant; `metadata`, to jobs carrying these metadata values."""
     before_seq = None
     if after is not None:
         anchor = repository.get_job(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
@@ -118,7 +126,8 @@ def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str
             raise InvalidCursor(f"no job {after!r} to continue after")
         before_seq = anchor.seq
     jobs = repository.list_jobs(session, status=status, limit=limit + 1, before_seq=before_seq,
-                                tenant_id=caller.tenant_scope, tenant_name=tenant_name if caller.admin else None)
+                                tenant_id=caller.tenant_scope, tenant_name=tenant_name if caller.admin else None,
+                                metadata=metadata)
     return jobs[:limit], len(jobs) > limit
 
 
@@ -140,12 +149,28 @@ def events_since(connection: Connection, job_id: str, after_seq: int, limit: int
     return events, JobStatus(status).is_terminal and len(events) < limit
 
 
+def list_events_newest_first(connection: Connection, job_id: str, before_seq: int, limit: int,
+                             caller: Caller) -> list[Row]:
+    """A page of the job's events, newest first, older than `before_seq`: the OpenAI API's order."""
+    if not (ID_PATTERN.fullmatch(job_id) and repository.job_exists(connection, job_id, caller.tenant_scope)):
+        raise JobNotFound(f"no job {job_id!r}")
+    return repository.list_events_newest_first(connection, job_id, before_seq=before_seq, limit=limit)
+
+
 def get_artifact_job(session: Session, job_id: str, name: str, caller: Caller) -> Job:
     """The job, if it recorded an artifact by this name: only names the worker recorded are ever served, so no
     path from a URL reaches storage unchecked."""
     job = load_job(session, job_id, caller.tenant_scope)
     if name not in {artifact["name"] for artifact in job.artifacts or []}:
         raise ArtifactNotFound(f"job {job.id} has no artifact {name!r}")
+    return job
+
+
+def get_artifacts_job(session: Session, job_id: str, caller: Caller) -> Job:
+    """The job, if it recorded any artifact (only a succeeded job does)."""
+    job = load_job(session, job_id, caller.tenant_scope)
+    if not job.artifacts:
+        raise ArtifactNotFound(f"job {job.id} has no artifacts (it is {job.status})")
     return job
 
 

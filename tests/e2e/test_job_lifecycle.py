@@ -38,6 +38,10 @@ def test_job_trains_to_success_and_serves_its_adapter(api, worker, tiny_model, i
     job = wait_for_status(job["id"], {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job["error"]
     assert job["progress"]["step"] == job["progress"]["total_steps"] == 3
+    # What a real worker stored is the Progress the API declares, no field more or less (extra is forbidden)
+    from service.schemas import Progress
+
+    assert Progress.model_validate(job["progress"]).model_dump(exclude_unset=True) == job["progress"]
     assert job["started_at"] and job["finished_at"] and job["error"] is None
 
     names = {artifact["name"] for artifact in job["artifacts"]}

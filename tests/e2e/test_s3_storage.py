@@ -4,9 +4,11 @@ resumed attempt starts from, the adapter) must have gone through the S3 endpoint
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import tarfile
 
 import boto3
 import pytest
@@ -49,6 +51,11 @@ def test_upload_train_resume_and_download_through_s3(s3_stack, tiny_model, s3_en
     adapter = api.get(f"/v1/jobs/{job_id}/artifacts/adapter/adapter_model.safetensors")
     assert adapter.status_code == 200
     assert any("lora_B" in name and (tensor.abs() > 0).any() for name, tensor in load(adapter.content).items())
+    archive = api.get(f"/v1/jobs/{job_id}/artifacts.tar")  # streamed from the bucket, file by file
+    assert archive.status_code == 200, archive.text
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        assert set(tar.getnames()) == {artifact["name"] for artifact in job["artifacts"]}
+        assert tar.extractfile("adapter/adapter_model.safetensors").read() == adapter.content
     bucket, prefix = storage_url.removeprefix("s3://").split("/", 1)
     keys = {item["Key"] for item in boto3.client("s3", endpoint_url=s3_endpoint)
             .list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}

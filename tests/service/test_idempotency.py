@@ -190,3 +190,12 @@ def test_a_replay_carries_cors_headers_for_a_browser(settings, keys):
     assert replayed.headers["idempotent-replayed"] == "true"
     assert replayed.headers["access-control-allow-origin"] == "https://app.example"
     assert "idempotent-replayed" in replayed.headers["access-control-expose-headers"].lower()
+
+
+def test_on_the_openai_routes_a_refusal_is_in_openais_envelope(client, keys):
+    alpha, key = keys["alpha"], str(uuid.uuid4())
+    first = {"model": "no-such-model", "training_file": "file-none"}
+    client.post("/v1/fine_tuning/jobs", json=first, headers=headers(alpha, key))
+    reused = client.post("/v1/fine_tuning/jobs", json={**first, "seed": 7}, headers=headers(alpha, key))
+    assert reused.status_code == 422 and reused.headers["content-type"] == "application/json"
+    assert reused.json()["error"]["code"] == "idempotency_key_reused" and reused.json()["error"]["message"]

@@ -68,12 +68,30 @@ def problem(response, status: int, code: str) -> dict:
 
 def job_routes(job_id: str) -> list[tuple[str, str]]:
     return [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
-            ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json")]
+            ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json"),
+            ("GET", f"/v1/jobs/{job_id}/artifacts.tar"), ("GET", f"/v1/jobs/{job_id}/checkpoints")]
+
+
+
+def openai_job_routes(job_id: str) -> list[tuple[str, str]]:
+    return [("GET", f"/v1/fine_tuning/jobs/{job_id}"), ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
+            ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"), ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")]
+
+
+def openai_error(response, status: int, code: str) -> dict:
+    """OpenAI's envelope, which its SDK reads the message from."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    return error
 
 
 def test_every_v1_route_needs_a_valid_key(client, alpha_job):
     routes = [*job_routes(alpha_job), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("POST", "/v1/plans"),
-              ("POST", "/v1/files")]
+              ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/file_" + "0" * 24),
+              ("DELETE", "/v1/files/file_" + "0" * 24), ("GET", "/v1/files/file_" + "0" * 24 + "/content"),
+              ("GET", f"/v1/jobs/{alpha_job}/checkpoints/2/download")]
     for method, url in routes:
         for headers in ({}, {"Authorization": "Bearer ftj_not-a-key"}, {"Authorization": "Basic abc"}):
             response = client.request(method, url, headers=headers)
@@ -93,6 +111,35 @@ def test_another_tenants_job_is_404_on_every_route(client, keys, alpha_job):
         job = repository.get_job(session, alpha_job)
     assert job.status == "cancelled" and job.cancelled_by_key_id == keys["alpha"].caller.key_id
     assert job.created_by_key_id == keys["alpha"].caller.key_id and job.tenant_id == keys["alpha"].caller.tenant_id
+
+
+def test_the_openai_routes_are_tenant_scoped_and_answer_in_openais_envelope(client, keys, alpha_job):
+    for method, url in [*openai_job_routes(alpha_job), ("GET", "/v1/fine_tuning/jobs")]:
+        error = openai_error(client.request(method, url), 401, "unauthenticated")
+        assert error["type"] == "authentication_error"
+    for method, url in openai_job_routes(alpha_job):
+        openai_error(client.request(method, url, headers=keys["beta"].headers), 404, "job_not_found")
+    assert client.get(f"/v1/fine_tuning/jobs/{alpha_job}", headers=keys["alpha"].headers).json()["id"] == alpha_job
+    beta_list = client.get("/v1/fine_tuning/jobs", headers=keys["beta"].headers).json()["data"]
+    assert alpha_job not in {job["id"] for job in beta_list}
+    # /v1/files is shared with native clients: problem+json, carrying OpenAI's envelope as its `error` member.
+    missing = problem(client.get("/v1/files/file_" + "0" * 24, headers=keys["beta"].headers), 404, "file_not_found")
+    assert missing["error"] == {"message": missing["detail"], "type": "invalid_request_error", "param": None,
+                                "code": "file_not_found"}
+
+
+def test_another_tenants_file_is_404_on_every_file_route(client, keys):
+    uploaded = client.post("/v1/files", files={"file": ("d.jsonl", io.BytesIO(b'{"text": "hi"}\n'))},
+                           data={"purpose": "fine-tune"}, headers=keys["alpha"].headers).json()
+    assert uploaded["object"] == "file" and uploaded["bytes"] == uploaded["size_bytes"] == 15
+    routes = [("GET", f"/v1/files/{uploaded['id']}"), ("GET", f"/v1/files/{uploaded['id']}/content"),
+              ("DELETE", f"/v1/files/{uploaded['id']}")]
+    for method, url in routes:
+        problem(client.request(method, url, headers=keys["beta"].headers), 404, "file_not_found")
+    assert uploaded["id"] not in {f["id"] for f in client.get("/v1/files", headers=keys["beta"].headers).json()["data"]}
+    assert client.get(routes[1][1], headers=keys["alpha"].headers).content == b'{"text": "hi"}\n'
+    assert client.delete(routes[2][1], headers=keys["alpha"].headers).json()["deleted"] is True
+    problem(client.get(routes[0][1], headers=keys["alpha"].headers), 404, "file_not_found")
 
 
 def test_lists_show_only_the_callers_own_and_admins_see_all(client, keys, alpha_job, store_queued_job,
@@ -121,6 +168,15 @@ def test_another_tenants_file_cannot_be_used_in_a_job(client, keys, tiny_model, 
                           headers=keys["beta"].headers)
     problem(refused, 422, "dataset_not_found")
     assert "another tenant" not in refused.text
+    # Nor read, listed or deleted by it: as missing as a file that never existed.
+    for method in ("GET", "DELETE"):
+        problem(client.request(method, f"/v1/files/{uploaded['id']}", headers=keys["beta"].headers), 404,
+                "file_not_found")
+    assert uploaded["id"] not in {f["id"] for f in client.get("/v1/files", params={"limit": 200},
+                                                              headers=keys["beta"].headers).json()["data"]}
+    assert client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).json() == uploaded
+    assert client.delete(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).status_code == 204
+    problem(client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers), 404, "file_not_found")
 
 
 def test_revoked_key_is_refused(client, make_key):

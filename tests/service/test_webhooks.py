@@ -225,7 +225,9 @@ def test_keys_create_sets_the_tenant_webhook_and_prints_its_secret(database):
     # A second key keeps the secret; a URL that is not one is refused, exit 2 with a problem.
     assert printed in ftjobs("--webhook-url", "https://hooks.example/v2").stdout
     refused = ftjobs("--webhook-url", "file:///etc/passwd")
-    assert refused.returncode == 2 and json.loads(refused.stderr)["code"] == "invalid_webhook_url"
+    assert refused.returncode == 2 and refused.stderr.startswith("ftjobs: invalid_webhook_url: ")
+    as_json = ftjobs("--webhook-url", "https://hooks.example/v3", "--json")
+    assert json.loads(as_json.stdout)["webhook_secret"] == printed
 
 
 def test_the_outbox_row_commits_with_its_event_or_not_at_all(client, tiny_model, dataset):

@@ -141,11 +141,32 @@ def test_checkpoints_are_written_every_n_steps_and_only_the_newest_k_are_kept(ma
     assert step_dirs(tmp_path) == ["step-000006", "step-000008"]  # the stale temp dir is gone too
     for name in step_dirs(tmp_path):
         files = sorted(path.name for path in (tmp_path / "checkpoints" / name).iterdir())
-        assert files == ["COMPLETE", "optimizer.json", "optimizer.safetensors", "trainable.json",
-                         "trainable.safetensors", "trainer.json", "trainer.safetensors"]
-    trainer = json.loads((tmp_path / "checkpoints" / "step-000008" / "trainer.json").read_text())
+        assert files == ["COMPLETE", "adapter", "metrics.json", "optimizer.json", "optimizer.safetensors",
+                         "trainable.json", "trainable.safetensors", "trainer.json", "trainer.safetensors"]
+    newest = tmp_path / "checkpoints" / "step-000008"
+    trainer = json.loads((newest / "trainer.json").read_text())
     # 8 rows in micro-batches of 3, 3 and 2: 8 steps consumed 2 whole epochs and 2 micro-batches of the third.
     assert trainer["data_position"] == {"epoch": 2, "micro_batch": 2}
+    metrics = json.loads((newest / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["epoch"] == pytest.approx(8 / 3)
+    assert metrics["train_loss"] == trainer["run"]["loss_curve"][-1]["loss"] and metrics["tokens_seen"] > 0
+    # The adapter as peft writes it, holding exactly the trained LoRA weights of that step.
+    assert sorted(path.name for path in (newest / "adapter").iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+    adapter = load_file(newest / "adapter" / "adapter_model.safetensors")
+    trained = checkpoint.load_tree(newest, "trainable")
+    assert len(adapter) == len(trained) and all(
+        torch.equal(tensor, trained[name.replace(".weight", ".default.weight")]) for name, tensor in adapter.items())
+
+
+def test_epoch_end_checkpoints_include_the_last_step(make_spec, tiny_llama, memorise_dataset, tmp_path):
+    """8 rows in micro-batches of 3: epochs end at steps 3 and 6; the run's last step (7) is kept as well."""
+    spec = make_spec("lora", training={"max_steps": 7, "micro_batch_size": 3, "checkpoint_every_epoch": True,
+                                       "keep_checkpoints": 3})
+    written = []
+    train(spec, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path,
+          on_checkpoint=lambda step, path: written.append(step))
+    assert written == [3, 6, 7]
 
 
 def test_a_checkpoint_without_its_marker_is_ignored(make_spec, tiny_llama, demo_dataset, tmp_path):
@@ -180,3 +201,25 @@ def test_without_checkpoint_every_steps_nothing_is_written(make_spec, tiny_llama
     result = train(make_spec("lora", training={"max_steps": 3}), base_model_dir=tiny_llama,
                    dataset_path=demo_dataset, output_dir=tmp_path, on_checkpoint=kill_after(1))
     assert result.steps == 3 and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_exporting_a_checkpoints_adapter_leaves_the_run_unchanged(init, make_spec, tiny_llama, memorise_dataset,
+                                                                  tmp_path):
+    """Exporting each checkpoint's adapter (for PiSSA converted for the original base, which peft does by loading
+    a second adapter in eval mode) must not touch the run: it ends exactly where the same run unsaved does."""
+    ranks: list[int] = []
+    spec = make_spec("lora", lora={"init": init, "r": 4}, training={"max_steps": 3, "learning_rate": 1e-2})
+    with_checkpoints = spec.model_copy(update={"training": spec.training.model_copy(
+        update={"checkpoint_every_steps": 1})})
+
+    def record_rank(step: int, path: str) -> None:
+        ranks.append(json.loads((tmp_path / "a" / path / "adapter" / "adapter_config.json").read_text())["r"])
+
+    train(with_checkpoints, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path / "a",
+          on_checkpoint=record_rank)
+    train(spec, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=tmp_path / "b")
+    assert ranks == ([8, 8] if init == "pissa" else [4, 4])  # PiSSA: converted to a rank-2r LoRA of the base
+    first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)

@@ -68,6 +68,8 @@ def test_every_method_trains(make_spec, tiny_llama, demo_dataset, tmp_path, meth
     assert all(math.isfinite(report.loss) and report.loss > 0 for report in reports)
     saved = "adapter/adapter_model.safetensors" if method in ("lora", "qlora") else "model/model.safetensors"
     assert saved in result.artifacts
+    # A whole model serves alone, its tokenizer beside it; an adapter's model/ exists only when merged.
+    assert ("model/tokenizer.json" in result.artifacts) == (method in ("full", "freeze"))
 
 
 def test_qwen2_architecture_trains(make_spec, tiny_qwen2, demo_dataset, tmp_path):

@@ -168,3 +168,11 @@ def test_merge_adapter_saves_a_bf16_model(make_spec, tiny_llama, demo_dataset, t
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            base["model.layers.0.self_attn.q_proj.weight"])
     AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # loads as a plain model
+    # ... and serves alone: its own tokenizer and chat template, listed as artifacts.
+    from transformers import AutoTokenizer
+
+    assert "model/tokenizer.json" in result.artifacts
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template == \
+        AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == spec.base_model

@@ -9,6 +9,8 @@ Layout, under the job's output dir (a retry runs in the same dir, so it finds th
         optimizer.safetensors       every tensor of optimizer.state_dict(), bitsandbytes' qmap/absmax included
         optimizer.json              the rest of the state dict, with {"__tensor__": name} where a tensor was
         trainer.safetensors/.json   LR schedule, grad scaler, RNG states, data position, counters, loss curve
+        metrics.json                step, epoch, tokens seen, train loss: what the checkpoint is listed with
+        adapter/                    lora/qlora: adapter_config.json + adapter_model.safetensors, from peft
         COMPLETE                    written last: the step and the fingerprint of the spec that wrote it
       .tmp-step-000020-4242/        being written, or left by a killed process: never read, deleted later
 
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from planner.spec import JobSpec
+from planner.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec
 
 MARKER = "COMPLETE"
 TEMP_PREFIX = ".tmp-"
@@ -59,12 +61,16 @@ class Checkpoints:
     def __init__(self, root: Path, spec: JobSpec, micro_batches_per_epoch: int) -> None:
         self.root = Path(root)
         self.every_steps = spec.training.checkpoint_every_steps
+        self.every_epoch = spec.training.checkpoint_every_epoch
         self.keep = spec.training.keep_checkpoints
         self.fingerprint = spec_fingerprint(spec)
         self.micro_batches_per_epoch = micro_batches_per_epoch
 
-    def due(self, step: int, total_steps: int) -> bool:
-        # Not at the last step: the final artifacts are saved right after it.
+    def due(self, step: int, total_steps: int, epoch_ended: bool = False) -> bool:
+        """Every N steps, but not at the last one: the final artifacts are saved right after it. With
+        checkpoint_every_epoch, also at each epoch's end and at the last step, so a finished job keeps one."""
+        if self.every_epoch and (epoch_ended or step == total_steps):
+            return True
         return bool(self.every_steps) and step % self.every_steps == 0 and step < total_steps
 
     def latest(self) -> Path | None:
@@ -107,12 +113,23 @@ class Checkpoints:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
         })
+        _write_synced(temp / CHECKPOINT_METRICS_FILE, json.dumps(self._metrics(state)) + "\n")
+        export_adapter(model, temp / CHECKPOINT_ADAPTER_DIR)
         _write_synced(temp / MARKER, json.dumps({"step": state.step, "spec_sha256": self.fingerprint}) + "\n")
         shutil.rmtree(final, ignore_errors=True)  # only a leftover of an earlier attempt can be there
         temp.rename(final)
         _fsync_dir(self.root)
         self._prune()
         return final.relative_to(self.root.parent).as_posix()
+
+    def _metrics(self, state: RunState) -> dict[str, float | int]:
+        """What the checkpoint is listed with: the step's train loss, and where in the data it stands."""
+        last = state.loss_curve[-1] if state.loss_curve else {}
+        metrics = {"step": state.step, "epoch": state.micro_steps / self.micro_batches_per_epoch,
+                   "tokens_seen": state.tokens_seen}
+        if "loss" in last:
+            metrics["train_loss"] = last["loss"]
+        return metrics
 
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -133,10 +150,31 @@ class Checkpoints:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def export_adapter(model, target: Path) -> None:
+    """adapter/ in the checkpoint: what PeftModel.from_pretrained loads onto the base, written by peft itself
+    (adapter_config.json, adapter_model.safetensors). A PiSSA run is converted to a LoRA adapter of the original
+    base, as its final artifact is. A full or freeze fine-tune has no adapter: its checkpoint's trained weights are
+    trainable.safetensors, each under "trainable." and its parameter name."""
+    if not hasattr(model, "peft_config"):
+        return
+    initial = getattr(model, "ftjobs_pissa_initial", None)
+    if initial is None:
+        model.save_pretrained(target)
+    else:
+        # peft converts PiSSA by loading the initial adapter beside the trained one (peft_model.py load_adapter):
+        # its layers are initialised randomly before the weights are loaded, and the model is put in eval mode.
+        # Both go back, so the run continues exactly as it would unsaved.
+        saved_rng, was_training = rng_state(), model.training
+        model.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial))
+        set_rng_state(saved_rng)
+        model.train(was_training)
+    (target / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing of this job in it
+
+
 def spec_fingerprint(spec: JobSpec) -> str:
     """What decides the training trajectory; the checkpoint cadence and metadata do not."""
     relevant = spec.model_dump(mode="json", exclude={"metadata": True, "resources": True, "training": {
-        "checkpoint_every_steps", "keep_checkpoints"}})
+        "checkpoint_every_steps", "checkpoint_every_epoch", "keep_checkpoints"}})
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

@@ -41,8 +41,13 @@ def eval_loss(model, examples: Sequence[data.TokenizedExample], *, micro_batch_s
     return total / max(tokens, 1)
 
 
-def save_adapter(model, output_dir: Path, save_dir) -> list[str]:
-    """adapter/: a PiSSA run is converted to an ordinary LoRA adapter (rank 2r) of the original base weights."""
+def save_adapter(spec: JobSpec, model, output_dir: Path, save_dir) -> list[str]:
+    """adapter/: a PiSSA run is converted to an ordinary LoRA adapter (rank 2r) of the original base weights.
+
+    Its base_model_name_or_path is the spec's base_model, the id the user gave: peft would write the directory
+    the worker loaded from, a snapshot path in this machine's hub cache that means nothing anywhere else."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = spec.base_model
     initial = getattr(model, "ftjobs_pissa_initial", None)
     if initial is None:
         return save_dir(model, output_dir, "adapter")
@@ -67,3 +72,14 @@ def save_merged(spec: JobSpec, base_model_dir: Path, output_dir: Path, save_dir)
                                                 use_safetensors=True)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     return save_dir(merged, output_dir, "model")
+
+
+def save_tokenizer_beside_model(tokenizer, output_dir: Path, written: list[str]) -> list[str]:
+    """model/ (merged, or a full fine-tune) gets the tokenizer and its chat template too, so the directory alone
+    serves (`vllm serve model/`, AutoTokenizer.from_pretrained); returns the files it added."""
+    target = output_dir / "model"
+    if not any(name.startswith("model/") for name in written):
+        return []
+    tokenizer.save_pretrained(target)
+    return sorted({path.relative_to(output_dir).as_posix() for path in target.rglob("*") if path.is_file()}
+                  - set(written))

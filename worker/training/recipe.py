@@ -47,6 +47,7 @@ class Progress:
     memory_reserved_bytes: int | None
     memory_peak_bytes: int | None  # peak reserved since the job started
     eval_loss: float | None = None  # per-token loss on training.validation_fraction's held-out examples
+    tokens_seen: int | None = None  # tokens through the model so far, padding excluded (OpenAI's trained_tokens)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def train(
     base_model_dir: Path,
     dataset_path: Path,
     output_dir: Path,
+    validation_path: Path | None = None,  # spec.validation_dataset's rows, staged
     on_progress: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
     should_drain: Callable[[], bool] = lambda: False,
@@ -77,6 +79,7 @@ def train(
         raise ValueError("micro_batch_size 'auto' must be resolved to a number before training")
     # Read and validate the whole dataset first: a malformed row fails in seconds, not after a model load.
     examples = list(iter_examples(dataset_path, spec.dataset_format))
+    held_out = list(iter_examples(validation_path, spec.dataset_format)) if validation_path else None
 
     # --- setup ------------------------------------------------------------------------------------------
     from transformers import set_seed
@@ -88,7 +91,10 @@ def train(
     memory = MemoryProbe(device)
     tokenizer = data.load_tokenizer(base_model_dir)
     dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, spec.training.max_seq_length)
-    dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
+    if held_out is None:
+        dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
+    else:
+        validation, _ = data.tokenize_examples(tokenizer, held_out, spec.training.max_seq_length)
     source_examples = len(dataset)
     if spec.training.packing:
         dataset = data.pack_examples(dataset, spec.training.max_seq_length, spec.training.seed)
@@ -180,9 +186,11 @@ def train(
                     memory_reserved_bytes=memory.reserved_bytes(),
                     memory_peak_bytes=memory.peak_bytes(),
                     eval_loss=_eval(step),
+                    tokens_seen=tokens_seen,
                 ))
                 losses_since_report.clear()
-            if checkpoints.due(step, total_steps):
+            epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
+            if checkpoints.due(step, total_steps, epoch_ended):
                 state = checkpoint.RunState(step, micro_steps, tokens_seen, time.perf_counter() - train_start,
                                             loss_curve, losses_since_report)
                 on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
@@ -194,6 +202,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         written = _save_model(spec, model, plan, output_dir) + _save_dir(tokenizer, output_dir, "tokenizer")
         written += extras.save_merged(spec, Path(base_model_dir), output_dir, _save_dir)
+        written += extras.save_tokenizer_beside_model(tokenizer, output_dir, written)
     except torch.OutOfMemoryError as exc:
         peak = memory.peak_bytes()
         peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
@@ -244,7 +253,7 @@ def train(
 def _save_model(spec: JobSpec, model, plan: loading.PrecisionPlan, output_dir: Path) -> list[str]:
     """Adapters for lora/qlora (adapter/), the whole model for full/freeze (model/); safetensors only."""
     if spec.method in (Method.lora, Method.qlora):
-        return extras.save_adapter(model, output_dir, _save_dir)
+        return extras.save_adapter(spec, model, output_dir, _save_dir)
     if spec.method is Method.freeze:
         # One dtype per checkpoint: the trained layers go back to the frozen layers' dtype.
         model.to(plan.frozen_dtype)
