@@ -60,6 +60,7 @@ class Progress(BaseModel):
     loss: float = Field(description="Mean per-token loss over the steps since the previous report")
     learning_rate: float = Field(description="The learning rate this step used")
     tokens_per_second: float = Field(description="Non-padding tokens per second of training so far")
+    tokens_seen: int | None = Field(None, description="Non-padding tokens trained on so far")
     eta_seconds: float | None
     memory_allocated_bytes: int | None = Field(description="torch's allocated GPU memory; null on the CPU")
     memory_reserved_bytes: int | None = Field(description="torch's reserved GPU memory; null on the CPU")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -51,13 +52,14 @@ def test_invalid_spec_exits_2_with_a_problem(tmp_path):
 
 
 def test_no_server_exits_3_with_one_line_and_no_traceback(tmp_path):
-    from conftest import free_port
-
+    # Bound and never listening: connections are refused, and no other process can take the port meanwhile.
+    closed_port = socket.socket()
+    closed_port.bind(("127.0.0.1", 0))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"base_model": "Qwen/Qwen2.5-0.5B", "dataset": {"path": "x.jsonl"}}))
     dataset = tmp_path / "x.jsonl"
     dataset.write_text('{"text": "hi"}\n')
-    env = {**os.environ, "FTJOBS_URL": f"http://127.0.0.1:{free_port()}", "FTJOBS_API_KEY": "any"}
+    env = {**os.environ, "FTJOBS_URL": f"http://127.0.0.1:{closed_port.getsockname()[1]}", "FTJOBS_API_KEY": "any"}
     for args in (["jobs", "list"], ["status", "job_0123456789abcdef01234567"], ["submit", str(spec), "--watch"],
                  ["files", "upload", str(dataset)], ["jobs", "download", "job_x"], ["jobs", "events", "job_x"]):
         result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
@@ -66,6 +68,7 @@ def test_no_server_exits_3_with_one_line_and_no_traceback(tmp_path):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("ftjobs: server_unreachable: cannot reach the ftjobs server at http://")
         assert result.stdout == ""
+    closed_port.close()
 
 
 def test_every_command_and_option_has_help_and_there_is_a_version():

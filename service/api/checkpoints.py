@@ -31,7 +31,8 @@ def _page(found: tuple) -> CheckpointPage:
 
 @router.get("/{job_id}/checkpoints/{step}/download", response_class=FileResponse, operation_id="download_checkpoint",
             responses={200: {"description": "a tar: the peft adapter (lora/qlora) or the trained parameters",
-                             "content": {"application/x-tar": {}}}, **problems(404)})
+                             "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       **problems(404)})
 async def download_checkpoint(job_id: str, step: Annotated[int, Path(ge=0, le=2**31 - 1)], db: CallerDbDep,
                               settings: SettingsDep) -> Response:
     storage_key, method = await db.read(checkpoints.find_checkpoint, job_id, step)

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 # The generator's post-hooks run ruff on the output; formatting is not what this test checks.
-GENERATOR_CONFIG = "post_hooks: []\n"
+# Archives are application/x-tar, which the generator reads only when told it is a binary body.
+GENERATOR_CONFIG = "post_hooks: []\ncontent_type_overrides:\n  application/x-tar: application/octet-stream\n"
 PACKAGE = "ftjobs_generated"
 
 

@@ -33,7 +33,8 @@ def test_files_page_newest_first_and_a_delete_removes_the_object(tenant_client, 
 
     stored = Path(settings.resolved_storage_url) / "files" / f"{ids[0]}.jsonl"
     assert stored.is_file()
-    assert tenant_client.delete(f"/v1/files/{ids[0]}").status_code == 204
+    deleted = tenant_client.delete(f"/v1/files/{ids[0]}")
+    assert deleted.status_code == 200 and deleted.json() == {"id": ids[0], "object": "file", "deleted": True}
     assert not stored.exists()
     assert tenant_client.delete(f"/v1/files/{ids[0]}").json()["code"] == "file_not_found"
     assert [f["id"] for f in tenant_client.get("/v1/files").json()["data"]] == ids[:0:-1]
