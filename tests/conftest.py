@@ -21,6 +21,8 @@ import psycopg
 import pytest
 import redis
 
+from harness import TestKey
+
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FTJOBS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:10]
@@ -68,17 +70,6 @@ def redis_client(settings) -> Iterator[redis.Redis]:
     yield client
     client.delete(settings.queue_name)
     client.close()
-
-
-class TestKey:
-    """An API key made for a test: the secret to send, and the caller it authenticates as."""
-
-    def __init__(self, secret: str, caller) -> None:
-        self.secret, self.caller = secret, caller
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.secret}"}
 
 
 def create_test_key(tenant: str, *, admin: bool = False, max_active_jobs: int | None = None) -> TestKey:

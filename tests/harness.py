@@ -357,3 +357,14 @@ def running_stack(directory: Path, **env: str) -> Iterator[Stack]:
         stack.end()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class TestKey:
+    """An API key made for a test: the secret to send, and the caller it authenticates as."""
+
+    def __init__(self, secret: str, caller) -> None:
+        self.secret, self.caller = secret, caller
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}

@@ -4,6 +4,7 @@ reconnect with Last-Event-ID, and get exactly the newer events, in order, until 
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -45,9 +46,12 @@ def messages(response: httpx.Response):
             fields[name] = value.removeprefix(" ")
 
 
-def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api, make_key, tiny_model, dataset):
+def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api, make_key, tiny_model, dataset,
+                                                                   redis_client):
     key = make_key("streams", max_active_jobs=10)
-    with uvicorn_api(FTJOBS_SSE_POLL_SECONDS="0.1") as (url, _), httpx.Client(base_url=url, headers=key.headers,
+    # A queue no worker consumes: the session's worker would otherwise run the job and write events of its own.
+    queue = f"streams-{uuid.uuid4().hex[:8]}"
+    with uvicorn_api(FTJOBS_SSE_POLL_SECONDS="0.1", FTJOBS_QUEUE_NAME=queue) as (url, _), httpx.Client(base_url=url, headers=key.headers,
                                                                               timeout=30) as client:
         job_id = client.post("/v1/jobs", json=spec(tiny_model, dataset)).json()["id"]
         add_progress(job_id, 1, 2)
@@ -78,6 +82,7 @@ def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api,
         assert [json.loads(m["data"]) for m in seen + resumed] == every
         assert every[-1]["data"]["status"] == "cancelled"
         assert [e["data"].get("step") for e in every if e["kind"] == "progress"] == [1, 2, 3, 4, 5]
+    redis_client.delete(queue)
 
 
 def test_a_stream_of_another_tenants_job_is_a_404(uvicorn_api, make_key, tiny_model, dataset):

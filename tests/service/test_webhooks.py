@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
-from conftest import TestKey as Key  # renamed: pytest would try to collect a Test* class
+from harness import TestKey as Key  # renamed: pytest would try to collect a Test* class
 from service.app import create_app
 from service.db import transaction
 from service.tenancy.keys import Caller, create_key
