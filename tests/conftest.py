@@ -40,6 +40,17 @@ os.environ.update({
 })
 
 
+# Every fixture that reaches PostgreSQL or Redis does so through one of these: a test that uses neither, directly
+# or through other fixtures, runs with both stopped (`pytest -m "not services"`).
+SERVICE_FIXTURES = frozenset({"database", "redis_client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(scope="session")
 def settings():
     from service.settings import get_settings

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from harness import running_stack, wait_until
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,7 @@ ACCESS_LINE = '"GET /healthz HTTP/1.1" 200'
 CONCURRENT_REQUESTS = 8  # several connections at once, so the kernel hands them to both processes
 
 
+@pytest.mark.services  # `ftjobs api` processes, on the session's PostgreSQL and Redis
 def test_two_api_processes_serve_one_consistent_metrics_view(tmp_path):
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
@@ -54,6 +56,7 @@ def test_two_api_processes_serve_one_consistent_metrics_view(tmp_path):
         wait_until(lambda: access_lines(stack.api.lines) == sent, 10, f"{sent} access log lines")
 
 
+@pytest.mark.services  # `ftjobs api` processes, on the session's PostgreSQL and Redis
 def test_web_concurrency_sets_the_processes_and_the_access_log_can_be_turned_off(tmp_path):
     metrics_dir = tmp_path / "prometheus"
     with running_stack(tmp_path) as stack:
