@@ -161,9 +161,8 @@ class AttemptRunner:
                 _stop(process)
                 return {"type": "drained", "detail": f"no checkpoint within {self.settings.drain_seconds} s"}
             if link.conn.poll(self.settings.cancel_poll_seconds):
-                try:
-                    message = link.conn.recv()
-                except EOFError:  # the child is gone without a last word
+                message = link.receive()
+                if message is None:  # the child is gone without a last word
                     return {"type": "crashed"}
                 if message["type"] in ("result", "error"):
                     return message
@@ -278,6 +277,14 @@ class ChildLink:
                 self.conn.send(message)
             except (BrokenPipeError, OSError):
                 pass  # the child is gone; the relay loop sees that and records the outcome
+
+    def receive(self) -> dict | None:
+        """The child's next message; None once the child is gone. A child killed with our unread ack or lease
+        deadline still in its end of the pipe resets the connection instead of closing it."""
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            return None
 
 
 class LeaseKeeper(threading.Thread):
