@@ -47,8 +47,11 @@ def make_engine(url: str, *, idle_in_transaction_seconds: float | None = None, s
 
 
 def make_api_engine(settings: Settings) -> Engine:
-    """A pool as large as the API's threads, never pinged (recycled instead), each query bounded in time."""
-    return make_engine(settings.sqlalchemy_url, idle_in_transaction_seconds=settings.idle_in_transaction_timeout,
+    """A pool as large as the API's threads, never pinged (recycled instead), each query bounded in time.
+
+    No idle-in-transaction timeout here, unlike the workers' engine: a submission validates its dataset (once per
+    version, seconds for a large one) inside its write unit, and would be cut off every time it is retried."""
+    return make_engine(settings.sqlalchemy_url,
                        statement_timeout_seconds=settings.api_statement_timeout_seconds, pool_pre_ping=False,
                        pool_size=settings.api_pool_size, max_overflow=0, pool_timeout=settings.db_pool_timeout_seconds,
                        pool_recycle=settings.db_pool_recycle_seconds)

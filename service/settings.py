@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     lease_seconds: float = 60.0
     lease_renew_seconds: float | None = Field(None, description="default: a third of lease_seconds")
     # A process frozen inside a transaction (SIGSTOP, a paused VM, a partition) keeps its row locks, and the
-    # reconciler skips locked rows: PostgreSQL ends a session left idle in a transaction this long, so the
-    # locks of a lost worker never outlive its lease. Every transaction here is a few statements, no waits.
+    # reconciler skips locked rows: PostgreSQL ends a worker's session left idle in a transaction this long, so
+    # the locks of a lost worker never outlive its lease. A worker's transactions are a few statements, no waits;
+    # the API's engine goes without (service/db.py make_api_engine).
     idle_in_transaction_seconds: float | None = Field(None, gt=0, description="default: half of lease_seconds")
     # A job queued this long with no message left for it in the broker is sent again (a restarted Redis,
     # an API killed between its commit and its send).

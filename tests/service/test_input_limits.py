@@ -196,3 +196,23 @@ def test_a_dataset_by_path_is_read_once_per_version(api, store_queued_job, tiny_
     with transaction() as session:
         for job_id in (first, second):
             repository.transition(session, job_id, JobStatus.cancelled)
+
+
+def test_a_submission_validating_a_large_dataset_outlasts_the_workers_idle_transaction_timeout(
+        database, settings, admin_key, tiny_model, data_root):
+    """The submission validates its dataset inside its write unit; the idle-in-transaction timeout that frees a
+    frozen worker's locks must not cut it off (it did, once, with a 6 s lease: every retry a 503)."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    (data_root / "slow-to-read.jsonl").write_text("\n".join(json.dumps(ROW) for _ in range(200_000)) + "\n")
+    strict = settings.model_copy(update={"idle_in_transaction_seconds": 0.2})
+    with TestClient(create_app(strict), headers=admin_key.headers) as client:
+        started = time.monotonic()
+        response = client.post("/v1/jobs", json=spec(tiny_model, "slow-to-read.jsonl"))
+        assert response.status_code == 201, response.text
+        assert time.monotonic() - started > 0.2  # the validation took longer than the timeout
+        client.post(f"/v1/jobs/{response.json()['id']}/cancel")
