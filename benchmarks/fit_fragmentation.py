@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import planner_accuracy  # noqa: E402  (puts the repository root on sys.path)
+
 from planner import core  # noqa: E402
 
 GRID = {
@@ -35,7 +36,7 @@ def objective(errors: list[float]) -> float:
 
 
 def errors_for(values: tuple, rows: list[dict], arch: dict) -> list[float]:
-    for name, value in zip(GRID, values):
+    for name, value in zip(GRID, values, strict=False):
         setattr(core, name, value)
     core._FIXED_CACHE.clear()
     return [(planner_accuracy.predict(row, arch)[0] - row["nvml_used"]) / row["nvml_used"] for row in rows]
@@ -49,16 +50,23 @@ def main() -> int:
     best_values, best_errors = min(fits, key=lambda fit: objective(fit[1]))
     held_out = []
     for index in range(len(rows)):
-        _, errors = min(fits, key=lambda fit: objective(fit[1][:index] + fit[1][index + 1:]))
+        _, errors = min(fits, key=lambda fit: objective(fit[1][:index] + fit[1][index + 1 :]))
         held_out.append(errors[index])
     committed_errors = errors_for(committed, rows, arch)
     print(f"{'row':34} {'committed':>10} {'left out':>9}")
-    for row, error, loo in zip(rows, committed_errors, held_out):
+    for row, error, loo in zip(rows, committed_errors, held_out, strict=False):
         print(f"{row['case']['name']:34} {error * 100:>+9.1f}% {loo * 100:>+8.1f}%")
     for label, errors in (("committed constants", committed_errors), ("leave-one-out", held_out)):
-        print(f"{label}: {len(errors)} rows, median |error| {statistics.median(map(abs, errors)) * 100:.1f}%, "
-              f"worst {max(map(abs, errors)) * 100:.1f}%, worst underestimate {min(errors) * 100:+.1f}%")
-    print("best fit:", dict(zip(GRID, best_values)), "| committed:", dict(zip(GRID, committed)))
+        print(
+            f"{label}: {len(errors)} rows, median |error| {statistics.median(map(abs, errors)) * 100:.1f}%, "
+            f"worst {max(map(abs, errors)) * 100:.1f}%, worst underestimate {min(errors) * 100:+.1f}%"
+        )
+    print(
+        "best fit:",
+        dict(zip(GRID, best_values, strict=False)),
+        "| committed:",
+        dict(zip(GRID, committed, strict=False)),
+    )
     return 0
 
 

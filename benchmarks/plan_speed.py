@@ -25,16 +25,35 @@ CASES = [
     ("lora 8B fits", "meta-llama/Llama-3.1-8B", {"method": "lora"}, 80),
     ("full 0.5B fits", "Qwen/Qwen2.5-0.5B", {"method": "full"}, 80),
     ("qlora 72B auto", "Qwen/Qwen2.5-72B", {"method": "qlora", "training": {"micro_batch_size": "auto"}}, 80),
-    ("lora 14B auto 8k", "Qwen/Qwen2.5-14B",
-     {"method": "lora", "training": {"micro_batch_size": "auto", "max_seq_length": 8192}}, 80),
-    ("full 7B no fit (suggest)", "Qwen/Qwen2.5-7B",
-     {"method": "full", "training": {"micro_batch_size": 8, "max_seq_length": 4096}}, 80),
-    ("lora 9B no gc no fit (suggest)", "google/gemma-2-9b",
-     {"method": "lora", "memory": {"gradient_checkpointing": False}, "training": {"micro_batch_size": 16}}, 24),
+    (
+        "lora 14B auto 8k",
+        "Qwen/Qwen2.5-14B",
+        {"method": "lora", "training": {"micro_batch_size": "auto", "max_seq_length": 8192}},
+        80,
+    ),
+    (
+        "full 7B no fit (suggest)",
+        "Qwen/Qwen2.5-7B",
+        {"method": "full", "training": {"micro_batch_size": 8, "max_seq_length": 4096}},
+        80,
+    ),
+    (
+        "lora 9B no gc no fit (suggest)",
+        "google/gemma-2-9b",
+        {"method": "lora", "memory": {"gradient_checkpointing": False}, "training": {"micro_batch_size": 16}},
+        24,
+    ),
     ("full 32B no fit (suggest)", "Qwen/Qwen2.5-32B", {"method": "full"}, 24),
-    ("gemma 27B auto 16k no fit (suggest)", "google/gemma-2-27b",
-     {"method": "lora", "memory": {"gradient_checkpointing": False},
-      "training": {"micro_batch_size": "auto", "max_seq_length": 16384}}, 80),
+    (
+        "gemma 27B auto 16k no fit (suggest)",
+        "google/gemma-2-27b",
+        {
+            "method": "lora",
+            "memory": {"gradient_checkpointing": False},
+            "training": {"micro_batch_size": "auto", "max_seq_length": 16384},
+        },
+        80,
+    ),
     ("freeze 3B no GPU", "meta-llama/Llama-3.2-3B", {"method": "freeze"}, None),
 ]
 
@@ -63,8 +82,10 @@ def main() -> int:
         cold = statistics.median(time_case(spec, shape, gpu, cold=True))
         median, p95 = statistics.median(samples), samples[int(0.95 * len(samples)) - 1]
         worst = max(worst, median, cold)
-        print(f"| {label} | {model} | {gpu_gib or '-'} | {result.fits} | {len(result.suggestions)} "
-              f"| {median:.2f} | {p95:.2f} | {cold:.2f} |")
+        print(
+            f"| {label} | {model} | {gpu_gib or '-'} | {result.fits} | {len(result.suggestions)} "
+            f"| {median:.2f} | {p95:.2f} | {cold:.2f} |"
+        )
     print(f"\nworst median {worst:.2f} ms (budget {BUDGET_MS} ms): {'OK' if worst <= BUDGET_MS else 'OVER BUDGET'}")
     return 0 if worst <= BUDGET_MS else 1
 

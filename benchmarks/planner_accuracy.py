@@ -14,8 +14,8 @@ import importlib.util
 import json
 import re
 import statistics
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +30,24 @@ DOC = ROOT / "docs" / "planner-accuracy.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 GB = 1e9
 
-_OPTIM = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_bnb_8bit": "adamw_8bit",
-          "paged_adamw_8bit": "paged_adamw_8bit", "paged_adamw_32bit": "paged_adamw_32bit"}
+_OPTIM = {
+    "adamw_torch": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_bnb_8bit": "adamw_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
+}
 # refbench's Trainer(bf16=True) runs a bf16 (or fp32 for full32) model under bf16 autocast. In the worker's
 # terms (worker/training/loading.py): adapters on a bf16 base under autocast = bf16-mixed; a bf16 model
 # trained in bf16 = bf16 (autocast on bf16 weights allocates the same).
-_METHOD = {"full32": ("full", "bf16-mixed"), "full16": ("full", "bf16"), "lora": ("lora", "bf16-mixed"),
-           "qlora": ("qlora", "bf16-mixed"), "dora": ("lora", "bf16-mixed"), "freeze": ("freeze", "bf16")}
+_METHOD = {
+    "full32": ("full", "bf16-mixed"),
+    "full16": ("full", "bf16"),
+    "lora": ("lora", "bf16-mixed"),
+    "qlora": ("qlora", "bf16-mixed"),
+    "dora": ("lora", "bf16-mixed"),
+    "freeze": ("freeze", "bf16"),
+}
 
 
 def _arch_table() -> dict:
@@ -50,17 +61,29 @@ def refbench_spec(case: dict) -> JobSpec:
     """The job spec equivalent to one refbench.py case."""
     method, precision = _METHOD[case["method"]]
     body = {
-        "base_model": case["arch"], "method": method,
-        "training": {"micro_batch_size": case["bs"], "max_seq_length": case["seq"],
-                     "gradient_accumulation_steps": case.get("accum", 1)},
-        "memory": {"precision": precision, "optimizer": _OPTIM[case["optim"]],
-                   "gradient_checkpointing": case["gc"], "fused_loss": bool(case.get("liger"))},
+        "base_model": case["arch"],
+        "method": method,
+        "training": {
+            "micro_batch_size": case["bs"],
+            "max_seq_length": case["seq"],
+            "gradient_accumulation_steps": case.get("accum", 1),
+        },
+        "memory": {
+            "precision": precision,
+            "optimizer": _OPTIM[case["optim"]],
+            "gradient_checkpointing": case["gc"],
+            "fused_loss": bool(case.get("liger")),
+        },
     }
     if method in ("lora", "qlora"):
         targets = case["targets"]
-        body["lora"] = {"r": case["r"], "alpha": 2 * case["r"], "dropout": 0.05,
-                        "use_dora": case["method"] == "dora",
-                        "target_modules": targets if targets == "all-linear" else targets.split(",")}
+        body["lora"] = {
+            "r": case["r"],
+            "alpha": 2 * case["r"],
+            "dropout": 0.05,
+            "use_dora": case["method"] == "dora",
+            "target_modules": targets if targets == "all-linear" else targets.split(","),
+        }
     return JobSpec.model_validate(body)
 
 
@@ -85,21 +108,27 @@ def predict(row: dict, arch: dict) -> tuple[int, int, str]:
     else:
         spec = refbench_spec(case)
         shape = ModelShape.from_config(dict(arch[case["arch"]]), name=case["arch"])
-        recipe = replace(HF_TRAINER, kbit_upcast=not case.get("no_upcast"),
-                         expandable_segments=bool(case.get("expandable")))
+        recipe = replace(
+            HF_TRAINER, kbit_upcast=not case.get("no_upcast"), expandable_segments=bool(case.get("expandable"))
+        )
     mb = spec.training.micro_batch_size
     phase, breakdown, _ = estimate(spec, shape, mb, recipe)
     phases, _ = _phases(shape, build_setup(spec, shape, mb, recipe), recipe)
     # torch's peak allocated is the largest phase before fragmentation and context
-    alloc = max(sum(v for k, v in terms.items() if k not in ("allocator_fragmentation", "cuda_context"))
-                for terms in phases.values())
+    alloc = max(
+        sum(v for k, v in terms.items() if k not in ("allocator_fragmentation", "cuda_context"))
+        for terms in phases.values()
+    )
     return sum(breakdown.values()), alloc, phase
 
 
 def table(rows: list[dict] | None = None) -> tuple[str, dict]:
     arch = _arch_table()
-    lines = ["| case | method | bs×seq | gc | optim | measured GB | predicted GB | error | peak_alloc meas/pred GB | phase |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| case | method | bs×seq | gc | optim | measured GB | predicted GB | error "
+        "| peak_alloc meas/pred GB | phase |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     errors = []
     for row in load_rows() if rows is None else rows:
         case = row["case"]
@@ -109,14 +138,18 @@ def table(rows: list[dict] | None = None) -> tuple[str, dict]:
         lines.append(
             f"| {case['name']} | {case['method']} | {case['bs']}×{case['seq']} | {'on' if case['gc'] else 'off'} "
             f"| {case['optim']} | {row['nvml_used'] / GB:.2f} | {pred / GB:.2f} | {err * 100:+.1f}% "
-            f"| {_gb(row['peak_alloc'])} / {alloc / GB:.2f} | {phase} |")
+            f"| {_gb(row['peak_alloc'])} / {alloc / GB:.2f} | {phase} |"
+        )
     abs_errors = [abs(e) for e, _ in errors]
     worst = max(errors, key=lambda e: abs(e[0]))
     under = min(errors)
     stats = {"n": len(errors), "median_abs": statistics.median(abs_errors), "worst": worst, "worst_under": under}
-    lines += ["", f"{stats['n']} rows: median |error| {stats['median_abs'] * 100:.1f}%, "
-                  f"worst {worst[0] * 100:+.1f}% ({worst[1]}), "
-                  f"worst underestimate {min(0.0, under[0]) * 100:+.1f}% ({under[1]})."]
+    lines += [
+        "",
+        f"{stats['n']} rows: median |error| {stats['median_abs'] * 100:.1f}%, "
+        f"worst {worst[0] * 100:+.1f}% ({worst[1]}), "
+        f"worst underestimate {min(0.0, under[0]) * 100:+.1f}% ({under[1]}).",
+    ]
     return "\n".join(lines), stats
 
 

@@ -38,8 +38,16 @@ GIB = 2**30
 GPUS = (None, 24 * GIB, 80 * GIB)
 GRID_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-2-7b-hf", "google/gemma-2-2b", "Qwen/Qwen1.5-MoE-A2.7B")
 GRID_METHODS = ("qlora", "lora", "full", "freeze")
-GRID_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_4bit", "cpu_offload",
-                   "galore_adamw", "galore_adamw_8bit")
+GRID_OPTIMIZERS = (
+    "adamw",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_4bit",
+    "cpu_offload",
+    "galore_adamw",
+    "galore_adamw_8bit",
+)
 GRID_PRECISIONS = ("bf16-mixed", "bf16", "fp16-mixed")
 
 
@@ -57,8 +65,9 @@ def calibration_cases() -> dict[str, dict]:
         else:
             spec = refbench_spec(case)
             shape = ModelShape.from_config(dict(arch[case["arch"]]), name=case["arch"])
-            recipe = replace(HF_TRAINER, kbit_upcast=not case.get("no_upcast"),
-                             expandable_segments=bool(case.get("expandable")))
+            recipe = replace(
+                HF_TRAINER, kbit_upcast=not case.get("no_upcast"), expandable_segments=bool(case.get("expandable"))
+            )
         for gpu in GPUS:
             out[f"{row['_file']}:{case['name']}:{gpu}"] = plan(spec, shape, gpu, recipe=recipe).model_dump(mode="json")
     return out
@@ -66,10 +75,14 @@ def calibration_cases() -> dict[str, dict]:
 
 def grid_specs():
     for model, method, optimizer, precision, gc in itertools.product(
-            GRID_MODELS, GRID_METHODS, GRID_OPTIMIZERS, GRID_PRECISIONS, (True, False)):
-        body = {"base_model": model, "method": method,
-                "training": {"micro_batch_size": 2, "max_seq_length": 2048, "gradient_accumulation_steps": 2},
-                "memory": {"precision": precision, "optimizer": optimizer, "gradient_checkpointing": gc}}
+        GRID_MODELS, GRID_METHODS, GRID_OPTIMIZERS, GRID_PRECISIONS, (True, False)
+    ):
+        body = {
+            "base_model": model,
+            "method": method,
+            "training": {"micro_batch_size": 2, "max_seq_length": 2048, "gradient_accumulation_steps": 2},
+            "memory": {"precision": precision, "optimizer": optimizer, "gradient_checkpointing": gc},
+        }
         try:
             yield f"{model}:{method}:{optimizer}:{precision}:{gc}", JobSpec.model_validate(body), find_model(model)
         except ValueError:
@@ -91,11 +104,17 @@ VARIANTS = {
     "zero2": {"method": "full", "resources": {"num_gpus": 2, "sharding": "zero2"}},
     "zero3-offload-optimizer": {"method": "full", "resources": {"num_gpus": 4, "offload": "optimizer"}},
     "zero3-offload-params": {"method": "lora", "resources": {"num_gpus": 8, "offload": "params"}},
-    "galore-right": {"method": "full", "memory": {"optimizer": "galore_adamw"},
-                     "galore": {"rank": 64, "proj_type": "right"}},
+    "galore-right": {
+        "method": "full",
+        "memory": {"optimizer": "galore_adamw"},
+        "galore": {"rank": 64, "proj_type": "right"},
+    },
     "galore-full": {"method": "freeze", "memory": {"optimizer": "galore_adamw"}, "galore": {"proj_type": "full"}},
-    "cpu-offload-accum": {"method": "full", "memory": {"optimizer": "cpu_offload"},
-                          "training": {"gradient_accumulation_steps": 4}},
+    "cpu-offload-accum": {
+        "method": "full",
+        "memory": {"optimizer": "cpu_offload"},
+        "training": {"gradient_accumulation_steps": 4},
+    },
     "loraplus-rslora": {"method": "lora", "lora": {"loraplus_lr_ratio": 16, "use_rslora": True}},
 }
 
@@ -134,8 +153,10 @@ def main() -> int:
     actual = current()
     if "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(actual, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {GOLDEN.relative_to(ROOT)}: {len(actual['calibration'])} calibration plans, "
-              f"{len(actual['grid'])} grid plans")
+        print(
+            f"wrote {GOLDEN.relative_to(ROOT)}: {len(actual['calibration'])} calibration plans, "
+            f"{len(actual['grid'])} grid plans"
+        )
         return 0
     changed = differences(json.loads(GOLDEN.read_text()), actual)
     print("\n".join(changed) or f"all {len(actual['calibration']) + len(actual['grid'])} plans unchanged")

@@ -33,8 +33,15 @@ DRAIN_WAIT_SECONDS = 90  # FTJOBS_DRAIN_SECONDS (60 in the harness) plus the wor
 # A training process takes some seconds to import torch before its first step, so a fault on a worker waits this
 # long for an attempt that has stored a checkpoint, which makes the resume path the one exercised.
 TARGET_WAIT_SECONDS = 20
-KINDS = ("worker_killed", "training_killed", "redis_restarted", "api_killed", "db_connections_terminated",
-         "worker_paused", "worker_drained")
+KINDS = (
+    "worker_killed",
+    "training_killed",
+    "redis_restarted",
+    "api_killed",
+    "db_connections_terminated",
+    "worker_paused",
+    "worker_drained",
+)
 TARGETED = {"worker_killed", "training_killed", "worker_paused", "worker_drained"}
 
 
@@ -96,16 +103,19 @@ class Soak:
 
         # 20-40 steps with a checkpoint every 5: long enough to be hit mid-training, short enough that 50
         # jobs finish on two cores.
-        return {**job_spec(self.model, self.dataset, max_steps=self.rng.randrange(20, 41, 5)),
-                "metadata": {"soak": "1"}}
+        return {
+            **job_spec(self.model, self.dataset, max_steps=self.rng.randrange(20, 41, 5)),
+            "metadata": {"soak": "1"},
+        }
 
     def post(self) -> int | str:
         """One submission: its status code, or the name of the transport error (the API may be dying)."""
         import httpx
 
         try:
-            return httpx.post(f"{self.stack.url}/v1/jobs", json=self.spec(), headers=self.stack.headers,
-                              timeout=30).status_code
+            return httpx.post(
+                f"{self.stack.url}/v1/jobs", json=self.spec(), headers=self.stack.headers, timeout=30
+            ).status_code
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
@@ -116,7 +126,7 @@ class Soak:
     def unfinished(self) -> list[str]:
         from harness import TERMINAL
 
-        return [j for j in self.job_ids() if read_retrying(lambda: self.stack.job(j))["status"] not in TERMINAL]
+        return [j for j in self.job_ids() if read_retrying(lambda j=j: self.stack.job(j))["status"] not in TERMINAL]
 
     def top_up(self) -> None:
         """Admit jobs in step with the faults injected, so they spread over all jobs instead of falling on an
@@ -137,19 +147,25 @@ class Soak:
 
         from service.models import JobAttempt, JobCheckpoint
 
-        query = (select(JobAttempt.job_id, JobAttempt.number, JobAttempt.worker_hostname, JobAttempt.child_pid)
-                 .where(JobAttempt.outcome.is_(None), JobAttempt.child_pid.is_not(None)))
+        query = select(JobAttempt.job_id, JobAttempt.number, JobAttempt.worker_hostname, JobAttempt.child_pid).where(
+            JobAttempt.outcome.is_(None), JobAttempt.child_pid.is_not(None)
+        )
         if checkpointed:
-            query = query.where(select(JobCheckpoint.step).where(JobCheckpoint.job_id == JobAttempt.job_id,
-                                                                 JobCheckpoint.attempt == JobAttempt.number)
-                                .exists())
+            query = query.where(
+                select(JobCheckpoint.step)
+                .where(JobCheckpoint.job_id == JobAttempt.job_id, JobCheckpoint.attempt == JobAttempt.number)
+                .exists()
+            )
 
         def read():
             with self.stack.sessions() as session:
                 return list(session.execute(query))
 
-        return [(job, number, host.split("@", 1)[0], pid) for job, number, host, pid in read_retrying(read)
-                if host.split("@", 1)[0] in self.stack.workers]
+        return [
+            (job, number, host.split("@", 1)[0], pid)
+            for job, number, host, pid in read_retrying(read)
+            if host.split("@", 1)[0] in self.stack.workers
+        ]
 
     def find_target(self) -> tuple[str, int, str, int] | None:
         """A checkpointed running attempt if one appears in time, else any running attempt, else none."""
@@ -200,13 +216,14 @@ class Soak:
 
     def db_connections_terminated(self) -> None:
         import psycopg
-
         from harness import PG_ADMIN_URL
 
         database = self.stack.database_url.rsplit("/", 1)[1]
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
-                          "pg_backend_pid()", (database,))
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
 
     def worker_paused(self, _job, _attempt, worker: str, _pid) -> None:
         from harness import LEASE_SECONDS
@@ -259,8 +276,12 @@ def judge(stack, job_ids: list[str]) -> dict:
 
     counts = Counter()
     for job_id in job_ids:
-        job = read_retrying(lambda: stack.job(job_id))
-        states = [e["data"]["status"] for e in read_retrying(lambda: stack.events(job_id)) if e["kind"] == "state"]
+        job = read_retrying(lambda job_id=job_id: stack.job(job_id))
+        states = [
+            e["data"]["status"]
+            for e in read_retrying(lambda job_id=job_id: stack.events(job_id))
+            if e["kind"] == "state"
+        ]
         try:
             assert_attempts_never_overlap(job)
             overlapping = False
@@ -273,24 +294,33 @@ def judge(stack, job_ids: list[str]) -> dict:
         counts["attempts"] += len(job["attempts"])
         if job["status"] != "succeeded":
             print(f"soak: job {job_id} ended {job['status']}: {job.get('error')}", file=sys.stderr)
-    return {"jobs": len(job_ids), **{k: counts[k] for k in ("succeeded", "lost", "duplicated", "resumed",
-                                                             "attempts")}}
+    return {"jobs": len(job_ids), **{k: counts[k] for k in ("succeeded", "lost", "duplicated", "resumed", "attempts")}}
 
 
 def machine() -> dict:
     import torch
 
     memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"python": platform.python_version(), "torch": torch.__version__, "nproc": os.cpu_count(),
-            "memory_gib": round(memory_bytes / 2**30, 1)}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "nproc": os.cpu_count(),
+        "memory_gib": round(memory_bytes / 2**30, 1),
+    }
 
 
 def print_table(row: dict) -> None:
     lines = [("faults: " + kind, row["faults"].get(kind, 0)) for kind in KINDS]
-    lines += [("faults in all", sum(row["faults"].values())), ("jobs", row["jobs"]),
-              ("succeeded", row["succeeded"]), ("lost", row["lost"]), ("duplicated", row["duplicated"]),
-              ("resumed from a checkpoint", row["resumed"]), ("attempts in all", row["attempts"]),
-              ("wall time (s)", row["wall_seconds"])]
+    lines += [
+        ("faults in all", sum(row["faults"].values())),
+        ("jobs", row["jobs"]),
+        ("succeeded", row["succeeded"]),
+        ("lost", row["lost"]),
+        ("duplicated", row["duplicated"]),
+        ("resumed from a checkpoint", row["resumed"]),
+        ("attempts in all", row["attempts"]),
+        ("wall time (s)", row["wall_seconds"]),
+    ]
     lines += [(key, row["machine"][key]) for key in ("python", "torch", "nproc", "memory_gib")]
     width = max(len(label) for label, _ in lines)
     print(f"{'measure':<{width}}  value")
@@ -318,8 +348,13 @@ def main() -> int:
             for _ in range(args.workers):
                 soak.start_worker()
             soak.run(deadline)
-            row = {**judge(stack, soak.job_ids()), "faults": dict(soak.faults), "seed": args.seed,
-                   "wall_seconds": round(time.monotonic() - started, 1), "machine": machine()}
+            row = {
+                **judge(stack, soak.job_ids()),
+                "faults": dict(soak.faults),
+                "seed": args.seed,
+                "wall_seconds": round(time.monotonic() - started, 1),
+                "machine": machine(),
+            }
     print_table(row)
     if args.out:
         with args.out.open("a") as out:

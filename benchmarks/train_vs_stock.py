@@ -42,13 +42,26 @@ TMP = Path(os.environ.get("BENCH_TMP", tempfile.gettempdir()))
 
 def worker_spec(case, base: str, optimizer: str, steps: int) -> dict:
     name, _, _, bs, seq, gc, r, targets = case
-    return {"base_model": base, "method": "qlora", "dataset_format": "text",
-            "lora": {"r": r, "alpha": 2 * r, "dropout": 0.05,
-                     "target_modules": "all-linear" if targets == "all-linear" else targets.split(",")},
-            "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-            "training": {"max_steps": steps, "micro_batch_size": bs, "max_seq_length": seq, "learning_rate": 2e-4,
-                         "logging_steps": 1},
-            "memory": {"precision": "bf16-mixed", "optimizer": optimizer, "gradient_checkpointing": gc}}
+    return {
+        "base_model": base,
+        "method": "qlora",
+        "dataset_format": "text",
+        "lora": {
+            "r": r,
+            "alpha": 2 * r,
+            "dropout": 0.05,
+            "target_modules": "all-linear" if targets == "all-linear" else targets.split(","),
+        },
+        "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+        "training": {
+            "max_steps": steps,
+            "micro_batch_size": bs,
+            "max_seq_length": seq,
+            "learning_rate": 2e-4,
+            "logging_steps": 1,
+        },
+        "memory": {"precision": "bf16-mixed", "optimizer": optimizer, "gradient_checkpointing": gc},
+    }
 
 
 def predict(optimizer: str) -> list[dict]:
@@ -63,21 +76,28 @@ def predict(optimizer: str) -> list[dict]:
         stock_spec = JobSpec.model_validate(worker_spec(case, case[2], "paged_adamw_8bit", 4))
         shape = find_model(case[2])
         worker, stock = evaluate(spec, shape, None, WORKER), evaluate(stock_spec, shape, None, HF_TRAINER)
-        rows.append({"case": case[0], "predicted_worker_peak_bytes": worker.peak,
-                     "predicted_stock_peak_bytes": stock.peak, "ratio": round(worker.peak / stock.peak, 3),
-                     "worker_phase": worker.phase, "stock_phase": stock.phase})
+        rows.append(
+            {
+                "case": case[0],
+                "predicted_worker_peak_bytes": worker.peak,
+                "predicted_stock_peak_bytes": stock.peak,
+                "ratio": round(worker.peak / stock.peak, 3),
+                "worker_phase": worker.phase,
+                "stock_phase": stock.phase,
+            }
+        )
     return rows
 
 
 def run_worker(case, optimizer: str, steps: int) -> dict:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the worker sets it
+    import refbench
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from vram_harness import NvmlSampler
 
-    import refbench
     from ftjobs.tinymodel import build_tiny_tokenizer
     from planner.spec import JobSpec
-    from vram_harness import NvmlSampler
     from worker.training import train
 
     name, arch, _, bs, seq, *_ = case
@@ -106,16 +126,30 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
     sampler = NvmlSampler()
     sampler.start()
     with tempfile.TemporaryDirectory() as out:
-        result = train(spec, base_model_dir=ckpt, dataset_path=dataset, output_dir=Path(out),
-                       on_progress=lambda progress: reports.append(time.perf_counter()))
+        result = train(
+            spec,
+            base_model_dir=ckpt,
+            dataset_path=dataset,
+            output_dir=Path(out),
+            on_progress=lambda progress: reports.append(time.perf_counter()),
+        )
     sampler.stop.set()
     sampler.join()
     nvml_used, nvml_source = sampler.peak()
     steady = (len(reports) - 1) * bs * seq / (reports[-1] - reports[0])  # steps 2..N, every row full length
-    return {"recipe": "worker", "case": name, "optimizer": optimizer, "steps": result.steps,
-            "tokens_per_s": round(steady, 1), "tokens_per_s_incl_first_step": round(result.tokens_per_second, 1),
-            "peak_reserved": result.peak_memory_bytes, "nvml_used": nvml_used, "nvml_source": nvml_source,
-            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    return {
+        "recipe": "worker",
+        "case": name,
+        "optimizer": optimizer,
+        "steps": result.steps,
+        "tokens_per_s": round(steady, 1),
+        "tokens_per_s_incl_first_step": round(result.tokens_per_second, 1),
+        "peak_reserved": result.peak_memory_bytes,
+        "nvml_used": nvml_used,
+        "nvml_source": nvml_source,
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+    }
 
 
 def run_stock(case) -> dict:
@@ -124,8 +158,14 @@ def run_stock(case) -> dict:
     name, arch, _, bs, seq, gc, r, targets = case
     c = refbench.case(name, arch, "qlora", bs, seq, gc, "paged_adamw_8bit", r=r, targets=targets, steps=4)
     result = refbench.run_case(c)
-    return {"recipe": "stock", "case": name, "tokens_per_s": result["tokens_per_s"],
-            "peak_reserved": result["peak_reserved"], "nvml_used": result["nvml_used"], "gpu": result["gpu"]}
+    return {
+        "recipe": "stock",
+        "case": name,
+        "tokens_per_s": result["tokens_per_s"],
+        "peak_reserved": result["peak_reserved"],
+        "nvml_used": result["nvml_used"],
+        "gpu": result["gpu"],
+    }
 
 
 def main() -> None:
@@ -154,8 +194,10 @@ def main() -> None:
 
     predictions = {row["case"]: row for row in predict(args.worker_optimizer)}
     deadline = time.time() + float(os.environ.get("BENCH_DEADLINE_S", "inf"))
-    print(f"{'case':26} {'stock tok/s':>11} {'worker tok/s':>12} {'x':>5} {'stock peak GiB':>14} "
-          f"{'worker peak GiB':>15} {'x':>5}")
+    print(
+        f"{'case':26} {'stock tok/s':>11} {'worker tok/s':>12} {'x':>5} {'stock peak GiB':>14} "
+        f"{'worker peak GiB':>15} {'x':>5}"
+    )
     for index, case in enumerate(CASES):
         if time.time() > deadline:
             print(f"{case[0]:26} not run: BENCH_DEADLINE_S reached")
@@ -163,12 +205,27 @@ def main() -> None:
         rows = {}
         for recipe in ("stock", "worker"):
             start = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--one", f"{recipe}:{index}", "--worker-optimizer",
-                                   args.worker_optimizer, "--worker-steps", str(args.worker_steps)],
-                                  capture_output=True, text=True, timeout=1800)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    f"{recipe}:{index}",
+                    "--worker-optimizer",
+                    args.worker_optimizer,
+                    "--worker-steps",
+                    str(args.worker_steps),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            row = json.loads(found[-1][7:]) if found else {"recipe": recipe, "case": case[0],
-                                                            "error": "no result", "stderr": proc.stderr[-2000:]}
+            row = (
+                json.loads(found[-1][7:])
+                if found
+                else {"recipe": recipe, "case": case[0], "error": "no result", "stderr": proc.stderr[-2000:]}
+            )
             row["wall_s"] = round(time.time() - start, 1)
             row["predicted_peak_bytes"] = predictions[case[0]][f"predicted_{recipe}_peak_bytes"]
             rows[recipe] = row
@@ -180,8 +237,10 @@ def main() -> None:
             continue
         speed = w["tokens_per_s"] / s["tokens_per_s"]
         peak = (w["nvml_used"] or 0) / max(s["nvml_used"] or 1, 1)
-        print(f"{case[0]:26} {s['tokens_per_s']:>11.0f} {w['tokens_per_s']:>12.0f} {speed:>5.2f} "
-              f"{(s['nvml_used'] or 0) / 2**30:>14.2f} {(w['nvml_used'] or 0) / 2**30:>15.2f} {peak:>5.2f}")
+        print(
+            f"{case[0]:26} {s['tokens_per_s']:>11.0f} {w['tokens_per_s']:>12.0f} {speed:>5.2f} "
+            f"{(s['nvml_used'] or 0) / 2**30:>14.2f} {(w['nvml_used'] or 0) / 2**30:>15.2f} {peak:>5.2f}"
+        )
     print("goal: worker >= 2.00x tokens/s and <= 0.40x peak VRAM (NVML per-process)")
 
 

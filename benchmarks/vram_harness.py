@@ -37,29 +37,68 @@ sys.path.insert(0, str(ROOT))
 WORK = Path(os.environ.get("FTJOBS_VRAM_DIR", Path(tempfile.gettempdir()) / "ftjobs-vram"))
 ALLOC_CONF = "expandable_segments:True"  # what the worker's job process sets
 
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "gemma2": "Gemma2ForCausalLM"}
+_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
 
 
-def case(name, model, method, mb, seq, gc=True, optimizer=None, precision="bf16-mixed", fused=False, steps=4,
-         expandable=True, **options):
+def case(
+    name,
+    model,
+    method,
+    mb,
+    seq,
+    gc=True,
+    optimizer=None,
+    precision="bf16-mixed",
+    fused=False,
+    steps=4,
+    expandable=True,
+    **options,
+):
     """One measurement: a model from the planner catalog and a job spec body for the worker."""
     optimizer = optimizer or ("paged_adamw_8bit" if method == "qlora" else "adamw")
-    spec = {"base_model": model, "method": method, "dataset_format": "text",
-            "training": {"micro_batch_size": mb, "max_seq_length": seq, "max_steps": steps,
-                         "gradient_accumulation_steps": 1, "logging_steps": 1},
-            "memory": {"precision": precision, "optimizer": optimizer, "gradient_checkpointing": gc,
-                       "fused_loss": fused}}
+    spec = {
+        "base_model": model,
+        "method": method,
+        "dataset_format": "text",
+        "training": {
+            "micro_batch_size": mb,
+            "max_seq_length": seq,
+            "max_steps": steps,
+            "gradient_accumulation_steps": 1,
+            "logging_steps": 1,
+        },
+        "memory": {"precision": precision, "optimizer": optimizer, "gradient_checkpointing": gc, "fused_loss": fused},
+    }
     spec |= options  # lora / quantization / freeze option blocks
-    return {"name": name, "model": model, "spec": spec, "expandable": expandable, "recipe": "worker",
-            # the fields planner_accuracy.py prints
-            "method": method if method != "full" else f"full/{precision}", "bs": mb, "seq": seq, "gc": gc,
-            "optim": optimizer, "steps": steps}
+    return {
+        "name": name,
+        "model": model,
+        "spec": spec,
+        "expandable": expandable,
+        "recipe": "worker",
+        # the fields planner_accuracy.py prints
+        "method": method if method != "full" else f"full/{precision}",
+        "bs": mb,
+        "seq": seq,
+        "gc": gc,
+        "optim": optimizer,
+        "steps": steps,
+    }
 
 
 Q05, Q15, L1B, L3B = "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B"
-Q7B, L8B, M7B, G2B, Q14B = ("Qwen/Qwen2.5-7B", "meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.3",
-                            "google/gemma-2-2b", "Qwen/Qwen2.5-14B")
+Q7B, L8B, M7B, G2B, Q14B = (
+    "Qwen/Qwen2.5-7B",
+    "meta-llama/Llama-3.1-8B",
+    "mistralai/Mistral-7B-v0.3",
+    "google/gemma-2-2b",
+    "Qwen/Qwen2.5-14B",
+)
 DORA = {"lora": {"use_dora": True}}
 QV = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}
 CASES = [
@@ -127,8 +166,15 @@ def prepare_model(model: str) -> Path:
     model_type = cfg_values.pop("model_type")
     for context_key in ("max_position_embeddings", "rope_scaling"):  # the harness builds every shape at 131072
         cfg_values.pop(context_key, None)
-    cfg = AutoConfig.for_model(model_type, **cfg_values, max_position_embeddings=131072, bos_token_id=1,
-                               eos_token_id=2, pad_token_id=0, architectures=[_ARCH[model_type]])
+    cfg = AutoConfig.for_model(
+        model_type,
+        **cfg_values,
+        max_position_embeddings=131072,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        architectures=[_ARCH[model_type]],
+    )
     with torch.device("cuda"):
         net = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +267,14 @@ def run_case(c: dict) -> dict:
     sampler.start()
     steps, t0 = [], time.time()
     with tempfile.TemporaryDirectory() as out_dir:
-        result = train(spec, base_model_dir=base, dataset_path=data, output_dir=Path(out_dir),
-                       on_progress=lambda progress: steps.append(time.time()), should_stop=lambda: False)
+        result = train(
+            spec,
+            base_model_dir=base,
+            dataset_path=data,
+            output_dir=Path(out_dir),
+            on_progress=lambda progress: steps.append(time.time()),
+            should_stop=lambda: False,
+        )
     torch.cuda.synchronize()
     sampler.stop.set()
     sampler.join()
@@ -247,9 +299,14 @@ def run_case(c: dict) -> dict:
         "worker_peak_memory_bytes": getattr(result, "peak_memory_bytes", None),
         "wall_train_s": round(time.time() - t0, 1),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bnb": bitsandbytes.__version__, "torchao": _version("torchao"),
-                     "cuda": torch.version.cuda},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bnb": bitsandbytes.__version__,
+            "torchao": _version("torchao"),
+            "cuda": torch.version.cuda,
+        },
         "gpu": torch.cuda.get_device_name(0),
     }
 
@@ -321,8 +378,9 @@ def _run_one(c: dict, out: Path, timeout: int) -> None:
         env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
     else:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     row = json.loads(lines[-1][7:]) if lines else {"case": c, "error": "no result", "stderr": proc.stderr[-2000:]}
     row["wall_s"] = round(time.time() - started, 1)

@@ -49,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     from ftjobs.commands.common import connection_options, json_option
 
     settings = get_settings()
-    parser = argparse.ArgumentParser(prog="ftjobs", description=__doc__,
-                                     epilog="exit codes: 0 done or succeeded, 1 job failed or cancelled, "
-                                            "2 bad input, 3 server unreachable")
+    parser = argparse.ArgumentParser(
+        prog="ftjobs",
+        description=__doc__,
+        epilog="exit codes: 0 done or succeeded, 1 job failed or cancelled, 2 bad input, 3 server unreachable",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -62,8 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up, workers=1)
     api = commands.add_parser("api", help="run the API server")
     _host_port(api, settings)
-    api.add_argument("--workers", type=_process_count, default=settings.api_workers,
-                     help="API processes (default: FTJOBS_API_WORKERS, else WEB_CONCURRENCY, else 1)")
+    api.add_argument(
+        "--workers",
+        type=_process_count,
+        default=settings.api_workers,
+        help="API processes (default: FTJOBS_API_WORKERS, else WEB_CONCURRENCY, else 1)",
+    )
     api.set_defaults(run=_api)
     worker = commands.add_parser("worker", help="run a training worker")
     worker.add_argument("--name", default=None, help="Celery node name (default: celery@HOSTNAME)")
@@ -106,9 +112,12 @@ def _keys_parser(commands) -> None:
     create.add_argument("--tenant", required=True, help="the tenant's name; created on first use")
     create.add_argument("--admin", action="store_true", help="the key acts across every tenant")
     create.add_argument("--max-active-jobs", type=int, default=None, help="the tenant's active-jobs quota")
-    create.add_argument("--webhook-url", default=None,
-                        help="POST the tenant's job state changes and checkpoints here (Standard Webhooks); "
-                             "prints the tenant's signing secret")
+    create.add_argument(
+        "--webhook-url",
+        default=None,
+        help="POST the tenant's job state changes and checkpoints here (Standard Webhooks); "
+        "prints the tenant's signing secret",
+    )
     create.set_defaults(run=_keys_create)
     listing = actions.add_parser("list", help="every key: id, tenant, admin, created, revoked")
     listing.set_defaults(run=_keys_list)
@@ -149,8 +158,17 @@ def _api(args) -> None:
     # httptools and uvloop by name rather than "auto": a missing one fails the start instead of falling back
     # in silence to the slower pure-Python h11 parser and the asyncio loop.
     with _metrics_shared_by(args.workers):
-        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    http="httptools", loop="uvloop", access_log=settings.access_log, log_config=None)
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            http="httptools",
+            loop="uvloop",
+            access_log=settings.access_log,
+            log_config=None,
+        )
 
 
 @contextmanager
@@ -206,8 +224,9 @@ def _up(args) -> int:
     settings.ensure_dirs()
     upgrade_database(settings)
     _ensure_local_admin_key(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy(),
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "ftjobs.cli", "worker"], env=os.environ.copy(), start_new_session=True
+    )
     # uvicorn re-raises the SIGTERM it shut down on; turning it into SystemExit lets `finally` stop the worker
     # instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -223,8 +242,11 @@ def _drain_worker(worker: subprocess.Popen, timeout_seconds: float) -> None:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     if worker.poll() is None:
-        print("stopping the worker: the running job checkpoints and goes back to the queue "
-              "(Ctrl-C again to stop it at once)", file=sys.stderr)
+        print(
+            "stopping the worker: the running job checkpoints and goes back to the queue "
+            "(Ctrl-C again to stop it at once)",
+            file=sys.stderr,
+        )
         worker.send_signal(signal.SIGTERM)
     try:
         worker.wait(timeout=timeout_seconds)
@@ -262,15 +284,28 @@ def _keys_create(args) -> int:
         return _problem(args, {"code": "invalid_argument", "detail": "--max-active-jobs must be at least 1"})
     try:
         with transaction() as session:
-            key, secret = create_key(session, args.tenant, admin=args.admin, max_active_jobs=args.max_active_jobs,
-                                     webhook_url=args.webhook_url)
+            key, secret = create_key(
+                session,
+                args.tenant,
+                admin=args.admin,
+                max_active_jobs=args.max_active_jobs,
+                webhook_url=args.webhook_url,
+            )
             webhook_secret = get_tenant_by_name(session, args.tenant).webhook_secret if args.webhook_url else None
     except ProblemError as exc:  # a webhook URL that is not one
         return _problem(args, exc.to_problem())
     if args.json:
-        print(json.dumps({"id": key.id, "tenant": args.tenant, "admin": key.admin, "key": secret,
-                          **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if webhook_secret
-                             else {})}))
+        print(
+            json.dumps(
+                {
+                    "id": key.id,
+                    "tenant": args.tenant,
+                    "admin": key.admin,
+                    "key": secret,
+                    **({"webhook_url": args.webhook_url, "webhook_secret": webhook_secret} if webhook_secret else {}),
+                }
+            )
+        )
         return 0
     if webhook_secret:
         print(f"webhook {args.webhook_url} signed with the tenant's secret: {webhook_secret}")
@@ -285,14 +320,25 @@ def _keys_list(args) -> int:
     from service.tenancy.repository import list_keys
 
     with transaction() as session:
-        rows = [{"id": key.id, "tenant": tenant.name, "admin": key.admin, "created_at": when(key.created_at),
-                 "revoked_at": when(key.revoked_at)} for key, tenant in list_keys(session)]
+        rows = [
+            {
+                "id": key.id,
+                "tenant": tenant.name,
+                "admin": key.admin,
+                "created_at": when(key.created_at),
+                "revoked_at": when(key.revoked_at),
+            }
+            for key, tenant in list_keys(session)
+        ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(table(["KEY_ID", "TENANT", "ADMIN", "CREATED", "REVOKED"],
-                [[r["id"], r["tenant"], "yes" if r["admin"] else "no", r["created_at"], r["revoked_at"]]
-                 for r in rows]))
+    print(
+        table(
+            ["KEY_ID", "TENANT", "ADMIN", "CREATED", "REVOKED"],
+            [[r["id"], r["tenant"], "yes" if r["admin"] else "no", r["created_at"], r["revoked_at"]] for r in rows],
+        )
+    )
     return 0
 
 
@@ -351,8 +397,9 @@ def _plan(args) -> int:
 
 
 def _one_line(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}"
-                     for error in exc.errors())
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'spec'}: {error['msg']}" for error in exc.errors()
+    )
 
 
 @contextmanager

@@ -139,9 +139,14 @@ class Client:
 
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
         # A page of JSON, said outright: the same route may also stream Server-Sent Events to who asks for them.
-        return EventPage.model_validate(self._json("GET", f"/v1/jobs/{job_id}/events",
-                                                   params={"after": after, "limit": limit},
-                                                   headers={"Accept": "application/json"}))
+        return EventPage.model_validate(
+            self._json(
+                "GET",
+                f"/v1/jobs/{job_id}/events",
+                params={"after": after, "limit": limit},
+                headers={"Accept": "application/json"},
+            )
+        )
 
     def follow_events(self, job_id: str, *, after: int = 0, poll_seconds: float = 1.0) -> Iterator[Event]:
         """Every event after `after`, as it comes, until the job has ended and its last event is out."""
@@ -184,14 +189,20 @@ class Client:
             data = {"format": dataset_format} if dataset_format else None
             # One boundary for the call: a retry sends the very bytes of the first try, as its Idempotency-Key says.
             boundary = uuid.uuid4().hex
-            body = self._json("POST", "/v1/files", files={"file": (path.name, handle)}, data=data,
-                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-                              rewind=lambda: handle.seek(0))
+            body = self._json(
+                "POST",
+                "/v1/files",
+                files={"file": (path.name, handle)},
+                data=data,
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                rewind=lambda: handle.seek(0),
+            )
         return File.model_validate(body)
 
     def files(self, *, limit: int = 50, after: str | None = None) -> FilePage:
-        return FilePage.model_validate(self._json("GET", "/v1/files", params=_present({"limit": limit,
-                                                                                      "after": after})))
+        return FilePage.model_validate(
+            self._json("GET", "/v1/files", params=_present({"limit": limit, "after": after}))
+        )
 
     def file(self, file_id: str) -> File:
         return File.model_validate(self._json("GET", f"/v1/files/{file_id}"))
@@ -213,8 +224,9 @@ class Client:
         response = self._checked(self._request(method, path, **kwargs))
         return response.json()
 
-    def _request(self, method: str, path: str, *, rewind: Callable[[], Any] | None = None,
-                 **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, *, rewind: Callable[[], Any] | None = None, **kwargs: Any
+    ) -> httpx.Response:
         headers = {**kwargs.pop("headers", {}), **({"Idempotency-Key": str(uuid.uuid4())} if method == "POST" else {})}
         for delay in (*RETRY_DELAYS_SECONDS, None):
             try:

@@ -31,8 +31,15 @@ def demo_spec(model_dir: Path) -> dict:
         "method": "qlora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
         "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-        "training": {"epochs": 1, "max_steps": 30, "micro_batch_size": 8, "gradient_accumulation_steps": 1,
-                     "max_seq_length": 256, "learning_rate": 1e-2, "seed": 42},
+        "training": {
+            "epochs": 1,
+            "max_steps": 30,
+            "micro_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": 256,
+            "learning_rate": 1e-2,
+            "seed": 42,
+        },
         "memory": {"precision": "bf16-mixed", "optimizer": "paged_adamw_8bit", "gradient_checkpointing": True},
         "metadata": {"source": "ftjobs demo"},
     }
@@ -65,9 +72,11 @@ def run_demo(url: str | None, api_key: str | None = None) -> int:
         # Read after the stack is up: on a first start `ftjobs up` has only just written the local key.
         client = Client(url, cli_api_key(api_key))
         job = client.submit(demo_spec(model_dir))
-        print(f"submitted {job.id}: predicted peak GPU memory "
-              f"{job.predicted_peak_bytes / 2**20:.0f} MiB (on a GPU; this machine trains on "
-              f"{'the GPU' if _has_gpu() else 'the CPU'})")
+        print(
+            f"submitted {job.id}: predicted peak GPU memory "
+            f"{job.predicted_peak_bytes / 2**20:.0f} MiB (on a GPU; this machine trains on "
+            f"{'the GPU' if _has_gpu() else 'the CPU'})"
+        )
         job = client.watch(job.id)
         if job.status != "succeeded":
             print(f"job {job.status}: {job.error}")
@@ -121,8 +130,9 @@ def _free_port() -> int:
 def _start_embedded_stack() -> tuple[str, subprocess.Popen]:
     port = _free_port()
     env = {**os.environ, "FTJOBS_API_PORT": str(port), "FTJOBS_LOG_LEVEL": "WARNING"}
-    stack = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "up", "--port", str(port)], env=env,
-                             start_new_session=True)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "ftjobs.cli", "up", "--port", str(port)], env=env, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     client, deadline = Client(url), time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while not client.ready():

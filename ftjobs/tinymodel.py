@@ -46,20 +46,28 @@ CHATML_CHAT_TEMPLATE = (
 )
 
 # Qwen2's pre-tokenisation regex (digits one by one, letters in runs), copied from transformers' Qwen2Tokenizer.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 _ARCHS = {
     "llama": {
-        "special_tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                           "<|eot_id|>", "<|finetune_right_pad_id|>"],
-        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
+        "special_tokens": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
         "chat_template": LLAMA_CHAT_TEMPLATE,
     },
     "qwen2": {
         "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
         "chat_template": CHATML_CHAT_TEMPLATE,
     },
 }
@@ -87,10 +95,12 @@ def build_tiny_tokenizer(arch: str = "llama", *, vocab_size: int = 1024):
         # AutoTokenizer loads a qwen2 model's tokenizer as Qwen2Tokenizer, which imposes this normaliser and
         # pre-tokeniser; train with the same ones so the saved merges mean the same thing once loaded.
         bpe.normalizer = normalizers.NFC()
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -139,8 +149,9 @@ def build_tiny_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(arch, vocab_size=vocab_size)
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
-                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        arch
+    ]
     config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -20,8 +20,7 @@ def run_migrations_online() -> None:
     engine = create_engine(url)
     with engine.connect() as connection:
         # Batch mode lets later migrations alter columns on SQLite, which lacks most ALTER TABLE forms.
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                          compare_type=True)
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, compare_type=True)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -69,8 +69,14 @@ class Recipe:
 
 WORKER = Recipe()
 # refbench.py: random tokens of exactly `seq`, no padding -> no attention mask.
-HF_TRAINER = Recipe(kbit_upcast=True, padded_batches=False, foreach_adamw=True, embedding_fp32_states=True,
-                    expandable_segments=False, fused_loss_default=False)
+HF_TRAINER = Recipe(
+    kbit_upcast=True,
+    padded_batches=False,
+    foreach_adamw=True,
+    embedding_fp32_states=True,
+    expandable_segments=False,
+    fused_loss_default=False,
+)
 
 
 # A JSON merge-patch onto the job spec, as planner/suggest.py writes them: a section's fields, or a top-level value
@@ -98,15 +104,18 @@ class Plan(BaseModel):
     num_gpus: int = Field(1, description="Ranks, one GPU each; peak_vram_bytes and breakdown are one rank's")
     sharding: str | None = Field(None, description="zero2 | zero3 (FSDP2), or None: no sharding")
     sharded_terms: list[str] = Field(default_factory=list, description="Breakdown terms that are one rank's shard")
-    host_breakdown: dict[str, int] = Field(default_factory=dict,
-                                           description="One rank's offloaded bytes in host memory")
+    host_breakdown: dict[str, int] = Field(
+        default_factory=dict, description="One rank's offloaded bytes in host memory"
+    )
     host_memory_bytes: int = Field(0, description="Host memory the offloaded terms need, all ranks together")
     reasons: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(default_factory=list)
     min_gpu_memory_bytes: int | None = Field(
-        None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)")
+        None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)"
+    )
     min_num_gpus: int | None = Field(
-        None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on")
+        None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
+    )
 
 
 # ---- setup ------------------------------------------------------------------------------------------------
@@ -119,10 +128,14 @@ def _adapted(shape: ModelShape, targets: Any) -> tuple:
 def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
     """(name, numel, layer index) of every parameter as transformers' llama/qwen2 modeling names it; a tied
     lm_head is listed too (named_parameters(remove_duplicate=False)) but shares the embedding's storage."""
-    out = [("model.embed_tokens.weight", shape.embed_numel, None), ("model.norm.weight", shape.hidden_size, None),
-           ("lm_head.weight", shape.embed_numel, None)]
-    norms = (["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-              "post_feedforward_layernorm"])[:shape.norms_per_layer]
+    out = [
+        ("model.embed_tokens.weight", shape.embed_numel, None),
+        ("model.norm.weight", shape.hidden_size, None),
+        ("lm_head.weight", shape.embed_numel, None),
+    ]
+    norms = (
+        ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    )[: shape.norms_per_layer]
     for i in range(shape.num_layers):
         for lin in shape.linears:
             out.append((f"model.layers.{i}.{lin.parent}.{lin.name}.weight", lin.weight_numel, i))
@@ -172,8 +185,10 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
     upcast = method == "qlora" and recipe.kbit_upcast
     head = trained if method == "full" else (4 if upcast else frozen)
     compute = 2 if autocast else (trained if method == "full" else frozen)
-    trainable_layers = {"full": shape.num_layers, "freeze": min(
-        shape.num_layers, spec.freeze_options.trainable_layers if spec.freeze_options else 0)}.get(method, 0)
+    trainable_layers = {
+        "full": shape.num_layers,
+        "freeze": min(shape.num_layers, spec.freeze_options.trainable_layers if spec.freeze_options else 0),
+    }.get(method, 0)
     modules = spec.freeze_options.trainable_modules if spec.freeze_options else None
     trained_tensors, first_grad_layer = (), None
     if modules:
@@ -255,8 +270,9 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
         states, paged = t.galore_state_bytes(shape, tensors, s), 0
     else:
         states, paged = t.optimizer_state_bytes(tensors, s, embed_fp32)
-    weights = (t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s)
-               + t.expert_weight_bytes(shape, s))
+    weights = (
+        t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s) + t.expert_weight_bytes(shape, s)
+    )
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
     if s.method == "full" and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
         static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
@@ -266,10 +282,15 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
         "misc_workspaces": MISC_BYTES,
     }
     head = (shape.embed_numel + shape.lm_head_numel) * s.trained_bytes if s.method == "full" else 0
-    return _Fixed(static, paged, t.gradient_bytes(tensors, s), head,
-                  t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw) + t.galore_temp_bytes(shape, s),
-                  t.autocast_cache_bytes(shape, s),
-                  t.dequant_buffer_bytes(shape, s))
+    return _Fixed(
+        static,
+        paged,
+        t.gradient_bytes(tensors, s),
+        head,
+        t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw) + t.galore_temp_bytes(shape, s),
+        t.autocast_cache_bytes(shape, s),
+        t.dequant_buffer_bytes(shape, s),
+    )
 
 
 def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int]:
@@ -285,8 +306,11 @@ def _phases_with_host(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[di
     layer = t.layer_activation_bytes(shape, s, trainable=s.method in ("full", "freeze"))
     dropout_copies = t.adapter_activation_bytes_per_token(s) * s.tokens * t.grad_layers(shape, s)
     lm_cast = t.lm_head_cast_bytes(shape, s)
-    acts = {"activations": saved} if s.gradient_checkpointing else {
-        "activations": saved - dropout_copies, "lora_dropout_copies": dropout_copies}
+    acts = (
+        {"activations": saved}
+        if s.gradient_checkpointing
+        else {"activations": saved - dropout_copies, "lora_dropout_copies": dropout_copies}
+    )
     acts["attention_mask"] = t.attention_mask_bytes(s)
     dora_layer = t.dora_weight_copy_bytes(shape, s)  # per layer; all layers' copies live without checkpointing
     if dora_layer and not s.gradient_checkpointing:
@@ -301,14 +325,18 @@ def _phases_with_host(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[di
     else:  # late in backward: all grads (full fine-tuning of a big model) + one layer's tensors
         backward = {"gradients": f.grads, "activations": 2 * layer}
     phases = {
-        "forward_loss": static | acts | {
-            "autocast_weight_copies": max(lm_cast, f.autocast_cache),
-            "logits_loss": t.loss_forward_bytes(shape, s)},
-        "loss_backward": static | acts | {
-            "autocast_weight_copies": lm_cast, "logits_loss": t.loss_backward_bytes(shape, s)},
-        "layer_backward": static | backward | {
+        "forward_loss": static
+        | acts
+        | {"autocast_weight_copies": max(lm_cast, f.autocast_cache), "logits_loss": t.loss_forward_bytes(shape, s)},
+        "loss_backward": static
+        | acts
+        | {"autocast_weight_copies": lm_cast, "logits_loss": t.loss_backward_bytes(shape, s)},
+        "layer_backward": static
+        | backward
+        | {
             "dequant_buffers": f.dequant + t.dora_norm_temp_bytes(shape, s),
-            "dora_weight_copies": backward.get("dora_weight_copies", 0) + dora_layer},
+            "dora_weight_copies": backward.get("dora_weight_copies", 0) + dora_layer,
+        },
         "optimizer_step": static | {"gradients": f.grads, "optimizer_temporaries": f.optimizer_temp},
     }
     pool = f.grads + f.optimizer_temp + f.autocast_cache
@@ -412,8 +440,9 @@ def evaluate(spec: JobSpec, shape: ModelShape, gpu_memory_bytes: int | None, rec
     else:
         s = build_setup(spec, shape, mb, recipe)
     phase, breakdown, paged, host = _estimate(shape, s, recipe)
-    return Outcome(mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin, host or None,
-                   s.num_gpus)
+    return Outcome(
+        mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin, host or None, s.num_gpus
+    )
 
 
 def plan(
@@ -433,15 +462,24 @@ def plan(
     check_scope(spec, shape)
     o = evaluate(spec, shape, gpu_memory_bytes, recipe)
     result = Plan(
-        peak_vram_bytes=o.peak, breakdown=o.breakdown, peak_phase=o.phase, paged_optimizer_bytes=o.paged,
-        gpu_memory_bytes=o.gpu, safety_margin_bytes=o.margin, fits=o.fits, headroom_bytes=o.headroom,
-        micro_batch_size=o.micro_batch, num_gpus=o.num_gpus,
+        peak_vram_bytes=o.peak,
+        breakdown=o.breakdown,
+        peak_phase=o.phase,
+        paged_optimizer_bytes=o.paged,
+        gpu_memory_bytes=o.gpu,
+        safety_margin_bytes=o.margin,
+        fits=o.fits,
+        headroom_bytes=o.headroom,
+        micro_batch_size=o.micro_batch,
+        num_gpus=o.num_gpus,
         sharding=spec.resources.effective_sharding.value if spec.resources.effective_sharding else None,
-        host_breakdown=o.host or {}, host_memory_bytes=sum((o.host or {}).values()) * o.num_gpus,
+        host_breakdown=o.host or {},
+        host_memory_bytes=sum((o.host or {}).values()) * o.num_gpus,
     )
     if result.sharding:
-        result.sharded_terms = [k for k in fsdp.sharded_term_names(build_setup(spec, shape, 1, recipe))
-                                if k in o.breakdown]
+        result.sharded_terms = [
+            k for k in fsdp.sharded_term_names(build_setup(spec, shape, 1, recipe)) if k in o.breakdown
+        ]
     if o.fits is False:
         result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
         if suggest:
@@ -466,8 +504,10 @@ def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase:
 
 def _nothing_fits_reason(result: Plan, max_num_gpus: int) -> str:
     gpu = result.gpu_memory_bytes / t.GIB
-    text = (f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
-            f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB")
+    text = (
+        f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
+        f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB"
+    )
     if result.min_num_gpus:
         text += f", or {result.min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
     else:

@@ -39,9 +39,18 @@ NCCL_BYTES = 512 * MIB
 # Static terms divided across the ranks (dim-0 chunks, torch.chunk: padding of < num_gpus rows is ignored).
 SHARDED_STATIC = ("weights", "master_weights", "quantization_constants", "trainable_params", "optimizer_states")
 # Moved to the host by each offload mode.
-HOST_TERMS = {"none": (), "optimizer": ("optimizer_states",),
-              "params": ("weights", "master_weights", "quantization_constants", "trainable_params",
-                         "optimizer_states", "gradients")}
+HOST_TERMS = {
+    "none": (),
+    "optimizer": ("optimizer_states",),
+    "params": (
+        "weights",
+        "master_weights",
+        "quantization_constants",
+        "trainable_params",
+        "optimizer_states",
+        "gradients",
+    ),
+}
 
 
 def shard_bytes(total: int, num_gpus: int) -> int:

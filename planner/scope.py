@@ -37,7 +37,7 @@ def target_matches(target: str, lin: Linear, num_layers: int) -> bool:
     """peft's suffix match of one target_modules entry against a decoder layer's nn.Linear (layers.N: any layer
     below num_layers; the planner then adapts every layer, an overestimate)."""
     match = _LAYER_PREFIX.match(target)
-    layer, rest = match.group(1), target[match.end():]
+    layer, rest = match.group(1), target[match.end() :]
     if layer is not None and int(layer) >= num_layers:
         return False
     return rest in (lin.name, f"{lin.parent}.{lin.name}") or f"{lin.parent}.{lin.name}".endswith("." + rest)
@@ -50,15 +50,23 @@ def lora_target_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
     if lora is None or lora.target_modules == "all-linear":
         return None
     leaves = {lin.name for lin in shape.linears}
-    bad = [target for target in lora.target_modules
-           if not any(target_matches(target, lin, shape.num_layers) for lin in shape.linears)]
+    bad = [
+        target
+        for target in lora.target_modules
+        if not any(target_matches(target, lin, shape.num_layers) for lin in shape.linears)
+    ]
     if not bad:
         return None
-    experts = " (MoE experts are 3-D parameters, not nn.Linear: target_modules cannot adapt them)" \
-        if shape.num_experts else ""
-    return Problem("invalid_lora_targets",
-                   f"lora.target_modules {bad} match no nn.Linear of {shape.model_type} {shape.name!r}{experts}; "
-                   f"its projections are: {', '.join(sorted(leaves))}")
+    experts = (
+        " (MoE experts are 3-D parameters, not nn.Linear: target_modules cannot adapt them)"
+        if shape.num_experts
+        else ""
+    )
+    return Problem(
+        "invalid_lora_targets",
+        f"lora.target_modules {bad} match no nn.Linear of {shape.model_type} {shape.name!r}{experts}; "
+        f"its projections are: {', '.join(sorted(leaves))}",
+    )
 
 
 def sequence_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
@@ -66,9 +74,11 @@ def sequence_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
     seq = spec.training.max_seq_length
     if shape.context_length is None or seq <= shape.context_length:
         return None
-    return Problem("sequence_too_long",
-                   f"training.max_seq_length {seq} exceeds {shape.name!r}'s context length {shape.context_length} "
-                   "(max_position_embeddings, with its rope_scaling): shorten it or use a rope-scaled config")
+    return Problem(
+        "sequence_too_long",
+        f"training.max_seq_length {seq} exceeds {shape.name!r}'s context length {shape.context_length} "
+        "(max_position_embeddings, with its rope_scaling): shorten it or use a rope-scaled config",
+    )
 
 
 def check_scope(spec: JobSpec, shape: ModelShape) -> None:

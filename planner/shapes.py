@@ -5,8 +5,9 @@ Only stdlib here: the planner must never import torch or transformers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # transformers' per-family default of tie_word_embeddings when config.json leaves it out
 # (LlamaConfig/MistralConfig/Qwen2Config/MixtralConfig/Qwen2MoeConfig/Phi3Config: False; Gemma2Config: True).
@@ -59,7 +60,9 @@ class ModelShape:
     # ---- mixture of experts (transformers 5.17 mixtral / qwen2_moe): every decoder layer is sparse ----------------
     num_experts: int = 0  # routed experts per layer (num_local_experts / num_experts); 0: a dense model
     experts_per_token: int = 0  # top-k (num_experts_per_tok)
-    expert_intermediate_size: int = 0  # one expert's MLP width (mixtral: intermediate_size; qwen2_moe: moe_intermediate_size)
+    expert_intermediate_size: int = (
+        0  # one expert's MLP width (mixtral: intermediate_size; qwen2_moe: moe_intermediate_size)
+    )
     shared_expert_intermediate_size: int = 0  # qwen2_moe's always-on shared expert (an nn.Linear MLP); 0: none
     context_length: int | None = None  # max_position_embeddings, extended by rope scaling; None: not known
 
@@ -165,7 +168,8 @@ class ModelShape:
                 int(cfg["intermediate_size"])
         except KeyError as missing:
             raise UnsupportedArchitecture(
-                f"config.json lacks {missing.args[0]!r}: not a decoder-only model the planner knows") from None
+                f"config.json lacks {missing.args[0]!r}: not a decoder-only model the planner knows"
+            ) from None
         _refuse_out_of_scope(cfg, model_type)
         return ARCHITECTURES[model_type](cfg, name or str(cfg.get("_name_or_path", "")) or model_type)
 
@@ -174,18 +178,21 @@ def _refuse_out_of_scope(cfg: dict[str, Any], model_type: str) -> None:
     if cfg.get("vision_config") or cfg.get("audio_config") or model_type in _MULTIMODAL:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is multimodal: the planner models the language model only, not its vision "
-            "or audio tower and their activations; it is refused rather than planned as a text model")
+            "or audio tower and their activations; it is refused rather than planned as a text model"
+        )
     if model_type in _REFUSED:
         raise UnsupportedArchitecture(f"model_type {model_type!r}: {_REFUSED[model_type]}")
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitecture(
-            f"model_type {model_type!r} is not a family the planner models (known: {', '.join(sorted(ARCHITECTURES))})")
+            f"model_type {model_type!r} is not a family the planner models (known: {', '.join(sorted(ARCHITECTURES))})"
+        )
     quant = cfg.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
         raise UnsupportedQuantization(
             f"config.json carries a quantization_config (quant_method {method!r}): pre-quantized checkpoints are "
-            "neither planned nor trained; use the unquantized base model (method qlora quantizes it at load)")
+            "neither planned nor trained; use the unquantized base model (method qlora quantizes it at load)"
+        )
 
 
 def context_length(cfg: dict[str, Any]) -> int | None:
@@ -236,20 +243,33 @@ def _qwen1(cfg: dict[str, Any], name: str) -> ModelShape:
     twice its width (QWenMLP: ff_dim_in = config.intermediate_size // 2; w1, w2: Linear(h, ff), mlp.c_proj:
     Linear(ff, h)). Qwen-7B: 22016 // 2 = 11008 -> 7.72B parameters."""
     h, ff = int(cfg["hidden_size"]), int(cfg["intermediate_size"]) // 2
-    linears = (Linear("c_attn", h, 3 * h, True, "attn"), Linear("c_proj", h, h, False, "attn"),
-               Linear("w1", h, ff, False, "mlp"), Linear("w2", h, ff, False, "mlp"),
-               Linear("c_proj", ff, h, False, "mlp"))
-    return _dense(cfg, name, intermediate_size=ff, num_kv_heads=int(cfg["num_attention_heads"]),
-                  tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), linears=linears)
+    linears = (
+        Linear("c_attn", h, 3 * h, True, "attn"),
+        Linear("c_proj", h, h, False, "attn"),
+        Linear("w1", h, ff, False, "mlp"),
+        Linear("w2", h, ff, False, "mlp"),
+        Linear("c_proj", ff, h, False, "mlp"),
+    )
+    return _dense(
+        cfg,
+        name,
+        intermediate_size=ff,
+        num_kv_heads=int(cfg["num_attention_heads"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        linears=linears,
+    )
 
 
 def _phi3(cfg: dict[str, Any], name: str) -> ModelShape:
     """transformers modeling_phi3: fused qkv_proj Linear(h, q + 2 kv) and gate_up_proj Linear(h, 2i), no biases."""
     shape = _dense(cfg, name)
     h, i = shape.hidden_size, shape.intermediate_size
-    linears = (Linear("qkv_proj", h, shape.q_dim + 2 * shape.kv_dim, False, "self_attn"),
-               Linear("o_proj", shape.q_dim, h, False, "self_attn"),
-               Linear("gate_up_proj", h, 2 * i, False, "mlp"), Linear("down_proj", i, h, False, "mlp"))
+    linears = (
+        Linear("qkv_proj", h, shape.q_dim + 2 * shape.kv_dim, False, "self_attn"),
+        Linear("o_proj", shape.q_dim, h, False, "self_attn"),
+        Linear("gate_up_proj", h, 2 * i, False, "mlp"),
+        Linear("down_proj", i, h, False, "mlp"),
+    )
     return _dense(cfg, name, linears=linears)
 
 
@@ -261,9 +281,14 @@ def _mixtral(cfg: dict[str, Any], name: str) -> ModelShape:
     """transformers 5.17 modeling_mixtral: llama attention; MixtralSparseMoeBlock = TopKRouter (weight [E, h])
     + MixtralExperts (3-D gate_up_proj, down_proj); every layer sparse, no shared expert."""
     dense = _dense(cfg, name)
-    return _dense(cfg, name, linears=_attention(dense), num_experts=int(cfg["num_local_experts"]),
-                  experts_per_token=int(cfg.get("num_experts_per_tok", 2)),
-                  expert_intermediate_size=dense.intermediate_size)
+    return _dense(
+        cfg,
+        name,
+        linears=_attention(dense),
+        num_experts=int(cfg["num_local_experts"]),
+        experts_per_token=int(cfg.get("num_experts_per_tok", 2)),
+        expert_intermediate_size=dense.intermediate_size,
+    )
 
 
 def _qwen2_moe(cfg: dict[str, Any], name: str) -> ModelShape:
@@ -272,24 +297,41 @@ def _qwen2_moe(cfg: dict[str, Any], name: str) -> ModelShape:
     shared_expert_intermediate_size) + shared_expert_gate Linear(h, 1). Refused when some layers are dense
     (mlp_only_layers, decoder_sparse_step > 1): the planner assumes identical layers."""
     if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
-        raise UnsupportedArchitecture("qwen2_moe with dense layers (mlp_only_layers / decoder_sparse_step > 1) mixes "
-                                      "two layer shapes; the planner models identical layers")
+        raise UnsupportedArchitecture(
+            "qwen2_moe with dense layers (mlp_only_layers / decoder_sparse_step > 1) mixes "
+            "two layer shapes; the planner models identical layers"
+        )
     base = _dense(cfg, name, attention_bias=bool(cfg.get("qkv_bias", True)))
     h, shared = base.hidden_size, int(cfg.get("shared_expert_intermediate_size") or 0)
     linears = _attention(base)
     if shared:
-        linears += (Linear("gate_proj", h, shared, False, "mlp.shared_expert"),
-                    Linear("up_proj", h, shared, False, "mlp.shared_expert"),
-                    Linear("down_proj", shared, h, False, "mlp.shared_expert"),
-                    Linear("shared_expert_gate", h, 1, False, "mlp"))
-    return _dense(cfg, name, attention_bias=base.attention_bias, linears=linears,
-                  num_experts=int(cfg["num_experts"]), experts_per_token=int(cfg.get("num_experts_per_tok", 4)),
-                  expert_intermediate_size=int(cfg["moe_intermediate_size"]), shared_expert_intermediate_size=shared)
+        linears += (
+            Linear("gate_proj", h, shared, False, "mlp.shared_expert"),
+            Linear("up_proj", h, shared, False, "mlp.shared_expert"),
+            Linear("down_proj", shared, h, False, "mlp.shared_expert"),
+            Linear("shared_expert_gate", h, 1, False, "mlp"),
+        )
+    return _dense(
+        cfg,
+        name,
+        attention_bias=base.attention_bias,
+        linears=linears,
+        num_experts=int(cfg["num_experts"]),
+        experts_per_token=int(cfg.get("num_experts_per_tok", 4)),
+        expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+        shared_expert_intermediate_size=shared,
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any], str], ModelShape]] = {
-    "llama": _dense, "mistral": _dense, "qwen2": _dense, "gemma2": _dense,
-    "qwen": _qwen1, "phi3": _phi3, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe,
+    "llama": _dense,
+    "mistral": _dense,
+    "qwen2": _dense,
+    "gemma2": _dense,
+    "qwen": _qwen1,
+    "phi3": _phi3,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
 }
 # The families the planner models (kept for callers of the old name).
 KNOWN_MODEL_TYPES = tuple(ARCHITECTURES)
@@ -298,10 +340,25 @@ _MOE_WIDTH_KEYS = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediat
 # Known families refused with their reason (planned wrongly otherwise).
 _REFUSED = {
     "deepseek_v2": "DeepSeek-V2 (MLA attention with low-rank q/kv projections, first_k_dense_replace dense layers "
-                   "before the MoE ones, grouped routing) is not modelled; refused rather than planned as a llama",
+    "before the MoE ones, grouped routing) is not modelled; refused rather than planned as a llama",
     "deepseek_v3": "DeepSeek-V3 (MLA attention, first_k_dense_replace dense layers, 256 routed + shared experts) is "
-                   "not modelled; refused rather than planned as a llama",
+    "not modelled; refused rather than planned as a llama",
 }
 # model_types whose checkpoints carry a vision or audio tower even when config.json lacks a vision_config.
-_MULTIMODAL = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "llava_next", "mllama", "idefics3",
-               "paligemma", "gemma3", "pixtral", "qwen2_audio", "qwen2_5_omni", "phi3_v", "phi4_multimodal"}
+_MULTIMODAL = {
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "llava",
+    "llava_next",
+    "mllama",
+    "idefics3",
+    "paligemma",
+    "gemma3",
+    "pixtral",
+    "qwen2_audio",
+    "qwen2_5_omni",
+    "phi3_v",
+    "phi4_multimodal",
+}

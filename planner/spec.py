@@ -75,7 +75,9 @@ class _Strict(BaseModel):
 
 class DatasetRef(_Strict):
     file_id: str | None = Field(None, pattern=r"^file_[A-Za-z0-9]{8,64}$", description="An uploaded file's id")
-    path: PlainText | None = Field(None, min_length=1, max_length=1024, description="Relative to the data root; it may not lead outside it")
+    path: PlainText | None = Field(
+        None, min_length=1, max_length=1024, description="Relative to the data root; it may not lead outside it"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetRef:
@@ -92,9 +94,11 @@ class LoraOptions(_Strict):
     use_dora: bool = False
     use_rslora: bool = False
     init: Literal["default", "pissa"] = Field(
-        "default", description="'pissa': adapters start from the principal singular vectors (lora only, not qlora)")
+        "default", description="'pissa': adapters start from the principal singular vectors (lora only, not qlora)"
+    )
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, le=1024, description="LoRA+: the B matrices train at learning_rate x this ratio")
+        None, gt=0, le=1024, description="LoRA+: the B matrices train at learning_rate x this ratio"
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -130,10 +134,13 @@ class GaloreOptions(_Strict):
 class FreezeOptions(_Strict):
     trainable_layers: int = Field(2, ge=1, le=4096, description="The last N decoder layers train; the rest stay frozen")
     trainable_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")]] | None = Field(
-        None, min_length=1, max_length=64,
+        None,
+        min_length=1,
+        max_length=64,
         description="Instead of trainable_layers: exactly the parameters under modules with these names train. "
-                    "A name matches whole dotted components of a parameter's name: 'mlp' (every layer's MLP), "
-                    "'q_proj', 'layers.3' (all of layer 3), 'layers.3.mlp', 'lm_head', 'embed_tokens'")
+        "A name matches whole dotted components of a parameter's name: 'mlp' (every layer's MLP), "
+        "'q_proj', 'layers.3' (all of layer 3), 'layers.3.mlp', 'lm_head', 'embed_tokens'",
+    )
 
     @model_validator(mode="after")
     def _layers_or_modules(self) -> FreezeOptions:
@@ -155,15 +162,19 @@ class TrainingOptions(_Strict):
     logging_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Progress is recorded every N optimizer steps")
     packing: bool = Field(False, description="Pack examples into rows of max_seq_length; no attention across them")
     validation_fraction: float | None = Field(
-        None, gt=0, le=0.5, description="Hold out this share of the examples (seeded) and report eval loss on it")
+        None, gt=0, le=0.5, description="Hold out this share of the examples (seeded) and report eval loss on it"
+    )
     checkpoint_every_steps: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N optimizer steps; None saves none"
     )
     checkpoint_every_epoch: bool = Field(
-        False, description="Also save a checkpoint at the end of each epoch and at the last step, as OpenAI does; "
-                           "the OpenAI-compatible route turns it on")
-    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many of the newest checkpoints are kept, "
-                                                              "after the job ends too")
+        False,
+        description="Also save a checkpoint at the end of each epoch and at the last step, as OpenAI does; "
+        "the OpenAI-compatible route turns it on",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=100, description="How many of the newest checkpoints are kept, after the job ends too"
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -178,15 +189,23 @@ class MemoryOptions(_Strict):
     optimizer: Optimizer = Optimizer.adamw
     gradient_checkpointing: bool = True
     fused_loss: bool | None = Field(
-        None, description="Chunked lm_head + cross-entropy (the full logits are never held). None: on wherever the "
-                          "worker's kernel runs - it is plain torch, so on every device; false turns it off")
+        None,
+        description="Chunked lm_head + cross-entropy (the full logits are never held). None: on wherever the "
+        "worker's kernel runs - it is plain torch, so on every device; false turns it off",
+    )
 
 
 class OutputOptions(_Strict):
     merge_adapter: bool = Field(
-        False, description="lora/qlora: also save the base with the adapter merged in, bf16 safetensors (model/)")
-    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
-                               description="Part of the result's name (OpenAI's fine_tuned_model)")
+        False, description="lora/qlora: also save the base with the adapter merged in, bf16 safetensors (model/)"
+    )
+    suffix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Part of the result's name (OpenAI's fine_tuned_model)",
+    )
 
 
 class Sharding(str, enum.Enum):
@@ -202,13 +221,23 @@ class Offload(str, enum.Enum):
 
 class Resources(_Strict):
     gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="Plan against this GPU size")
-    num_gpus: int = Field(1, ge=1, le=8, description="GPUs of one machine, one rank each (torchrun); more than one "
-                                                     "shards the model with FSDP2 (resources.sharding)")
+    num_gpus: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="GPUs of one machine, one rank each (torchrun); more than one "
+        "shards the model with FSDP2 (resources.sharding)",
+    )
     sharding: Sharding | None = Field(
-        None, description="zero3: params, grads and optimizer states sharded; zero2: grads and states sharded, params "
-                          "kept whole from forward to backward. None: zero3 when num_gpus > 1, no FSDP on one GPU")
-    offload: Offload = Field(Offload.none, description="Move the sharded optimizer states ('optimizer') or params, "
-                                                       "grads and states ('params') to host memory; needs sharding")
+        None,
+        description="zero3: params, grads and optimizer states sharded; zero2: grads and states sharded, params "
+        "kept whole from forward to backward. None: zero3 when num_gpus > 1, no FSDP on one GPU",
+    )
+    offload: Offload = Field(
+        Offload.none,
+        description="Move the sharded optimizer states ('optimizer') or params, "
+        "grads and states ('params') to host memory; needs sharding",
+    )
 
     @property
     def effective_sharding(self) -> Sharding | None:
@@ -230,12 +259,14 @@ class JobSpec(_Strict):
         min_length=1,
         max_length=1024,
         description="A directory under the server's model roots holding config.json and safetensors weights "
-                    "(absolute, or relative to a root), or a hub id found in the local cache",
+        "(absolute, or relative to a root), or a hub id found in the local cache",
     )
     dataset: DatasetRef | None = Field(None, description="Required to submit a job; optional for a plan")
     validation_dataset: DatasetRef | None = Field(
-        None, description="Held-out examples in dataset_format, for the eval loss (OpenAI's validation_file); "
-                          "instead of training.validation_fraction")
+        None,
+        description="Held-out examples in dataset_format, for the eval loss (OpenAI's validation_file); "
+        "instead of training.validation_fraction",
+    )
     dataset_format: DatasetFormat = DatasetFormat.alpaca
     method: Method = Method.qlora
     lora: LoraOptions | None = None
@@ -268,8 +299,10 @@ class JobSpec(_Strict):
         if self.output.merge_adapter and not adapters:
             problems.append(f"output.merge_adapter applies to lora and qlora, not {self.method.value}")
         if self.memory.optimizer.is_galore and adapters:
-            problems.append(f"optimizer {self.memory.optimizer.value} projects full-rank weight gradients: use it "
-                            f"with full or freeze; {self.method.value}'s adapters are already low-rank")
+            problems.append(
+                f"optimizer {self.memory.optimizer.value} projects full-rank weight gradients: use it "
+                f"with full or freeze; {self.method.value}'s adapters are already low-rank"
+            )
         if self.galore is not None and not self.memory.optimizer.is_galore:
             problems.append("'galore' options apply to the galore_adamw and galore_adamw_8bit optimizers")
         if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
@@ -285,17 +318,25 @@ class JobSpec(_Strict):
             return []
         sharding, optimizer, problems = self.resources.effective_sharding.value, self.memory.optimizer, []
         if optimizer.value in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-            problems.append(f"optimizer {optimizer.value} (bitsandbytes) steps whole tensors, not FSDP2's DTensor "
-                            f"shards: use adamw or adamw_4bit with sharding {sharding}")
+            problems.append(
+                f"optimizer {optimizer.value} (bitsandbytes) steps whole tensors, not FSDP2's DTensor "
+                f"shards: use adamw or adamw_4bit with sharding {sharding}"
+            )
         if optimizer is Optimizer.cpu_offload:
-            problems.append("optimizer cpu_offload does not take DTensor shards: with sharding use adamw and "
-                            "resources.offload 'optimizer'")
+            problems.append(
+                "optimizer cpu_offload does not take DTensor shards: with sharding use adamw and "
+                "resources.offload 'optimizer'"
+            )
         if optimizer.is_galore:
-            problems.append(f"optimizer {optimizer.value} projects whole weight matrices; FSDP2 holds row shards: "
-                            "GaLore runs on one GPU only")
+            problems.append(
+                f"optimizer {optimizer.value} projects whole weight matrices; FSDP2 holds row shards: "
+                "GaLore runs on one GPU only"
+            )
         if self.method is Method.qlora and self.quantization_options.bits == 8:
-            problems.append("qlora with quantization.bits 8 (LLM.int8 Int8Params) does not shard: use bits 4 "
-                            "(FSDP-QLoRA stores NF4 codes in bnb_4bit_quant_storage = the compute dtype)")
+            problems.append(
+                "qlora with quantization.bits 8 (LLM.int8 Int8Params) does not shard: use bits 4 "
+                "(FSDP-QLoRA stores NF4 codes in bnb_4bit_quant_storage = the compute dtype)"
+            )
         return problems
 
     # The effective per-method options: the defaults when the spec leaves them out.

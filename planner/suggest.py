@@ -30,8 +30,14 @@ COST_SHARD_PER_DOUBLING = 0.3
 COST_ZERO3_EXTRA = 0.05
 COST_OFFLOAD = {"optimizer": 0.6, "params": 1.2}  # NOT MEASURED: PCIe traffic of the states / params every step
 # Optimizers FSDP2 cannot step (planner/spec.py JobSpec._sharding_problems): a sharding patch swaps them for adamw.
-_UNSHARDABLE_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "cpu_offload", "galore_adamw",
-                           "galore_adamw_8bit")
+_UNSHARDABLE_OPTIMIZERS = (
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "cpu_offload",
+    "galore_adamw",
+    "galore_adamw_8bit",
+)
 
 
 def sharding_patch(spec: JobSpec, num_gpus: int, sharding: str) -> dict[str, Any] | None:
@@ -64,8 +70,9 @@ def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[tuple[float, 
     if current:
         for offload in ("optimizer", "params"):
             if res.offload.value == "none" or (res.offload.value == "optimizer" and offload == "params"):
-                out.append((COST_OFFLOAD[offload], f"offload {offload} to host memory",
-                            {"resources": {"offload": offload}}))
+                out.append(
+                    (COST_OFFLOAD[offload], f"offload {offload} to host memory", {"resources": {"offload": offload}})
+                )
     return out
 
 
@@ -73,29 +80,66 @@ def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[flo
     mem, out = spec.memory, _sharding_candidates(spec, max_num_gpus)
     galore_off = {"galore": None} if spec.galore is not None else {}  # its options need a galore optimizer
     if mem.fused_loss is False:  # None (the default) is already on for the worker
-        out.append((COST_FUSED_LOSS, "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
-                    {"memory": {"fused_loss": True}}))
+        out.append(
+            (
+                COST_FUSED_LOSS,
+                "fused_loss on (chunked lm_head + cross-entropy: the full fp32 logits are never held)",
+                {"memory": {"fused_loss": True}},
+            )
+        )
     if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):
-        out.append((COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}}))
+        out.append(
+            (COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}})
+        )
     if mem.optimizer.value == "galore_adamw":
-        out.append((COST_ADAMW_8BIT, "optimizer galore_adamw→galore_adamw_8bit (CUDA workers)",
-                    {"memory": {"optimizer": "galore_adamw_8bit"}}))
+        out.append(
+            (
+                COST_ADAMW_8BIT,
+                "optimizer galore_adamw→galore_adamw_8bit (CUDA workers)",
+                {"memory": {"optimizer": "galore_adamw_8bit"}},
+            )
+        )
     if mem.optimizer.value != "paged_adamw_8bit":
-        out.append((COST_PAGED, f"optimizer {mem.optimizer.value}→paged_adamw_8bit (states in unified memory)",
-                    {"memory": {"optimizer": "paged_adamw_8bit"}, **galore_off}))
+        out.append(
+            (
+                COST_PAGED,
+                f"optimizer {mem.optimizer.value}→paged_adamw_8bit (states in unified memory)",
+                {"memory": {"optimizer": "paged_adamw_8bit"}, **galore_off},
+            )
+        )
     if spec.method.value in ("full", "freeze") and not mem.optimizer.is_galore:
-        out.append((COST_GALORE, f"optimizer {mem.optimizer.value}→galore_adamw (Adam states on rank-128 "
-                                 "projections of the layers' weights)", {"memory": {"optimizer": "galore_adamw"}}))
+        out.append(
+            (
+                COST_GALORE,
+                f"optimizer {mem.optimizer.value}→galore_adamw (Adam states on rank-128 "
+                "projections of the layers' weights)",
+                {"memory": {"optimizer": "galore_adamw"}},
+            )
+        )
     if spec.method.value == "full" and mem.precision.value == "bf16-mixed":
-        out.append((COST_BF16_PRECISION, "precision bf16-mixed→bf16 (no fp32 master weights)",
-                    {"memory": {"precision": "bf16"}}))
+        out.append(
+            (
+                COST_BF16_PRECISION,
+                "precision bf16-mixed→bf16 (no fp32 master weights)",
+                {"memory": {"precision": "bf16"}},
+            )
+        )
     if spec.training.micro_batch_size != "auto":
         for smaller in (d for d in range(mb - 1, 0, -1) if mb % d == 0):
             factor = mb // smaller
-            out.append((COST_PER_HALVING * factor.bit_length(),
-                        f"micro_batch_size {mb}→{smaller} with gradient_accumulation_steps ×{factor} (same effective batch)",
-                        {"training": {"micro_batch_size": smaller,
-                                      "gradient_accumulation_steps": spec.training.gradient_accumulation_steps * factor}}))
+            out.append(
+                (
+                    COST_PER_HALVING * factor.bit_length(),
+                    f"micro_batch_size {mb}→{smaller} with gradient_accumulation_steps ×{factor} "
+                    "(same effective batch)",
+                    {
+                        "training": {
+                            "micro_batch_size": smaller,
+                            "gradient_accumulation_steps": spec.training.gradient_accumulation_steps * factor,
+                        }
+                    },
+                )
+            )
     if not mem.gradient_checkpointing:
         out.append((COST_CHECKPOINTING, "gradient_checkpointing on", {"memory": {"gradient_checkpointing": True}}))
     if spec.method.value == "lora":
@@ -108,13 +152,19 @@ def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[flo
     seq = spec.training.max_seq_length
     for shorter in (seq // 2, seq // 4, seq // 8):
         if shorter >= 256:
-            out.append((COST_SHORTER_SEQ + seq / shorter / 100, f"max_seq_length {seq}→{shorter} (changes the job)",
-                        {"training": {"max_seq_length": shorter}}))
+            out.append(
+                (
+                    COST_SHORTER_SEQ + seq / shorter / 100,
+                    f"max_seq_length {seq}→{shorter} (changes the job)",
+                    {"training": {"max_seq_length": shorter}},
+                )
+            )
     return sorted(out, key=lambda c: c[0])
 
 
-def suggestions(spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Recipe,
-                max_num_gpus: int = 1) -> list[Suggestion]:
+def suggestions(
+    spec: JobSpec, shape: ModelShape, gpu: int, mb: int, recipe: Recipe, max_num_gpus: int = 1
+) -> list[Suggestion]:
     """Single patches that fit; if none does, one combined patch built greedily in cost order. Sharding patches
     only up to max_num_gpus (the most GPUs one worker has)."""
     found: list[Suggestion] = []
@@ -165,7 +215,9 @@ def smallest_fit(spec: JobSpec, shape: ModelShape, gpu: int, peak: int, recipe: 
 
 
 def _turns_on_galore(spec: JobSpec, patch: dict) -> bool:
-    return str(patch.get("memory", {}).get("optimizer", "")).startswith("galore") and not spec.memory.optimizer.is_galore
+    return (
+        str(patch.get("memory", {}).get("optimizer", "")).startswith("galore") and not spec.memory.optimizer.is_galore
+    )
 
 
 def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, recipe: Recipe) -> Suggestion:

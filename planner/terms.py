@@ -93,12 +93,39 @@ class Setup:
 
     def fixed_key(self) -> tuple:
         """Every field but tokens: what the micro-batch-independent terms depend on."""
-        return (self.method, self.seq, self.padded_batches, self.trained_bytes, self.frozen_bytes,
-                self.head_bytes, self.autocast, self.compute_bytes, self.residual_bytes, self.mlp_bytes, self.autocast_fp32_params, tuple(lin.name for lin in self.adapted), self.lora_r,
-                self.lora_dropout, self.dora, self.trainable_layers, self.gradient_checkpointing,
-                self.fused_loss, self.optimizer, self.quant_double, self.quant_bits, self.packing,
-                self.offload_gradients, self.trained_numel, self.first_grad_layer, self.trained_tensors,
-                self.galore_rank, self.galore_proj_type, self.num_gpus, self.sharding, self.offload)
+        return (
+            self.method,
+            self.seq,
+            self.padded_batches,
+            self.trained_bytes,
+            self.frozen_bytes,
+            self.head_bytes,
+            self.autocast,
+            self.compute_bytes,
+            self.residual_bytes,
+            self.mlp_bytes,
+            self.autocast_fp32_params,
+            tuple(lin.name for lin in self.adapted),
+            self.lora_r,
+            self.lora_dropout,
+            self.dora,
+            self.trainable_layers,
+            self.gradient_checkpointing,
+            self.fused_loss,
+            self.optimizer,
+            self.quant_double,
+            self.quant_bits,
+            self.packing,
+            self.offload_gradients,
+            self.trained_numel,
+            self.first_grad_layer,
+            self.trained_tensors,
+            self.galore_rank,
+            self.galore_proj_type,
+            self.num_gpus,
+            self.sharding,
+            self.offload,
+        )
 
 
 # ---- weights ----------------------------------------------------------------------------------------
@@ -153,8 +180,11 @@ def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
     Freeze: the trained layers' norms are in the trained dtype (worker loading._train_last_layers)."""
     head = (shape.embed_numel + shape.lm_head_numel + shape.hidden_size) * s.head_bytes
     if s.trained_tensors:  # the rest frozen; the matched tensors' extra bytes (trained - frozen dtype)
-        return (head + shape.layer_other_numel * shape.num_layers * s.head_bytes
-                + s.trained_numel * (s.trained_bytes - s.frozen_bytes))
+        return (
+            head
+            + shape.layer_other_numel * shape.num_layers * s.head_bytes
+            + s.trained_numel * (s.trained_bytes - s.frozen_bytes)
+        )
     frozen = shape.num_layers - s.trainable_layers
     return head + shape.layer_other_numel * (s.trainable_layers * s.trained_bytes + frozen * s.head_bytes)
 
@@ -218,9 +248,7 @@ def ao_4bit_state_bytes(numel: int, param_bytes: int) -> int:
     return numel * param_bytes
 
 
-def optimizer_state_bytes(
-    tensors: list[tuple[int, int]], s: Setup, embed_numel_fp32: int = 0
-) -> tuple[int, int]:
+def optimizer_state_bytes(tensors: list[tuple[int, int]], s: Setup, embed_numel_fp32: int = 0) -> tuple[int, int]:
     """(device bytes, paged bytes) of the optimizer states. Paged bytes live in CUDA unified memory:
     they show in neither torch's reserved memory nor NVML's per-process figure (calibration qlora rows).
     `embed_numel_fp32`: HF Trainer registers nn.Embedding weights for 32-bit states (trainer.py
@@ -276,8 +304,13 @@ def galore_projection_numels(out: int, inp: int, s: Setup) -> tuple[int, int]:
     min(out, in) singular vectors."""
     r = min(s.galore_rank, out, inp)
     big, small = max(out, inp), min(out, inp)
-    return {"std": (r * big, r * small), "reverse_std": (r * small, r * big), "right": (r * out, r * inp),
-            "left": (r * inp, r * out), "full": (r * r, r * (out + inp))}[s.galore_proj_type]
+    return {
+        "std": (r * big, r * small),
+        "reverse_std": (r * small, r * big),
+        "right": (r * out, r * inp),
+        "left": (r * inp, r * out),
+        "full": (r * r, r * (out + inp)),
+    }[s.galore_proj_type]
 
 
 def galore_temp_bytes(shape: ModelShape, s: Setup) -> int:
@@ -355,8 +388,11 @@ def base_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool
     if shape.num_experts:
         mlp += moe_activation_bytes_per_token(shape, s, trainable)
         if trainable:  # the dense MLP's inputs above belong to the experts: moe_activation_bytes_per_token
-            linears = c * ((shared + (mlp_in if shape.shared_expert_intermediate_size else 0)) * h + shape.q_dim
-                           + shape.shared_expert_intermediate_size)
+            linears = c * (
+                (shared + (mlp_in if shape.shared_expert_intermediate_size else 0)) * h
+                + shape.q_dim
+                + shape.shared_expert_intermediate_size
+            )
     return norms + attn + mlp + linears
 
 
@@ -491,5 +527,7 @@ def autocast_cache_bytes(shape: ModelShape, s: Setup) -> int:
 def dequant_buffer_bytes(shape: ModelShape, s: Setup) -> int:
     """bnb MatMul4Bit: dequantize_4bit materialises one bf16 weight at a time (forward and backward)."""
     return shape.largest_linear_numel * 2 if s.method == "qlora" else 0
+
+
 # LLM.int8 (bits=8): MatMul8bitLt's backward dequantizes the int8 weight to fp16 for grad_input (CB * SCB / 127):
 # the same one-weight-at-a-time bf16/fp16 buffer, so the term is shared.

@@ -23,8 +23,16 @@ from service.api import checkpoints, docs, files, health, jobs, openai, plans, w
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
 from service.api.streams import StreamCount
 from service.db import Database
-from service.errors import (BodyTooLarge, InvalidSpec, MalformedRequest, MethodNotAllowed,
-                            ProblemError, RouteNotFound, UnsupportedMediaType, UploadTooLarge)
+from service.errors import (
+    BodyTooLarge,
+    InvalidSpec,
+    MalformedRequest,
+    MethodNotAllowed,
+    ProblemError,
+    RouteNotFound,
+    UnsupportedMediaType,
+    UploadTooLarge,
+)
 from service.idempotency.layer import IdempotencyLayer, declare_in_openapi
 from service.logs import configure_logging
 from service.openai_compat import openai_error
@@ -128,8 +136,9 @@ class DeclaredLengthGuard:
             limit = self.upload_limit if uploading else self.json_limit
             length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
             if length.isdigit() and int(length) > limit:
-                error = (UploadTooLarge if uploading else BodyTooLarge)(f"the body is limited to {limit} bytes",
-                                                                        limit_bytes=limit)
+                error = (UploadTooLarge if uploading else BodyTooLarge)(
+                    f"the body is limited to {limit} bytes", limit_bytes=limit
+                )
                 return await error_response(error, scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -191,8 +200,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         _const_as_enum(components)
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
-        schema["components"]["securitySchemes"] = {"bearer": {
-            "type": "http", "scheme": "bearer", "description": "An API key from `ftjobs keys create`"}}
+        schema["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from `ftjobs keys create`"}
+        }
         declare_in_openapi(schema, {"$ref": "#/components/schemas/Problem"})
         for path, operations in schema["paths"].items():
             if path.startswith("/v1/"):
@@ -222,9 +232,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.rate_limiter.close()
             app.state.database.dispose()
 
-    app = FastAPI(title="ftjobs", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  generate_unique_id_function=_operation_id,
-                  description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.")
+    app = FastAPI(
+        title="ftjobs",
+        version="1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=_operation_id,
+        description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.",
+    )
     # The limits are checked while the body streams in: a body past them is never read to its end.
     upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
@@ -241,15 +257,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     # Inside CORS, whose headers its own answers (replays, 409, 422) need, and inside the length guard, which
     # refuses an oversized declared body before this layer spools a byte of it.
-    app.add_middleware(IdempotencyLayer, settings=settings, upload_limit_bytes=upload_limit,
-                       json_limit_bytes=settings.max_json_body_bytes, render_error=error_response)
+    app.add_middleware(
+        IdempotencyLayer,
+        settings=settings,
+        upload_limit_bytes=upload_limit,
+        json_limit_bytes=settings.max_json_body_bytes,
+        render_error=error_response,
+    )
     if settings.cors_origin_list:  # off unless configured: no browser origin may call the API by default
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-                           expose_headers=["Idempotent-Replayed"])
-    app.add_middleware(DeclaredLengthGuard, upload_limit_bytes=upload_limit,
-                       json_limit_bytes=settings.max_json_body_bytes)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Idempotent-Replayed"],
+        )
+    app.add_middleware(
+        DeclaredLengthGuard, upload_limit_bytes=upload_limit, json_limit_bytes=settings.max_json_body_bytes
+    )
     metrics.install(app, settings)  # outermost, so refused requests are measured too
     app.state.settings = settings
     app.state.event_streams = StreamCount()  # GET /v1/jobs/{id}/events as SSE (service/api/streams.py)

@@ -18,8 +18,14 @@ from huggingface_hub.utils import validate_repo_id
 
 from planner import ModelShape
 from planner.catalog import find_model
-from service.errors import (BaseModelNotAllowed, BaseModelNotFound, InvalidSpec, ProblemError,
-                            UnsupportedArchitecture, UnsupportedQuantization)
+from service.errors import (
+    BaseModelNotAllowed,
+    BaseModelNotFound,
+    InvalidSpec,
+    ProblemError,
+    UnsupportedArchitecture,
+    UnsupportedQuantization,
+)
 
 
 def resolve_base_model_dir(base_model: str, model_roots: list[Path] | None) -> Path:
@@ -43,8 +49,12 @@ def _model_dir(base_model: str, model_roots: list[Path] | None) -> Path:
 def _inside_roots(base_model: str, roots: list[Path]) -> Path:
     name = PurePosixPath(base_model)
     # Decided from the string alone: no filesystem call happens for a name that could leave the roots.
-    if (base_model.startswith("~") or ".." in name.parts or "\\" in base_model
-            or any(not ch.isprintable() for ch in base_model)):
+    if (
+        base_model.startswith("~")
+        or ".." in name.parts
+        or "\\" in base_model
+        or any(not ch.isprintable() for ch in base_model)
+    ):
         raise _not_allowed(base_model)
     if name.is_absolute():
         normal = Path(os.path.normpath(base_model))
@@ -73,8 +83,10 @@ def _is_dir(path: Path) -> bool:
 
 
 def _not_allowed(base_model: str) -> BaseModelNotAllowed:
-    return BaseModelNotAllowed(f"{base_model!r} is not a model under the configured model roots or a hub id; "
-                               "the server reads models nowhere else")
+    return BaseModelNotAllowed(
+        f"{base_model!r} is not a model under the configured model roots or a hub id; "
+        "the server reads models nowhere else"
+    )
 
 
 def _from_hub_cache(base_model: str) -> Path:
@@ -87,7 +99,8 @@ def _from_hub_cache(base_model: str) -> Path:
         raise BaseModelNotFound(f"{base_model!r} is not a valid hub id: {exc}") from None
     if not isinstance(cached, str):
         raise BaseModelNotFound(
-            f"{base_model!r} is not in the local Hugging Face cache; nothing is downloaded at run time")
+            f"{base_model!r} is not in the local Hugging Face cache; nothing is downloaded at run time"
+        )
     return Path(cached).parent
 
 
@@ -116,8 +129,10 @@ def model_shape(base_model: str, config_path: Path | None) -> ModelShape:
 
 
 def _refusal(exc: Exception, base_model: str) -> ProblemError:
-    error = {"unsupported_architecture": UnsupportedArchitecture,
-             "unsupported_quantization": UnsupportedQuantization}.get(getattr(exc, "code", ""), InvalidSpec)
+    error = {
+        "unsupported_architecture": UnsupportedArchitecture,
+        "unsupported_quantization": UnsupportedQuantization,
+    }.get(getattr(exc, "code", ""), InvalidSpec)
     return error(f"cannot plan for {base_model!r}: {exc}")
 
 

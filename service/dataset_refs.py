@@ -22,8 +22,9 @@ def upload_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
-def resolve_dataset(session: Session, settings: Settings, ref: DatasetRef, tenant_id: str,
-                    dataset_format: DatasetFormat) -> str:
+def resolve_dataset(
+    session: Session, settings: Settings, ref: DatasetRef, tenant_id: str, dataset_format: DatasetFormat
+) -> str:
     """The dataset's URL (an upload in the job storage, or a path under the data root), its rows checked at most
     once per file and format."""
     if ref.file_id is not None:
@@ -38,8 +39,9 @@ def resolve_dataset(session: Session, settings: Settings, ref: DatasetRef, tenan
     return url
 
 
-def _validate_once(session: Session, settings: Settings, url: str, size_bytes: int, version: str,
-                   dataset_format: DatasetFormat) -> None:
+def _validate_once(
+    session: Session, settings: Settings, url: str, size_bytes: int, version: str, dataset_format: DatasetFormat
+) -> None:
     """Check every row the first time this file (this size, this version) is used in this format, and record
     the result in the database, where every API process finds it: a 1e6-row dataset costs a read once, then a
     lookup. A row count over today's limit is refused even when it was recorded under a larger one."""
@@ -52,8 +54,7 @@ def _validate_once(session: Session, settings: Settings, url: str, size_bytes: i
         raise DatasetTooLarge(f"{url!r} has {rows} rows; the limit is {settings.max_dataset_rows}")
 
 
-def _uploaded(session: Session, settings: Settings, file_id: str, tenant_id: str,
-              dataset_format: DatasetFormat) -> str:
+def _uploaded(session: Session, settings: Settings, file_id: str, tenant_id: str, dataset_format: DatasetFormat) -> str:
     # Another tenant's file reads as missing, exactly like one that never existed.
     uploaded = repository.get_file(session, file_id, tenant_id)
     if uploaded is None:

@@ -124,8 +124,9 @@ def _parse_alpaca(row: dict, line: int) -> Example:
     return Example(line=line, messages=tuple(messages))
 
 
-def _parse_turns(row: dict, line: int, *, list_key: str, role_key: str, content_key: str,
-                 role_names: dict[str, str]) -> Example:
+def _parse_turns(
+    row: dict, line: int, *, list_key: str, role_key: str, content_key: str, role_names: dict[str, str]
+) -> Example:
     if list_key not in row:
         raise InvalidDataset(f"missing field '{list_key}'", line=line)
     turns = row[list_key]
@@ -158,13 +159,20 @@ def _parse_turns(row: dict, line: int, *, list_key: str, role_key: str, content_
 
 
 def _parse_sharegpt(row: dict, line: int) -> Example:
-    return _parse_turns(row, line, list_key="conversations", role_key="from", content_key="value",
-                        role_names=SHAREGPT_ROLES)
+    return _parse_turns(
+        row, line, list_key="conversations", role_key="from", content_key="value", role_names=SHAREGPT_ROLES
+    )
 
 
 def _parse_messages(row: dict, line: int) -> Example:
-    return _parse_turns(row, line, list_key="messages", role_key="role", content_key="content",
-                        role_names={role: role for role in ROLES})
+    return _parse_turns(
+        row,
+        line,
+        list_key="messages",
+        role_key="role",
+        content_key="content",
+        role_names={role: role for role in ROLES},
+    )
 
 
 def _parse_text(row: dict, line: int) -> Example:

@@ -32,18 +32,31 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str, *, idle_in_transaction_seconds: float | None = None, statement_timeout_seconds:
-                float | None = None, **pool: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    idle_in_transaction_seconds: float | None = None,
+    statement_timeout_seconds: float | None = None,
+    **pool: Any,
+) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in (
-        ("idle_in_transaction_session_timeout", idle_in_transaction_seconds),
-        ("statement_timeout", statement_timeout_seconds)) if seconds]
+    options = [
+        f"-c {name}={int(seconds * 1000)}"
+        for name, seconds in (
+            ("idle_in_transaction_session_timeout", idle_in_transaction_seconds),
+            ("statement_timeout", statement_timeout_seconds),
+        )
+        if seconds
+    ]
     # Small pools: a worker holds one connection at a time per thread, and PostgreSQL's 100 are shared.
-    return create_engine(url, connect_args={"options": " ".join(options)} if options else {},
-                         **({"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5} | pool))
+    return create_engine(
+        url,
+        connect_args={"options": " ".join(options)} if options else {},
+        **({"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5} | pool),
+    )
 
 
 def make_api_engine(settings: Settings) -> Engine:
@@ -51,10 +64,15 @@ def make_api_engine(settings: Settings) -> Engine:
 
     No idle-in-transaction timeout here, unlike the workers' engine: a submission validates its dataset (once per
     version, seconds for a large one) inside its write unit, and would be cut off every time it is retried."""
-    return make_engine(settings.sqlalchemy_url,
-                       statement_timeout_seconds=settings.api_statement_timeout_seconds, pool_pre_ping=False,
-                       pool_size=settings.api_pool_size, max_overflow=0, pool_timeout=settings.db_pool_timeout_seconds,
-                       pool_recycle=settings.db_pool_recycle_seconds)
+    return make_engine(
+        settings.sqlalchemy_url,
+        statement_timeout_seconds=settings.api_statement_timeout_seconds,
+        pool_pre_ping=False,
+        pool_size=settings.api_pool_size,
+        max_overflow=0,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        pool_recycle=settings.db_pool_recycle_seconds,
+    )
 
 
 @lru_cache

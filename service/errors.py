@@ -22,8 +22,13 @@ class ProblemError(Exception):
         self.extra = extra
 
     def to_problem(self, instance: str | None = None) -> dict[str, Any]:
-        body = {"type": f"https://ftjobs.dev/problems/{self.code}", "title": self.title, "status": self.status,
-                "detail": self.detail, "code": self.code}
+        body = {
+            "type": f"https://ftjobs.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
         if instance:
             body["instance"] = instance
         body.update(self.extra)
@@ -101,6 +106,8 @@ class UploadTooLarge(ProblemError):
 
 class DatasetTooLarge(ProblemError):
     status, code, title = 422, "dataset_too_large", "The dataset exceeds the size or row limit"
+
+
 class DatabaseUnavailable(ProblemError):
     status, code, title, retryable = 503, "database_unavailable", "The database connection was lost", True
     headers = {"Retry-After": "1"}  # the transaction did not commit: a retry is safe

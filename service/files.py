@@ -25,8 +25,9 @@ CHUNK_BYTES = 1024 * 1024
 FILE_PURPOSE = "fine-tune"  # the one OpenAI purpose a fine-tuning service keeps files for
 
 
-def store_upload(settings: Settings, source: BinaryIO, filename: str,
-                 dataset_format: DatasetFormat | None) -> UploadedFile:
+def store_upload(
+    settings: Settings, source: BinaryIO, filename: str, dataset_format: DatasetFormat | None
+) -> UploadedFile:
     """Put the upload in storage, and return its row, not yet owned or added. With a format, every row is
     checked now and the result remembered, so a job using the file does not read it again. No database work:
     a large upload holds no connection while it streams."""
@@ -34,11 +35,20 @@ def store_upload(settings: Settings, source: BinaryIO, filename: str,
     with tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".upload-", suffix=".jsonl") as spool:
         size_bytes, sha256 = _copy_limited(source, spool, settings.max_upload_bytes)
         spool.flush()
-        rows = (validate_dataset(Path(spool.name), dataset_format, max_rows=settings.max_dataset_rows)
-                if dataset_format else None)
+        rows = (
+            validate_dataset(Path(spool.name), dataset_format, max_rows=settings.max_dataset_rows)
+            if dataset_format
+            else None
+        )
         job_storage(settings).put_file(Path(spool.name), upload_key(file_id))
-    return UploadedFile(id=file_id, filename=_printable(filename)[:255], size_bytes=size_bytes, sha256=sha256,
-                        rows=rows, validated_format=dataset_format.value if dataset_format else None)
+    return UploadedFile(
+        id=file_id,
+        filename=_printable(filename)[:255],
+        size_bytes=size_bytes,
+        sha256=sha256,
+        rows=rows,
+        validated_format=dataset_format.value if dataset_format else None,
+    )
 
 
 def record_upload(session: Session, uploaded: UploadedFile, caller: Caller) -> UploadedFile:
@@ -71,8 +81,9 @@ def load_file(session: Session, file_id: str, caller: Caller) -> UploadedFile:
     return uploaded
 
 
-def list_files(session: Session, limit: int, after: str | None, newest_first: bool, purpose: str | None,
-               caller: Caller) -> tuple[list[UploadedFile], bool]:
+def list_files(
+    session: Session, limit: int, after: str | None, newest_first: bool, purpose: str | None, caller: Caller
+) -> tuple[list[UploadedFile], bool]:
     """A page of the caller's files, continuing after the file `after`; and whether more follow. Every file is
     a fine-tune file: another `purpose` lists none."""
     if purpose not in (None, FILE_PURPOSE):
@@ -82,8 +93,9 @@ def list_files(session: Session, limit: int, after: str | None, newest_first: bo
         anchor = repository.get_file(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
         if anchor is None:
             raise InvalidCursor(f"no file {after!r} to continue after")
-    files = repository.list_files(session, caller.tenant_scope, limit=limit + 1, after=anchor,
-                                  newest_first=newest_first)
+    files = repository.list_files(
+        session, caller.tenant_scope, limit=limit + 1, after=anchor, newest_first=newest_first
+    )
     return files[:limit], len(files) > limit
 
 

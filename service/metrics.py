@@ -44,21 +44,29 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 UNMATCHED_ROUTE = "unmatched"  # every path no route matched shares one label value: a scanner cannot add series
 
 JOB_SUBMISSIONS = Counter(
-    "ftjobs_job_submissions", "Job submissions (POST /v1/jobs) by outcome: accepted and queued, refused because "
-    "the plan does not fit the GPU, or refused as invalid (spec, model or dataset).", ["outcome"])
+    "ftjobs_job_submissions",
+    "Job submissions (POST /v1/jobs) by outcome: accepted and queued, refused because "
+    "the plan does not fit the GPU, or refused as invalid (spec, model or dataset).",
+    ["outcome"],
+)
 for _outcome in SUBMISSION_OUTCOMES:
     JOB_SUBMISSIONS.labels(_outcome)  # exported as 0 from the start, so the first refusal shows in rate()
 
 PLANNER_DURATION = Histogram(
-    "ftjobs_planner_duration_seconds", "Time the memory planner took to plan one spec (submissions and dry runs).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+    "ftjobs_planner_duration_seconds",
+    "Time the memory planner took to plan one spec (submissions and dry runs).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 
 HTTP_REQUEST_DURATION = Histogram(
-    "ftjobs_http_request_duration_seconds", "HTTP request duration by method and route template.",
-    ["method", "route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+    "ftjobs_http_request_duration_seconds",
+    "HTTP request duration by method and route template.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 HTTP_REQUESTS = Counter(
-    "ftjobs_http_requests", "HTTP requests by method, route template and status code.",
-    ["method", "route", "status"])
+    "ftjobs_http_requests", "HTTP requests by method, route template and status code.", ["method", "route", "status"]
+)
 
 
 class SubmissionRoute(APIRoute):
@@ -172,9 +180,11 @@ class ServiceStateCollector(Collector):
             jobs.add_metric([state.value], counts.get(state.value, 0))
         registered = GaugeMetricFamily("ftjobs_registered_gpus", _STATE_HELP["ftjobs_registered_gpus"])
         registered.add_metric([], len(gpus))
-        memory = GaugeMetricFamily("ftjobs_registered_gpu_memory_bytes",
-                                   _STATE_HELP["ftjobs_registered_gpu_memory_bytes"],
-                                   labels=["worker", "gpu", "model"])
+        memory = GaugeMetricFamily(
+            "ftjobs_registered_gpu_memory_bytes",
+            _STATE_HELP["ftjobs_registered_gpu_memory_bytes"],
+            labels=["worker", "gpu", "model"],
+        )
         for gpu in gpus:
             memory.add_metric([gpu.worker_hostname, str(gpu.device_index), gpu.name], gpu.total_memory_bytes)
         yield from (jobs, registered, memory)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
@@ -15,7 +15,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -92,8 +92,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    attempts: Mapped[list[JobAttempt]] = relationship(order_by="JobAttempt.number", lazy="selectin",
-                                                      viewonly=True)
+    attempts: Mapped[list[JobAttempt]] = relationship(order_by="JobAttempt.number", lazy="selectin", viewonly=True)
 
 
 class JobAttempt(Base):
@@ -231,8 +230,9 @@ class WebhookAttempt(Base):
 
     __tablename__ = "webhook_attempts"
 
-    delivery_id: Mapped[str] = mapped_column(String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
-                                             primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
     attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     status_code: Mapped[int | None] = mapped_column(Integer)  # null: no answer (refused, timed out)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -30,9 +30,20 @@ from planner.spec import MAX_SEED, DatasetRef, JobSpec
 from service.errors import InvalidCursor, InvalidSpec, ProblemError
 from service.jobs.states import JobStatus
 from service.models import Job, JobCheckpoint
-from service.schemas_openai import (CheckpointMetricsOut, FineTuningJob, FineTuningJobCheckpoint,
-                                    FineTuningJobCreate, FineTuningJobEvent, Hyperparameters, HyperparametersOut,
-                                    JobErrorOut, MethodOut, OpenAIError, OpenAIErrorBody, SupervisedOut)
+from service.schemas_openai import (
+    CheckpointMetricsOut,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    Hyperparameters,
+    HyperparametersOut,
+    JobErrorOut,
+    MethodOut,
+    OpenAIError,
+    OpenAIErrorBody,
+    SupervisedOut,
+)
 
 BASE_LEARNING_RATE = 2e-4  # TrainingOptions' default, LoRA's usual rate: what a multiplier of 1 means
 AUTO_EPOCHS = 3  # OpenAI's n_epochs "auto" settles on a few epochs for a small dataset; 3 is its common pick
@@ -40,11 +51,16 @@ KEPT_EPOCH_CHECKPOINTS = 3  # OpenAI keeps the last three epochs' checkpoints
 # Set from the OpenAI fields: the ftjobs extra may not name them again.
 RESERVED_FTJOBS_FIELDS = ("base_model", "dataset", "validation_dataset")
 
-_STATUS = {JobStatus.queued: "queued", JobStatus.running: "running", JobStatus.succeeded: "succeeded",
-           JobStatus.failed: "failed", JobStatus.cancelled: "cancelled",
-           # The cancel is irrevocable: OpenAI's clients stop polling at cancelled. GET /v1/jobs/{id} shows the
-           # difference (and the rare job that finishes before its process stops keeps its real outcome).
-           JobStatus.cancelling: "cancelled"}
+_STATUS = {
+    JobStatus.queued: "queued",
+    JobStatus.running: "running",
+    JobStatus.succeeded: "succeeded",
+    JobStatus.failed: "failed",
+    JobStatus.cancelled: "cancelled",
+    # The cancel is irrevocable: OpenAI's clients stop polling at cancelled. GET /v1/jobs/{id} shows the
+    # difference (and the rare job that finishes before its process stops keeps its real outcome).
+    JobStatus.cancelling: "cancelled",
+}
 _EVENT_ID = re.compile(r"ftevent-(\d{1,19})")
 _METADATA_PARAM = re.compile(r"metadata\[(.+)\]", re.DOTALL)
 _CHECKPOINT_ID = re.compile(r"ftckpt-(job_[0-9a-f]{24})-(\d{1,10})")
@@ -52,19 +68,27 @@ _CHECKPOINT_ID = re.compile(r"ftckpt-(job_[0-9a-f]{24})-(\d{1,10})")
 
 # --- the request -------------------------------------------------------------------------------------------
 
+
 def to_spec(request: FineTuningJobCreate) -> JobSpec:
     """The JobSpec the request asks for; InvalidSpec, naming the field at fault, if it asks for none."""
     hyper = _hyperparameters(request)
     training: dict[str, Any] = {
         "epochs": AUTO_EPOCHS if hyper.n_epochs in (None, "auto") else hyper.n_epochs,
         "micro_batch_size": "auto" if hyper.batch_size in (None, "auto") else hyper.batch_size,
-        "learning_rate": BASE_LEARNING_RATE * (1 if hyper.learning_rate_multiplier in (None, "auto")
-                                               else hyper.learning_rate_multiplier),
+        "learning_rate": BASE_LEARNING_RATE
+        * (1 if hyper.learning_rate_multiplier in (None, "auto") else hyper.learning_rate_multiplier),
         "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
-        "checkpoint_every_epoch": True, "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS}
-    spec: dict[str, Any] = {"base_model": request.model, "dataset": {"file_id": request.training_file},
-                            "dataset_format": "messages", "method": "qlora", "training": training,
-                            "metadata": request.metadata or {}}
+        "checkpoint_every_epoch": True,
+        "keep_checkpoints": KEPT_EPOCH_CHECKPOINTS,
+    }
+    spec: dict[str, Any] = {
+        "base_model": request.model,
+        "dataset": {"file_id": request.training_file},
+        "dataset_format": "messages",
+        "method": "qlora",
+        "training": training,
+        "metadata": request.metadata or {},
+    }
     if request.validation_file is not None:
         spec["validation_dataset"] = {"file_id": request.validation_file}
     if request.suffix is not None:
@@ -83,16 +107,18 @@ def _hyperparameters(request: FineTuningJobCreate) -> Hyperparameters:
     supervised = request.method.supervised if request.method else None
     nested = supervised.hyperparameters if supervised else None
     if nested is not None and request.hyperparameters is not None:
-        raise InvalidSpec("give hyperparameters or method.supervised.hyperparameters, not both",
-                          param="hyperparameters")
+        raise InvalidSpec(
+            "give hyperparameters or method.supervised.hyperparameters, not both", param="hyperparameters"
+        )
     return nested or request.hyperparameters or Hyperparameters()
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
+        merged[key] = (
+            _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
     return merged
 
 
@@ -119,12 +145,14 @@ def metadata_filter(query: dict[str, str]) -> dict[str, str]:
     pairs = {match[1]: value for name, value in query.items() if (match := _METADATA_PARAM.fullmatch(name))}
     for key, value in pairs.items():
         if len(key) > 64 or len(value) > 512 or not (key + value).isprintable():
-            raise InvalidSpec(f"metadata[{key!r}]: keys are up to 64 printable characters, values up to 512",
-                              param="metadata")
+            raise InvalidSpec(
+                f"metadata[{key!r}]: keys are up to 64 printable characters, values up to 512", param="metadata"
+            )
     return pairs
 
 
 # --- jobs --------------------------------------------------------------------------------------------------
+
 
 def job_out(job: Job) -> FineTuningJob:
     spec = JobSpec.model_validate(job.spec)
@@ -133,14 +161,26 @@ def job_out(job: Job) -> FineTuningJob:
     hyper = _hyperparameters_out(spec)
     error = JobErrorOut(code=job.error_code, message=job.error_message or job.error_code) if job.error_code else None
     return FineTuningJob(
-        id=job.id, created_at=_unix(job.created_at), finished_at=_unix(job.finished_at), status=_STATUS[status],
-        model=spec.base_model, organization_id=job.tenant_id,
+        id=job.id,
+        created_at=_unix(job.created_at),
+        finished_at=_unix(job.finished_at),
+        status=_STATUS[status],
+        model=spec.base_model,
+        organization_id=job.tenant_id,
         fine_tuned_model=fine_tuned_model(job.id, spec) if status is JobStatus.succeeded else None,
-        training_file=_file_of(spec.dataset) or "", validation_file=_file_of(spec.validation_dataset),
-        hyperparameters=hyper, method=MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper)),
-        seed=spec.training.seed, suffix=spec.output.suffix, metadata=spec.metadata, error=error,
-        trained_tokens=progress.get("tokens_seen"), estimated_finish=_estimated_finish(job, status, progress),
-        result_files=[], integrations=[])
+        training_file=_file_of(spec.dataset) or "",
+        validation_file=_file_of(spec.validation_dataset),
+        hyperparameters=hyper,
+        method=MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper)),
+        seed=spec.training.seed,
+        suffix=spec.output.suffix,
+        metadata=spec.metadata,
+        error=error,
+        trained_tokens=progress.get("tokens_seen"),
+        estimated_finish=_estimated_finish(job, status, progress),
+        result_files=[],
+        integrations=[],
+    )
 
 
 def _file_of(ref: DatasetRef | None) -> str | None:
@@ -157,9 +197,11 @@ def fine_tuned_model(job_id: str, spec: JobSpec) -> str:
 def _hyperparameters_out(spec: JobSpec) -> HyperparametersOut:
     training = spec.training
     batch = training.micro_batch_size
-    return HyperparametersOut(batch_size=batch * training.gradient_accumulation_steps if isinstance(batch, int)
-                              else batch, learning_rate_multiplier=training.learning_rate / BASE_LEARNING_RATE,
-                              n_epochs=training.epochs)
+    return HyperparametersOut(
+        batch_size=batch * training.gradient_accumulation_steps if isinstance(batch, int) else batch,
+        learning_rate_multiplier=training.learning_rate / BASE_LEARNING_RATE,
+        n_epochs=training.epochs,
+    )
 
 
 def _estimated_finish(job: Job, status: JobStatus, progress: dict[str, Any]) -> int | None:
@@ -170,6 +212,7 @@ def _estimated_finish(job: Job, status: JobStatus, progress: dict[str, Any]) -> 
 
 
 # --- events ------------------------------------------------------------------------------------------------
+
 
 def event_cursor(after: str | None) -> int:
     """The seq before which an events page starts: `after` is the last event id of the previous page."""
@@ -193,24 +236,35 @@ def event_out(event: Any) -> FineTuningJobEvent:
         kind = "metrics"
         loss = data.get("loss")
         message = f"step {data.get('step')}/{data.get('total_steps')}" + (
-            f": training loss={loss:.4f}" if isinstance(loss, (int, float)) else "")
+            f": training loss={loss:.4f}" if isinstance(loss, (int, float)) else ""
+        )
     elif event.kind == "checkpoint":
         message = f"checkpoint saved at step {data.get('step')}"
-    return FineTuningJobEvent(id=f"ftevent-{event.seq}", created_at=_unix(event.created_at), level=level,
-                              message=message, type=kind, data=data)
+    return FineTuningJobEvent(
+        id=f"ftevent-{event.seq}",
+        created_at=_unix(event.created_at),
+        level=level,
+        message=message,
+        type=kind,
+        data=data,
+    )
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
+
 
 def checkpoint_out(job: Job, checkpoint: JobCheckpoint) -> FineTuningJobCheckpoint:
     metrics = checkpoint.metrics or {}
     spec = JobSpec.model_validate(job.spec)
     return FineTuningJobCheckpoint(
-        id=checkpoint_id(job.id, checkpoint.step), created_at=_unix(checkpoint.created_at),
-        fine_tuning_job_id=job.id, step_number=checkpoint.step,
+        id=checkpoint_id(job.id, checkpoint.step),
+        created_at=_unix(checkpoint.created_at),
+        fine_tuning_job_id=job.id,
+        step_number=checkpoint.step,
         fine_tuned_model_checkpoint=f"{fine_tuned_model(job.id, spec)}:ckpt-step-{checkpoint.step}",
         metrics=CheckpointMetricsOut(step=checkpoint.step, train_loss=metrics.get("train_loss")),
-        download_url=f"/v1/jobs/{job.id}/checkpoints/{checkpoint.step}/download")
+        download_url=f"/v1/jobs/{job.id}/checkpoints/{checkpoint.step}/download",
+    )
 
 
 def checkpoint_id(job_id: str, step: int) -> str:
@@ -229,6 +283,7 @@ def checkpoint_cursor(after: str | None) -> int | None:
 
 # --- errors ------------------------------------------------------------------------------------------------
 
+
 def openai_error(error: ProblemError) -> OpenAIError:
     """The problem in OpenAI's envelope: its detail as the message, its stable code as the code."""
     if error.status == 401:
@@ -242,12 +297,15 @@ def openai_error(error: ProblemError) -> OpenAIError:
     param = error.extra.get("param")
     if param is None and error.extra.get("errors"):  # a request FastAPI refused: the first field at fault
         param = ".".join(part for part in error.extra["errors"][0]["loc"] if part not in ("body", "query", "path"))
-    return OpenAIError(error=OpenAIErrorBody(message=error.detail, type=kind, code=error.code,
-                                             param=param if isinstance(param, str) else None))
+    return OpenAIError(
+        error=OpenAIErrorBody(
+            message=error.detail, type=kind, code=error.code, param=param if isinstance(param, str) else None
+        )
+    )
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _unix(value: datetime | None) -> int | None:

@@ -56,8 +56,10 @@ def plan_for(session: Session, settings: Settings, spec: JobSpec, caller: Caller
     return plan_spec(session, settings, spec, settings.model_root_dirs)
 
 
-_REFUSALS: dict[str, type[ProblemError]] = {"invalid_lora_targets": InvalidLoraTargets,
-                                            "sequence_too_long": SequenceTooLong}
+_REFUSALS: dict[str, type[ProblemError]] = {
+    "invalid_lora_targets": InvalidLoraTargets,
+    "sequence_too_long": SequenceTooLong,
+}
 
 
 def _refusal(refused: PlanRefused) -> ProblemError:

@@ -20,7 +20,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Only Redis has a visibility timeout; the SQLAlchemy transport would pass it on to create_engine().
         "broker_transport_options": (
-            {"visibility_timeout": settings.visibility_timeout_seconds} if settings.redis_url else {}),
+            {"visibility_timeout": settings.visibility_timeout_seconds} if settings.redis_url else {}
+        ),
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -17,7 +17,7 @@ from service.models import Job, JobAttempt, JobCheckpoint, JobEvent, UploadedFil
 
 def _as_utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; every stored time is UTC.
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 # Checked when a response is built, on the time fields alone: a serializer on every field ("*") would run
@@ -39,11 +39,15 @@ class StoredAs:
         self.model_schema = handler.generate_schema(self.model)
         # The model's schema rides along as the serializer's, so its definitions stay in the tree for OpenAPI;
         # the serializer itself hands the dict on as it is.
-        return core_schema.dict_schema(serialization=core_schema.wrap_serializer_function_ser_schema(
-            lambda value, _next: value, schema=self.model_schema))
+        return core_schema.dict_schema(
+            serialization=core_schema.wrap_serializer_function_ser_schema(
+                lambda value, _next: value, schema=self.model_schema
+            )
+        )
 
-    def __get_pydantic_json_schema__(self, _schema: core_schema.CoreSchema,
-                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+    def __get_pydantic_json_schema__(
+        self, _schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> dict[str, Any]:
         # Through the generator itself rather than `handler`, which inlines the model: with it, the model is one
         # component that this field refers to, as a field of the model type would.
         return handler.generate_json_schema.generate_inner(self.model_schema)
@@ -86,16 +90,24 @@ class AttemptOut(BaseModel):
     worker: str
     started_at: UtcDatetime
     ended_at: UtcDatetime | None
-    outcome: str | None = Field(description="succeeded | failed | cancelled | crashed | drained | lease_expired | "
-                                            "worker_restarted | staging_failed; null while the attempt runs")
+    outcome: str | None = Field(
+        description="succeeded | failed | cancelled | crashed | drained | lease_expired | "
+        "worker_restarted | staging_failed; null while the attempt runs"
+    )
     detail: str | None
     resumed_from_step: int | None = Field(description="the checkpoint step it resumed from; null for a fresh start")
 
     @classmethod
     def of(cls, attempt: JobAttempt) -> AttemptOut:
-        return cls(number=attempt.number, worker=attempt.worker_hostname, started_at=attempt.started_at,
-                   ended_at=attempt.ended_at, outcome=attempt.outcome, detail=attempt.detail,
-                   resumed_from_step=attempt.resumed_from_step)
+        return cls(
+            number=attempt.number,
+            worker=attempt.worker_hostname,
+            started_at=attempt.started_at,
+            ended_at=attempt.ended_at,
+            outcome=attempt.outcome,
+            detail=attempt.detail,
+            resumed_from_step=attempt.resumed_from_step,
+        )
 
 
 class JobOut(BaseModel):
@@ -105,9 +117,11 @@ class JobOut(BaseModel):
     created_by_key_id: str | None = Field(description="The API key that submitted the job")
     cancelled_by_key_id: str | None = Field(description="The API key that cancelled it, if one did")
     spec: Annotated[dict[str, Any], StoredAs(JobSpec)] = Field(
-        description="The spec as accepted, micro_batch_size resolved")
+        description="The spec as accepted, micro_batch_size resolved"
+    )
     progress: Annotated[dict[str, Any], StoredAs(Progress)] | None = Field(
-        description="The latest progress report; null until the first one")
+        description="The latest progress report; null until the first one"
+    )
     predicted_peak_bytes: int
     measured_peak_bytes: int | None
     peak_error_ratio: float | None = Field(description="measured / predicted peak, once measured on a GPU")
@@ -123,16 +137,30 @@ class JobOut(BaseModel):
     def of(cls, job: Job, attempts: list[JobAttempt] | None = None) -> JobOut:
         """From the entity, or from a job row and its attempt rows (service/jobs/repository.py `read_job`)."""
         ratio = job.measured_peak_bytes / job.predicted_peak_bytes if job.measured_peak_bytes else None
-        artifacts = [Artifact(name=a["name"], size_bytes=a["size_bytes"],
-                              url=f"/v1/jobs/{job.id}/artifacts/{a['name']}") for a in job.artifacts or []]
+        artifacts = [
+            Artifact(name=a["name"], size_bytes=a["size_bytes"], url=f"/v1/jobs/{job.id}/artifacts/{a['name']}")
+            for a in job.artifacts or []
+        ]
         error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
-        return cls(id=job.id, status=job.status, tenant_id=job.tenant_id, created_by_key_id=job.created_by_key_id,
-                   cancelled_by_key_id=job.cancelled_by_key_id, spec=job.spec, progress=job.progress,
-                   predicted_peak_bytes=job.predicted_peak_bytes, measured_peak_bytes=job.measured_peak_bytes,
-                   peak_error_ratio=ratio, plan=job.plan, error=error, artifacts=artifacts,
-                   attempts=[AttemptOut.of(attempt) for attempt in (job.attempts if attempts is None else attempts)],
-                   created_at=job.created_at,
-                   started_at=job.started_at, finished_at=job.finished_at)
+        return cls(
+            id=job.id,
+            status=job.status,
+            tenant_id=job.tenant_id,
+            created_by_key_id=job.created_by_key_id,
+            cancelled_by_key_id=job.cancelled_by_key_id,
+            spec=job.spec,
+            progress=job.progress,
+            predicted_peak_bytes=job.predicted_peak_bytes,
+            measured_peak_bytes=job.measured_peak_bytes,
+            peak_error_ratio=ratio,
+            plan=job.plan,
+            error=error,
+            artifacts=artifacts,
+            attempts=[AttemptOut.of(attempt) for attempt in (job.attempts if attempts is None else attempts)],
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
 
 
 class JobPage(BaseModel):
@@ -174,10 +202,18 @@ class FileOut(BaseModel):
 
     @classmethod
     def of(cls, uploaded: UploadedFile) -> FileOut:
-        return cls(id=uploaded.id, bytes=uploaded.size_bytes, created_at=int(_as_utc(uploaded.created_at).timestamp()),
-                   filename=uploaded.filename, purpose="fine-tune",
-                   status="processed" if uploaded.validated_format else "uploaded", size_bytes=uploaded.size_bytes,
-                   sha256=uploaded.sha256, rows=uploaded.rows, validated_format=uploaded.validated_format)
+        return cls(
+            id=uploaded.id,
+            bytes=uploaded.size_bytes,
+            created_at=int(_as_utc(uploaded.created_at).timestamp()),
+            filename=uploaded.filename,
+            purpose="fine-tune",
+            status="processed" if uploaded.validated_format else "uploaded",
+            size_bytes=uploaded.size_bytes,
+            sha256=uploaded.sha256,
+            rows=uploaded.rows,
+            validated_format=uploaded.validated_format,
+        )
 
 
 class FilePage(BaseModel):
@@ -205,14 +241,21 @@ class CheckpointOut(BaseModel):
     attempt: int = Field(description="The attempt that saved it")
     metrics: CheckpointMetrics
     created_at: UtcDatetime
-    url: str = Field(description="The checkpoint as a tar: for lora/qlora a peft adapter (adapter_config.json, "
-                                 "adapter_model.safetensors); for full/freeze the trained parameters")
+    url: str = Field(
+        description="The checkpoint as a tar: for lora/qlora a peft adapter (adapter_config.json, "
+        "adapter_model.safetensors); for full/freeze the trained parameters"
+    )
 
     @classmethod
     def of(cls, job_id: str, checkpoint: JobCheckpoint) -> CheckpointOut:
         metrics = CheckpointMetrics.model_validate({"step": checkpoint.step, **(checkpoint.metrics or {})})
-        return cls(step=checkpoint.step, attempt=checkpoint.attempt, metrics=metrics,
-                   created_at=checkpoint.created_at, url=f"/v1/jobs/{job_id}/checkpoints/{checkpoint.step}/download")
+        return cls(
+            step=checkpoint.step,
+            attempt=checkpoint.attempt,
+            metrics=metrics,
+            created_at=checkpoint.created_at,
+            url=f"/v1/jobs/{job_id}/checkpoints/{checkpoint.step}/download",
+        )
 
 
 class CheckpointPage(BaseModel):
@@ -229,8 +272,9 @@ class Readiness(BaseModel):
 class WebhookAttemptOut(BaseModel):
     number: int
     attempted_at: UtcDatetime
-    status_code: int | None = Field(description="The receiver's HTTP status; null when it gave none (refused, "
-                                                "timed out)")
+    status_code: int | None = Field(
+        description="The receiver's HTTP status; null when it gave none (refused, timed out)"
+    )
     error: str | None = Field(description="Why the attempt failed; null when the receiver answered 2xx")
     duration_seconds: float
 
@@ -248,11 +292,26 @@ class WebhookDeliveryOut(BaseModel):
 
     @classmethod
     def of(cls, delivery: Row, attempts: list[Row]) -> WebhookDeliveryOut:
-        return cls(id=delivery.id, event_seq=delivery.event_seq, event_type=delivery.event_type, url=delivery.url,
-                   status=delivery.status, created_at=delivery.created_at, delivered_at=delivery.delivered_at,
-                   next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
-                   attempts=[WebhookAttemptOut(number=a.number, attempted_at=a.attempted_at, status_code=a.status_code,
-                                               error=a.error, duration_seconds=a.duration_seconds) for a in attempts])
+        return cls(
+            id=delivery.id,
+            event_seq=delivery.event_seq,
+            event_type=delivery.event_type,
+            url=delivery.url,
+            status=delivery.status,
+            created_at=delivery.created_at,
+            delivered_at=delivery.delivered_at,
+            next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+            attempts=[
+                WebhookAttemptOut(
+                    number=a.number,
+                    attempted_at=a.attempted_at,
+                    status_code=a.status_code,
+                    error=a.error,
+                    duration_seconds=a.duration_seconds,
+                )
+                for a in attempts
+            ],
+        )
 
 
 class WebhookDeliveryPage(BaseModel):

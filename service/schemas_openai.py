@@ -20,9 +20,11 @@ class _Request(BaseModel):
 
 class Hyperparameters(_Request):
     batch_size: Literal["auto"] | int | None = Field(
-        None, description="Sequences per optimizer step; 'auto': the largest micro-batch the planner fits")
+        None, description="Sequences per optimizer step; 'auto': the largest micro-batch the planner fits"
+    )
     learning_rate_multiplier: Literal["auto"] | float | None = Field(
-        None, description="Times ftjobs' default learning rate, 2e-4 (LoRA's usual rate)")
+        None, description="Times ftjobs' default learning rate, 2e-4 (LoRA's usual rate)"
+    )
     n_epochs: Literal["auto"] | int | None = Field(None, description="'auto': 3")
 
 
@@ -36,24 +38,35 @@ class MethodIn(_Request):
 
 
 class FineTuningJobCreate(_Request):
-    model: str = Field(min_length=1, max_length=1024,
-                       description="The base model: a directory under the server's model roots, or a cached hub id")
+    model: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The base model: a directory under the server's model roots, or a cached hub id",
+    )
     training_file: str = Field(min_length=1, max_length=128, description="An uploaded file's id (POST /v1/files)")
-    validation_file: str | None = Field(None, min_length=1, max_length=128,
-                                        description="An uploaded file's id: the eval loss is taken on its rows")
+    validation_file: str | None = Field(
+        None, min_length=1, max_length=128, description="An uploaded file's id: the eval loss is taken on its rows"
+    )
     hyperparameters: Hyperparameters | None = Field(None, description="As OpenAI's, deprecated there for `method`")
     method: MethodIn | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: one is drawn and reported on the job")
-    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
-                               description="Added to the fine_tuned_model name")
+    suffix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Added to the fine_tuned_model name",
+    )
     metadata: dict[str, str] | None = Field(None, max_length=16)
     integrations: list[dict[str, Any]] | None = Field(None, max_length=0, description="None are offered")
     ftjobs: dict[str, Any] | None = Field(
-        None, description="Any native JobSpec fields (POST /v1/jobs) but base_model and dataset, merged over what "
-                          "the OpenAI fields give: e.g. {\"method\": \"lora\", \"lora\": {\"r\": 8}, \"training\": "
-                          "{\"max_steps\": 100}, \"memory\": {\"optimizer\": \"paged_adamw_8bit\"}}. With the SDK: "
-                          "extra_body={\"ftjobs\": {...}}. The defaults make a QLoRA job (NF4, r 16) on chat "
-                          "messages, checkpointed at the end of each epoch, the last three kept")
+        None,
+        description="Any native JobSpec fields (POST /v1/jobs) but base_model and dataset, merged over what "
+        'the OpenAI fields give: e.g. {"method": "lora", "lora": {"r": 8}, "training": '
+        '{"max_steps": 100}, "memory": {"optimizer": "paged_adamw_8bit"}}. With the SDK: '
+        'extra_body={"ftjobs": {...}}. The defaults make a QLoRA job (NF4, r 16) on chat '
+        "messages, checkpointed at the end of each epoch, the last three kept",
+    )
 
 
 class OpenAIErrorBody(BaseModel):
@@ -98,11 +111,15 @@ class FineTuningJob(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
     finished_at: int | None
-    status: FineTuningStatus = Field(description="A cancelling job (its training process being stopped) reads "
-                                                 "as cancelled; the native GET /v1/jobs/{id} tells them apart")
+    status: FineTuningStatus = Field(
+        description="A cancelling job (its training process being stopped) reads "
+        "as cancelled; the native GET /v1/jobs/{id} tells them apart"
+    )
     model: str
-    fine_tuned_model: str | None = Field(description="Names the result once the job succeeded; its files are the "
-                                                     "job's artifacts, GET /v1/jobs/{id}/artifacts/...")
+    fine_tuned_model: str | None = Field(
+        description="Names the result once the job succeeded; its files are the "
+        "job's artifacts, GET /v1/jobs/{id}/artifacts/..."
+    )
     organization_id: str = Field(description="The tenant")
     training_file: str = Field(description="The uploaded file's id, or the data-root path of a native job")
     validation_file: str | None

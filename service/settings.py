@@ -8,15 +8,15 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 ENV_FILE = ".env"
 
 
 class Settings(BaseSettings):
     # The environment first, then `.env` in the working directory (as docker compose and most tools read it);
     # a name set in both is the environment's. The file's other names are ignored, as the environment's are.
-    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore", env_file=ENV_FILE,
-                                      env_file_encoding="utf-8")
+    model_config = SettingsConfigDict(
+        env_prefix="FTJOBS_", extra="ignore", env_file=ENV_FILE, env_file_encoding="utf-8"
+    )
 
     home: Path = Field(Path(".ftjobs"), description="Where the embedded database, broker, uploads and artifacts live")
     # DATABASE_URL and REDIS_URL are honoured unprefixed too, as docker-compose and most PaaS set them.
@@ -29,8 +29,11 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     # An S3-compatible endpoint other than AWS (MinIO, Ceph, moto); credentials come from the usual AWS_* variables.
     s3_endpoint_url: str | None = None
-    data_root: str | None = Field(None, description="Datasets given by path are resolved under this URL or "
-                                                    "directory (default: the storage location's data/)")
+    data_root: str | None = Field(
+        None,
+        description="Datasets given by path are resolved under this URL or "
+        "directory (default: the storage location's data/)",
+    )
     # Where a worker stages a job's dataset and checkpoints on its own disk. Unset: FTJOBS_HOME/work.
     worker_dir: Path | None = None
     # base_model resolves only inside these directories (':'-separated, as PATH) and the Hugging Face cache;
@@ -122,8 +125,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _lease_outlasts_its_renewal(self) -> Settings:
         if not 0 < self.renew_seconds < self.lease_seconds:
-            raise ValueError(f"need lease_seconds ({self.lease_seconds}) > lease_renew_seconds "
-                             f"({self.renew_seconds}) > 0")
+            raise ValueError(
+                f"need lease_seconds ({self.lease_seconds}) > lease_renew_seconds ({self.renew_seconds}) > 0"
+            )
         if self.requeue_grace_seconds <= 0 or self.reconcile_interval_seconds <= 0 or self.drain_seconds <= 0:
             raise ValueError("requeue_grace_seconds, reconcile_interval_seconds and drain_seconds must be > 0")
         return self
@@ -161,7 +165,8 @@ class Settings(BaseSettings):
         if self.database_url:
             # psycopg 3 is the driver we ship; a plain postgresql:// URL would ask for psycopg2.
             return self.database_url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
-                "postgres://", "postgresql+psycopg://", 1)
+                "postgres://", "postgresql+psycopg://", 1
+            )
         return f"sqlite:///{self.resolved_home / 'ftjobs.db'}"
 
     @property

@@ -42,9 +42,15 @@ class Storage:
         if url.startswith("s3://"):
             # No listing cache: another machine may have written a key a moment ago. Bounded retries, so an
             # unreachable endpoint fails readiness in seconds rather than after minutes of backoff.
-            options = {"use_listings_cache": False, "skip_instance_cache": True,
-                       "config_kwargs": {"connect_timeout": 3, "read_timeout": 60,
-                                         "retries": {"max_attempts": 2, "mode": "standard"}}}
+            options = {
+                "use_listings_cache": False,
+                "skip_instance_cache": True,
+                "config_kwargs": {
+                    "connect_timeout": 3,
+                    "read_timeout": 60,
+                    "retries": {"max_attempts": 2, "mode": "standard"},
+                },
+            }
             if s3_endpoint_url:
                 options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
         self.fs, root = fsspec.core.url_to_fs(self.url, **options)

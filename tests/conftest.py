@@ -20,7 +20,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-
 from harness import TestKey
 
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -30,14 +29,16 @@ DB_NAME = f"ftjobs_test_{RUN_ID}"
 HOME = Path(os.environ.get("FTJOBS_TEST_HOME", f"/tmp/ftjobs-test-{RUN_ID}"))
 
 # Set before any ftjobs module reads its settings; every process the tests start inherits them.
-os.environ.update({
-    "FTJOBS_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
-    "FTJOBS_REDIS_URL": REDIS_URL,
-    "FTJOBS_HOME": str(HOME),
-    "FTJOBS_QUEUE_NAME": f"training-{RUN_ID}",
-    "FTJOBS_CANCEL_POLL_SECONDS": "0.2",
-    "FTJOBS_LOG_LEVEL": "INFO",
-})
+os.environ.update(
+    {
+        "FTJOBS_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}",
+        "FTJOBS_REDIS_URL": REDIS_URL,
+        "FTJOBS_HOME": str(HOME),
+        "FTJOBS_QUEUE_NAME": f"training-{RUN_ID}",
+        "FTJOBS_CANCEL_POLL_SECONDS": "0.2",
+        "FTJOBS_LOG_LEVEL": "INFO",
+    }
+)
 
 
 # Every fixture that reaches PostgreSQL or Redis does so through one of these: a test that uses neither, directly
@@ -143,8 +144,22 @@ def _uvicorn_api(**env_overrides: str) -> Iterator[tuple[str, int]]:
 
     port = free_port()
     env = {**os.environ, "FTJOBS_LOG_LEVEL": "WARNING", **env_overrides}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{url}/healthz", process, "the API")
@@ -168,8 +183,13 @@ class WorkerProcess:
         self.lines: list[str] = []
         self.metrics_port = free_port()  # its own /metrics, never the default 9101 another worker may hold
         env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port)}
-        self.process = subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -239,11 +259,16 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     import boto3
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 
-
 LEASE_SECONDS = 6
 FAST_SETTINGS = {
     "FTJOBS_LEASE_SECONDS": str(LEASE_SECONDS),
@@ -43,8 +42,9 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, what: str, timeout_seconds: float = 60,
-                       output: list[str] | None = None) -> None:
+def wait_until_serving(
+    url: str, process: subprocess.Popen, what: str, timeout_seconds: float = 60, output: list[str] | None = None
+) -> None:
     """Poll `url` until it answers 200. Fails at once if `process` exits, else after the timeout, with the
     process's last output lines when they are captured."""
     deadline = time.monotonic() + timeout_seconds
@@ -72,8 +72,9 @@ class ManagedProcess:
     def __init__(self, label: str, argv: list[str], env: dict[str, str]) -> None:
         self.label, self.argv, self.env = label, argv, env
         self.lines: list[str] = []
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -117,9 +118,23 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.server = ManagedProcess("redis", ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                               "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
-                                     dict(os.environ))
+        self.server = ManagedProcess(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            dict(os.environ),
+        )
         self.server.wait_for_line("Ready to accept connections", 30)
 
     def kill(self) -> None:
@@ -158,13 +173,15 @@ class Stack:
 
     def start_api(self, *args: str, **env: str) -> None:
         """`ftjobs api` with these extra arguments and settings, waited for until it is ready."""
-        self.api = ManagedProcess("api", [sys.executable, "-m", "ftjobs.cli", "api", "--port", str(self.api_port),
-                                          *args], {**self.env, **env})
+        self.api = ManagedProcess(
+            "api", [sys.executable, "-m", "ftjobs.cli", "api", "--port", str(self.api_port), *args], {**self.env, **env}
+        )
         wait_until_serving(f"{self.url}/readyz", self.api.process, "the API", output=self.api.lines)
 
     def start_worker(self, name: str, **env: str) -> ManagedProcess:
-        worker = ManagedProcess(name, [sys.executable, "-m", "ftjobs.cli", "worker", "--name", f"{name}@stack"],
-                                {**self.env, **env})
+        worker = ManagedProcess(
+            name, [sys.executable, "-m", "ftjobs.cli", "worker", "--name", f"{name}@stack"], {**self.env, **env}
+        )
         worker.wait_for_line(" ready.", 120)
         self.workers[name] = worker
         return worker
@@ -202,8 +219,10 @@ class Stack:
         from service.jobs.repository import list_events
 
         with self.sessions() as session:
-            return [{"seq": e.seq, "kind": e.kind, "data": e.data}
-                    for e in list_events(session.connection(), job_id, after_seq=0, limit=100_000)]
+            return [
+                {"seq": e.seq, "kind": e.kind, "data": e.data}
+                for e in list_events(session.connection(), job_id, after_seq=0, limit=100_000)
+            ]
 
     def child_pid(self, job_id: str, number: int) -> int | None:
         from sqlalchemy import select
@@ -211,8 +230,9 @@ class Stack:
         from service.models import JobAttempt
 
         with self.sessions() as session:
-            return session.scalar(select(JobAttempt.child_pid).where(JobAttempt.job_id == job_id,
-                                                                     JobAttempt.number == number))
+            return session.scalar(
+                select(JobAttempt.child_pid).where(JobAttempt.job_id == job_id, JobAttempt.number == number)
+            )
 
     def job_ids_tagged(self, key: str, value: str) -> list[str]:
         from sqlalchemy import select
@@ -223,18 +243,24 @@ class Stack:
             return list(session.scalars(select(Job.id).where(Job.spec["metadata"][key].as_string() == value)))
 
     def wait_for_end(self, job_id: str, timeout_seconds: float = 240) -> dict:
-        return wait_until(lambda: (job := self.job(job_id))["status"] in TERMINAL and job, timeout_seconds,
-                          f"job {job_id} to end")
+        return wait_until(
+            lambda: (job := self.job(job_id))["status"] in TERMINAL and job, timeout_seconds, f"job {job_id} to end"
+        )
 
     def wait_for_checkpoint(self, job_id: str, attempt: int = 1, timeout_seconds: float = 120) -> dict:
-        return wait_until(lambda: next((e for e in self.events(job_id) if e["kind"] == "checkpoint"
-                                        and e["data"]["attempt"] == attempt), None),
-                          timeout_seconds, f"a checkpoint of attempt {attempt} of {job_id}")
+        return wait_until(
+            lambda: next(
+                (e for e in self.events(job_id) if e["kind"] == "checkpoint" and e["data"]["attempt"] == attempt), None
+            ),
+            timeout_seconds,
+            f"a checkpoint of attempt {attempt} of {job_id}",
+        )
 
     def running_attempt(self, job_id: str, number: int, timeout_seconds: float = 120) -> dict:
         def find():
-            return next((a for a in self.job(job_id)["attempts"] if a["number"] == number and a["outcome"] is None),
-                        None)
+            return next(
+                (a for a in self.job(job_id)["attempts"] if a["number"] == number and a["outcome"] is None), None
+            )
 
         return wait_until(find, timeout_seconds, f"attempt {number} of {job_id} to run")
 
@@ -254,8 +280,16 @@ def job_spec(model_dir: Path, dataset: str, max_steps: int = 120) -> dict:
         "dataset": {"path": dataset},
         "method": "lora",
         "lora": {"r": 4, "alpha": 8},
-        "training": {"max_steps": max_steps, "micro_batch_size": 2, "max_seq_length": 64, "learning_rate": 1e-3,
-                     "seed": 5, "checkpoint_every_steps": 5, "keep_checkpoints": 2, "logging_steps": 5},
+        "training": {
+            "max_steps": max_steps,
+            "micro_batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "seed": 5,
+            "checkpoint_every_steps": 5,
+            "keep_checkpoints": 2,
+            "logging_steps": 5,
+        },
         "memory": {"optimizer": "adamw", "gradient_checkpointing": False},
     }
 
@@ -275,7 +309,7 @@ def assert_attempts_never_overlap(job: dict) -> None:
     """Each attempt ended before the next began, by the database's clock."""
     attempts = job["attempts"]
     assert [a["number"] for a in attempts] == list(range(1, len(attempts) + 1))
-    for earlier, later in zip(attempts, attempts[1:]):
+    for earlier, later in zip(attempts, attempts[1:], strict=False):
         assert earlier["ended_at"] is not None and earlier["ended_at"] <= later["started_at"], (earlier, later)
 
 
@@ -310,9 +344,13 @@ class ProcessWatcher:
         while not self._stopped.wait(0.05):
             try:
                 with self.stack.sessions() as session:
-                    rows = list(session.execute(
-                        select(JobAttempt.job_id, JobAttempt.number, JobAttempt.child_pid)
-                        .where(JobAttempt.job_id.in_(self.jobs), JobAttempt.child_pid.is_not(None))))
+                    rows = list(
+                        session.execute(
+                            select(JobAttempt.job_id, JobAttempt.number, JobAttempt.child_pid).where(
+                                JobAttempt.job_id.in_(self.jobs), JobAttempt.child_pid.is_not(None)
+                            )
+                        )
+                    )
             except Exception:  # a test that terminates database connections: sample again next tick
                 continue
             live: dict[str, list[int]] = {}
@@ -348,9 +386,19 @@ def running_stack(directory: Path, **env: str) -> Iterator[Stack]:
     upgrade_database(Settings(database_url=database_url))
     redis = RedisServer(directory)
     redis.start()
-    stack = Stack({**os.environ, **FAST_SETTINGS, "FTJOBS_REDIS_URL": redis.url, "FTJOBS_DATABASE_URL": database_url,
-                   "FTJOBS_QUEUE_NAME": f"stack-{uuid.uuid4().hex[:8]}", **env}, redis, free_port(),
-                  database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    stack = Stack(
+        {
+            **os.environ,
+            **FAST_SETTINGS,
+            "FTJOBS_REDIS_URL": redis.url,
+            "FTJOBS_DATABASE_URL": database_url,
+            "FTJOBS_QUEUE_NAME": f"stack-{uuid.uuid4().hex[:8]}",
+            **env,
+        },
+        redis,
+        free_port(),
+        database_url.replace("postgresql://", "postgresql+psycopg://", 1),
+    )
     try:
         yield stack
     finally:

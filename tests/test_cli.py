@@ -18,19 +18,22 @@ def run_plan(tmp_path, spec: dict | str, *options: str) -> subprocess.CompletedP
     # A fresh home and no database: the plan needs no server and creates nothing.
     env = {k: v for k, v in os.environ.items() if k not in ("FTJOBS_DATABASE_URL", "FTJOBS_REDIS_URL")}
     env["FTJOBS_HOME"] = str(tmp_path / "home")
-    result = subprocess.run([sys.executable, "-m", "ftjobs.cli", "plan", str(path), *options], capture_output=True,
-                            text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "ftjobs.cli", "plan", str(path), *options], capture_output=True, text=True, env=env
+    )
     assert not (tmp_path / "home").exists()
     return result
 
 
 def test_plan_that_fits_and_one_that_does_not_both_exit_0(tmp_path):
-    fits = run_plan(tmp_path, {"base_model": "Qwen/Qwen2.5-0.5B", "method": "qlora",
-                               "resources": {"gpu_memory_gib": 80}})
+    fits = run_plan(
+        tmp_path, {"base_model": "Qwen/Qwen2.5-0.5B", "method": "qlora", "resources": {"gpu_memory_gib": 80}}
+    )
     assert fits.returncode == 0, fits.stderr
     assert json.loads(fits.stdout)["fits"] is True
-    too_big = run_plan(tmp_path, {"base_model": "Qwen/Qwen2.5-7B", "method": "full",
-                                  "resources": {"gpu_memory_gib": 1}})
+    too_big = run_plan(
+        tmp_path, {"base_model": "Qwen/Qwen2.5-7B", "method": "full", "resources": {"gpu_memory_gib": 1}}
+    )
     assert too_big.returncode == 0, too_big.stderr
     plan = json.loads(too_big.stdout)
     assert plan["fits"] is False and plan["peak_vram_bytes"] > plan["gpu_memory_bytes"]
@@ -60,10 +63,17 @@ def test_no_server_exits_3_with_one_line_and_no_traceback(tmp_path):
     dataset = tmp_path / "x.jsonl"
     dataset.write_text('{"text": "hi"}\n')
     env = {**os.environ, "FTJOBS_URL": f"http://127.0.0.1:{closed_port.getsockname()[1]}", "FTJOBS_API_KEY": "any"}
-    for args in (["jobs", "list"], ["status", "job_0123456789abcdef01234567"], ["submit", str(spec), "--watch"],
-                 ["files", "upload", str(dataset)], ["jobs", "download", "job_x"], ["jobs", "events", "job_x"]):
-        result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
-                                env=env, timeout=60)
+    for args in (
+        ["jobs", "list"],
+        ["status", "job_0123456789abcdef01234567"],
+        ["submit", str(spec), "--watch"],
+        ["files", "upload", str(dataset)],
+        ["jobs", "download", "job_x"],
+        ["jobs", "events", "job_x"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True, env=env, timeout=60
+        )
         assert result.returncode == 3, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("ftjobs: server_unreachable: cannot reach the ftjobs server at http://")
@@ -107,8 +117,9 @@ def test_keys_create_list_and_revoke(database):
     from service.tenancy.keys import authenticate, presented_key_sha256
 
     def ftjobs(*args) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         return result
 

@@ -35,16 +35,21 @@ class DroppingPeer:
                 if len(self.keys) % 2:
                     continue  # closed without a byte of answer: the client sees the connection drop
                 body = json.dumps(self.answer).encode()
-                connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                connection.sendall(
+                    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
 
     def _read_request(self, connection: socket.socket) -> None:
         received = b""
         while b"\r\n\r\n" not in received:
             received += connection.recv(65536)
         head, body = received.split(b"\r\n\r\n", 1)
-        headers = {name.lower(): value for name, _, value in
-                   (line.decode().partition(": ") for line in head.split(b"\r\n")[1:])}
+        headers = {
+            name.lower(): value
+            for name, _, value in (line.decode().partition(": ") for line in head.split(b"\r\n")[1:])
+        }
         while len(body) < int(headers.get("content-length", 0)):
             body += connection.recv(65536)
         self.keys.append(headers.get("idempotency-key"))
@@ -62,8 +67,9 @@ def test_a_retried_post_keeps_its_idempotency_key_and_a_new_call_gets_another():
 
 
 def test_a_retried_upload_sends_the_same_bytes(tmp_path):
-    peer = DroppingPeer({"id": "file_0123456789abcdef", "filename": "d.jsonl", "size_bytes": 15,
-                         "created_at": "2026-12-02T00:00:00Z"})
+    peer = DroppingPeer(
+        {"id": "file_0123456789abcdef", "filename": "d.jsonl", "size_bytes": 15, "created_at": "2026-12-02T00:00:00Z"}
+    )
     dataset = tmp_path / "d.jsonl"
     dataset.write_text('{"text": "hi"}\n')
     assert Client(peer.url).upload(dataset, "text").size_bytes == 15

@@ -63,15 +63,24 @@ def claim(job_id: str, hostname: str, settings: Settings) -> ClaimedJob | None:
             return None
         job = repository.get_job(session, job_id)
         latest = attempts.latest_checkpoint(session, job_id)
-        return ClaimedJob(fence, job.spec, job.base_model_path, job.dataset_url, job.validation_dataset_url,
-                          job.predicted_peak_bytes,
-                          latest.storage_key if latest else None, latest.step if latest else None, deadline)
+        return ClaimedJob(
+            fence,
+            job.spec,
+            job.base_model_path,
+            job.dataset_url,
+            job.validation_dataset_url,
+            job.predicted_peak_bytes,
+            latest.storage_key if latest else None,
+            latest.step if latest else None,
+            deadline,
+        )
 
     return in_transaction(work)
 
 
-def execute_job(job_id: str, settings: Settings, hostname: str, shutdown: ShutdownRequest | None = None
-                ) -> JobStatus | None:
+def execute_job(
+    job_id: str, settings: Settings, hostname: str, shutdown: ShutdownRequest | None = None
+) -> JobStatus | None:
     job = claim(job_id, hostname, settings)
     if job is None:
         log.info("job %s is not queued any more; skipping this delivery", job_id)
@@ -97,9 +106,14 @@ class AttemptRunner:
         worker_metrics.job_started(self.fence.job_id, self.job.predicted_peak_bytes)
         outcome = self._train()
         status = self._record(outcome)
-        worker_metrics.job_finished(self.fence.job_id, status.value if status else None,
-                                    time.monotonic() - started, outcome.get("measured_peak_bytes"),
-                                    self.job.predicted_peak_bytes, outcome.get("code"))
+        worker_metrics.job_finished(
+            self.fence.job_id,
+            status.value if status else None,
+            time.monotonic() - started,
+            outcome.get("measured_peak_bytes"),
+            self.job.predicted_peak_bytes,
+            outcome.get("code"),
+        )
         return status
 
     # --- one training process -----------------------------------------------------------------------------
@@ -108,14 +122,28 @@ class AttemptRunner:
         try:
             dataset, validation = self._stage()
         except (StorageUnavailable, FileNotFoundError) as exc:
-            return {"type": "error", "code": "staging_failed", "retryable": True,
-                    "message": f"could not stage the job's files: {exc}"}
+            return {
+                "type": "error",
+                "code": "staging_failed",
+                "retryable": True,
+                "message": f"could not stage the job's files: {exc}",
+            }
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe(duplex=True)
-        process = context.Process(target=job_process_main, name=f"ftjobs-{self.fence.job_id}", daemon=False,
-                                  args=(self.job.spec, self.job.base_model_dir, str(dataset), str(self.output_dir),
-                                        child_end, self.job.lease_deadline,
-                                        str(validation) if validation else None))
+        process = context.Process(
+            target=job_process_main,
+            name=f"ftjobs-{self.fence.job_id}",
+            daemon=False,
+            args=(
+                self.job.spec,
+                self.job.base_model_dir,
+                str(dataset),
+                str(self.output_dir),
+                child_end,
+                self.job.lease_deadline,
+                str(validation) if validation else None,
+            ),
+        )
         process.start()
         child_end.close()
         link = ChildLink(parent_end)
@@ -123,8 +151,14 @@ class AttemptRunner:
         keeper.start()
         try:
             self._write(lambda s: attempts.set_child_pid(s, self.fence, process.pid))
-            self._write(lambda s: attempts.add_event(s, self.fence, "log", {
-                "message": f"training process {process.pid} started (attempt {self.fence.number})"}))
+            self._write(
+                lambda s: attempts.add_event(
+                    s,
+                    self.fence,
+                    "log",
+                    {"message": f"training process {process.pid} started (attempt {self.fence.number})"},
+                )
+            )
             outcome = self._relay(process, link)
         finally:
             keeper.stop()
@@ -141,8 +175,11 @@ class AttemptRunner:
             self.storage.get_tree(self.job.resume_key, target)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         endpoint = self.settings.s3_endpoint_url
-        validation = (local_copy(self.job.validation_dataset_url, self.workdir / "validation.jsonl", endpoint)
-                      if self.job.validation_dataset_url else None)
+        validation = (
+            local_copy(self.job.validation_dataset_url, self.workdir / "validation.jsonl", endpoint)
+            if self.job.validation_dataset_url
+            else None
+        )
         return local_copy(self.job.dataset_url, self.workdir / "dataset.jsonl", endpoint), validation
 
     def _relay(self, process, link: ChildLink) -> dict[str, Any]:
@@ -244,8 +281,12 @@ class AttemptRunner:
             self.storage.put_file(self.output_dir / name, f"{prefix}/{name}")
             artifacts.append({"name": name, "size_bytes": (self.output_dir / name).stat().st_size})
         # The checkpoints stay, already pruned to keep_checkpoints: they are listed and downloadable after success.
-        return self._finish(JobStatus.succeeded, "succeeded", artifacts=artifacts,
-                            measured_peak_bytes=outcome.get("measured_peak_bytes"))
+        return self._finish(
+            JobStatus.succeeded,
+            "succeeded",
+            artifacts=artifacts,
+            measured_peak_bytes=outcome.get("measured_peak_bytes"),
+        )
 
     def _finish(self, to: JobStatus, outcome: str, **fields: Any) -> JobStatus | None:
         if not in_transaction(lambda s: attempts.finish(s, self.fence, to, outcome, **fields)):
@@ -254,8 +295,7 @@ class AttemptRunner:
         return to
 
     def _release(self, outcome: str, detail: str) -> JobStatus | None:
-        status = in_transaction(lambda s: attempts.release(s, self.fence, outcome, detail,
-                                                           self.settings.max_attempts))
+        status = in_transaction(lambda s: attempts.release(s, self.fence, outcome, detail, self.settings.max_attempts))
         if status is JobStatus.queued:
             log.info("job %s: attempt %d ended (%s); back in the queue", *self._ids(), outcome)
             _enqueue_or_leave_to_reconciler(self.fence.job_id, self.settings)
@@ -344,10 +384,17 @@ def _reap(process) -> None:
 def requeue_orphans(hostname: str, settings: Settings) -> list[str]:
     """Attempts this worker name was running when it last stopped are dead: hand their jobs on now rather than
     a lease later. (A worker name is one process at a time.)"""
+
     def release_all(session) -> list[tuple[str, JobStatus | None]]:
-        return [(fence.job_id, attempts.release(session, fence, "worker_restarted",
-                                                f"worker {hostname} restarted", settings.max_attempts))
-                for fence in attempts.running_on(session, hostname)]
+        return [
+            (
+                fence.job_id,
+                attempts.release(
+                    session, fence, "worker_restarted", f"worker {hostname} restarted", settings.max_attempts
+                ),
+            )
+            for fence in attempts.running_on(session, hostname)
+        ]
 
     released = in_transaction(release_all)
     for job_id, status in released:

@@ -32,8 +32,7 @@ def list_gpus() -> list[GpuInfo]:
     gpus = []
     for index in range(pynvml.nvmlDeviceGetCount()):
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        gpus.append(GpuInfo(index, pynvml.nvmlDeviceGetName(handle),
-                            pynvml.nvmlDeviceGetMemoryInfo(handle).total))
+        gpus.append(GpuInfo(index, pynvml.nvmlDeviceGetName(handle), pynvml.nvmlDeviceGetMemoryInfo(handle).total))
     return gpus
 
 

@@ -67,8 +67,15 @@ class ParentLink:
             raise LeaseLost("the lease ran out without a renewal; a newer attempt may own the job")
 
 
-def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str,
-                     conn: Connection, lease_deadline: float, validation_path: str | None = None) -> None:
+def job_process_main(
+    spec_json: dict,
+    base_model_dir: str,
+    dataset_path: str,
+    output_dir: str,
+    conn: Connection,
+    lease_deadline: float,
+    validation_path: str | None = None,
+) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Must be set before torch initialises CUDA: expandable segments cut fragmentation for varying shapes.
@@ -89,21 +96,30 @@ def job_process_main(spec_json: dict, base_model_dir: str, dataset_path: str, ou
     conn.send({"type": "result", **result})
 
 
-def _train(spec_json: dict, base_model_dir: str, dataset_path: str, output_dir: str, link: ParentLink,
-           validation_path: str | None) -> dict:
+def _train(
+    spec_json: dict,
+    base_model_dir: str,
+    dataset_path: str,
+    output_dir: str,
+    link: ParentLink,
+    validation_path: str | None,
+) -> dict:
     from planner.spec import JobSpec
     from worker.gpus import process_used_bytes
     from worker.training.recipe import train
 
-    result = train(JobSpec.model_validate(spec_json), base_model_dir=Path(base_model_dir),
-                   dataset_path=Path(dataset_path), output_dir=Path(output_dir),
-                   validation_path=Path(validation_path) if validation_path else None,
-                   on_progress=lambda p: link.send({"type": "progress", **dataclasses.asdict(p),
-                                                    **_resident_memory()}),
-                   should_stop=link.should_stop, should_drain=link.should_drain,
-                   on_checkpoint=link.checkpoint_saved,
-                   on_resume=lambda step: link.send({"type": "log", "message": f"resumed from step {step}",
-                                                     "step": step}))
+    result = train(
+        JobSpec.model_validate(spec_json),
+        base_model_dir=Path(base_model_dir),
+        dataset_path=Path(dataset_path),
+        output_dir=Path(output_dir),
+        validation_path=Path(validation_path) if validation_path else None,
+        on_progress=lambda p: link.send({"type": "progress", **dataclasses.asdict(p), **_resident_memory()}),
+        should_stop=link.should_stop,
+        should_drain=link.should_drain,
+        on_checkpoint=link.checkpoint_saved,
+        on_resume=lambda step: link.send({"type": "log", "message": f"resumed from step {step}", "step": step}),
+    )
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
     nvml_bytes = process_used_bytes(os.getpid())
@@ -129,8 +145,10 @@ def _resident_memory() -> dict:
     """
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return {"process_resident_bytes": int(fields["VmRSS"].split()[0]) * 1024,
-                "process_peak_resident_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+        return {
+            "process_resident_bytes": int(fields["VmRSS"].split()[0]) * 1024,
+            "process_peak_resident_bytes": int(fields["VmHWM"].split()[0]) * 1024,
+        }
     except (OSError, KeyError, ValueError):
         return {}
 

@@ -37,43 +37,76 @@ DEVICE_KINDS = ("gpu", "cpu")
 OUTCOMES = ("succeeded", "failed", "cancelled")
 
 # --- per running job (label job_id, removed when the job ends) ------------------------------------------
-JOB_PREDICTED_PEAK = Gauge("ftjobs_job_predicted_peak_bytes",
-                           "The planner's predicted peak memory of a running job.", ["job_id"])
-JOB_MEMORY_ALLOCATED = Gauge("ftjobs_job_memory_allocated_bytes",
-                             "GPU memory torch has allocated to tensors of a running job (GPU only).", ["job_id"])
-JOB_MEMORY_RESERVED = Gauge("ftjobs_job_memory_reserved_bytes",
-                            "GPU memory torch's caching allocator holds for a running job (GPU only).", ["job_id"])
-JOB_MEMORY_PEAK = Gauge("ftjobs_job_memory_peak_bytes",
-                        "Peak memory of a running job so far: torch's peak reserved GPU memory (device=gpu), or the "
-                        "training process's peak resident set when it trains on the CPU (device=cpu).",
-                        ["job_id", "device"])
-JOB_RESIDENT = Gauge("ftjobs_job_resident_memory_bytes",
-                     "Resident set size (host memory) of a running job's training process.", ["job_id"])
-JOB_TOKENS_PER_SECOND = Gauge("ftjobs_job_tokens_per_second",
-                              "Non-padding tokens per second of training so far, for a running job.", ["job_id"])
-JOB_STEP_DURATION = Gauge("ftjobs_job_step_duration_seconds",
-                          "Mean wall time of one optimizer step between a running job's last two progress "
-                          "reports (absent until the second report).", ["job_id"])
+JOB_PREDICTED_PEAK = Gauge(
+    "ftjobs_job_predicted_peak_bytes", "The planner's predicted peak memory of a running job.", ["job_id"]
+)
+JOB_MEMORY_ALLOCATED = Gauge(
+    "ftjobs_job_memory_allocated_bytes",
+    "GPU memory torch has allocated to tensors of a running job (GPU only).",
+    ["job_id"],
+)
+JOB_MEMORY_RESERVED = Gauge(
+    "ftjobs_job_memory_reserved_bytes",
+    "GPU memory torch's caching allocator holds for a running job (GPU only).",
+    ["job_id"],
+)
+JOB_MEMORY_PEAK = Gauge(
+    "ftjobs_job_memory_peak_bytes",
+    "Peak memory of a running job so far: torch's peak reserved GPU memory (device=gpu), or the "
+    "training process's peak resident set when it trains on the CPU (device=cpu).",
+    ["job_id", "device"],
+)
+JOB_RESIDENT = Gauge(
+    "ftjobs_job_resident_memory_bytes",
+    "Resident set size (host memory) of a running job's training process.",
+    ["job_id"],
+)
+JOB_TOKENS_PER_SECOND = Gauge(
+    "ftjobs_job_tokens_per_second", "Non-padding tokens per second of training so far, for a running job.", ["job_id"]
+)
+JOB_STEP_DURATION = Gauge(
+    "ftjobs_job_step_duration_seconds",
+    "Mean wall time of one optimizer step between a running job's last two progress "
+    "reports (absent until the second report).",
+    ["job_id"],
+)
 JOB_LOSS = Gauge("ftjobs_job_loss", "Mean per-token training loss since the previous progress report.", ["job_id"])
-JOB_PROGRESS = Gauge("ftjobs_job_progress_ratio", "Optimizer steps completed / total steps, for a running job.",
-                     ["job_id"])
-JOB_ETA = Gauge("ftjobs_job_eta_seconds", "Estimated time left to the end of training, for a running job.",
-                ["job_id"])
-_PER_JOB = (JOB_PREDICTED_PEAK, JOB_MEMORY_ALLOCATED, JOB_MEMORY_RESERVED, JOB_RESIDENT, JOB_TOKENS_PER_SECOND,
-            JOB_STEP_DURATION, JOB_LOSS, JOB_PROGRESS, JOB_ETA)
+JOB_PROGRESS = Gauge(
+    "ftjobs_job_progress_ratio", "Optimizer steps completed / total steps, for a running job.", ["job_id"]
+)
+JOB_ETA = Gauge("ftjobs_job_eta_seconds", "Estimated time left to the end of training, for a running job.", ["job_id"])
+_PER_JOB = (
+    JOB_PREDICTED_PEAK,
+    JOB_MEMORY_ALLOCATED,
+    JOB_MEMORY_RESERVED,
+    JOB_RESIDENT,
+    JOB_TOKENS_PER_SECOND,
+    JOB_STEP_DURATION,
+    JOB_LOSS,
+    JOB_PROGRESS,
+    JOB_ETA,
+)
 
 # --- per finished job ------------------------------------------------------------------------------------
 PEAK_RATIO = Histogram(
     "ftjobs_job_peak_memory_ratio",
     "Measured peak memory ÷ the planner's predicted peak, per succeeded job: above 1 the planner under-predicted. "
     "device=gpu measures what NVML shows for the process; device=cpu the process's peak resident set.",
-    ["device"], buckets=(0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0))
+    ["device"],
+    buckets=(0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0),
+)
 JOB_DURATION = Histogram(
-    "ftjobs_job_duration_seconds", "Wall time of a job on the worker, from claim to outcome, by outcome.",
-    ["outcome"], buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400))
+    "ftjobs_job_duration_seconds",
+    "Wall time of a job on the worker, from claim to outcome, by outcome.",
+    ["outcome"],
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400),
+)
 OUT_OF_MEMORY = Counter(
-    "ftjobs_job_out_of_memory", "Jobs that failed because training ran out of memory (error code out_of_memory); "
-    "device=gpu counts CUDA out-of-memory errors.", ["device"])
+    "ftjobs_job_out_of_memory",
+    "Jobs that failed because training ran out of memory (error code out_of_memory); "
+    "device=gpu counts CUDA out-of-memory errors.",
+    ["device"],
+)
 
 
 @dataclass
@@ -107,9 +140,14 @@ def job_progress(job_id: str, progress: dict[str, Any]) -> None:
     step, total = progress.get("step"), progress.get("total_steps")
     if step is not None and total:
         JOB_PROGRESS.labels(job_id).set(step / total)
-    for gauge, key in ((JOB_LOSS, "loss"), (JOB_TOKENS_PER_SECOND, "tokens_per_second"), (JOB_ETA, "eta_seconds"),
-                       (JOB_MEMORY_ALLOCATED, "memory_allocated_bytes"),
-                       (JOB_MEMORY_RESERVED, "memory_reserved_bytes"), (JOB_RESIDENT, "process_resident_bytes")):
+    for gauge, key in (
+        (JOB_LOSS, "loss"),
+        (JOB_TOKENS_PER_SECOND, "tokens_per_second"),
+        (JOB_ETA, "eta_seconds"),
+        (JOB_MEMORY_ALLOCATED, "memory_allocated_bytes"),
+        (JOB_MEMORY_RESERVED, "memory_reserved_bytes"),
+        (JOB_RESIDENT, "process_resident_bytes"),
+    ):
         if progress.get(key) is not None:  # None means "does not exist here" (torch memory on the CPU)
             gauge.labels(job_id).set(progress[key])
     if progress.get("process_peak_resident_bytes") is not None:
@@ -127,9 +165,14 @@ def job_progress(job_id: str, progress: dict[str, Any]) -> None:
         job.last_step, job.last_report_at = step, now
 
 
-def job_finished(job_id: str, outcome: str | None, duration_seconds: float,
-                 measured_peak_bytes: int | None = None, predicted_peak_bytes: int | None = None,
-                 error_code: str | None = None) -> None:
+def job_finished(
+    job_id: str,
+    outcome: str | None,
+    duration_seconds: float,
+    measured_peak_bytes: int | None = None,
+    predicted_peak_bytes: int | None = None,
+    error_code: str | None = None,
+) -> None:
     """Record a job's outcome and remove its per-job series.
 
     `measured_peak_bytes` is the GPU measurement the worker stores on the job (None on the CPU, where the
@@ -168,12 +211,17 @@ class DeviceCollector(Collector):
         return [GaugeMetricFamily(name, text) for name, text in _DEVICE_HELP.items()]
 
     def collect(self):
-        used = GaugeMetricFamily("ftjobs_device_memory_used_bytes", _DEVICE_HELP["ftjobs_device_memory_used_bytes"],
-                                 labels=["device"])
-        capacity = GaugeMetricFamily("ftjobs_device_memory_capacity_bytes",
-                                     _DEVICE_HELP["ftjobs_device_memory_capacity_bytes"], labels=["device"])
-        utilization = GaugeMetricFamily("ftjobs_gpu_utilization_ratio",
-                                        _DEVICE_HELP["ftjobs_gpu_utilization_ratio"], labels=["device"])
+        used = GaugeMetricFamily(
+            "ftjobs_device_memory_used_bytes", _DEVICE_HELP["ftjobs_device_memory_used_bytes"], labels=["device"]
+        )
+        capacity = GaugeMetricFamily(
+            "ftjobs_device_memory_capacity_bytes",
+            _DEVICE_HELP["ftjobs_device_memory_capacity_bytes"],
+            labels=["device"],
+        )
+        utilization = GaugeMetricFamily(
+            "ftjobs_gpu_utilization_ratio", _DEVICE_HELP["ftjobs_gpu_utilization_ratio"], labels=["device"]
+        )
         try:
             gpus = read_gpus()
         except Exception:  # a driver hiccup must not fail the whole scrape; the series are simply absent
@@ -195,9 +243,9 @@ class DeviceCollector(Collector):
 
 _DEVICE_HELP = {
     "ftjobs_device_memory_used_bytes": "Memory in use on a training device: NVML's used memory per GPU "
-                                       "(every process), or host memory in use (total − available) for the CPU.",
+    "(every process), or host memory in use (total − available) for the CPU.",
     "ftjobs_device_memory_capacity_bytes": "Total memory of a training device: a GPU's memory, or the host's "
-                                           "for the CPU. Named capacity because _total is kept for counters.",
+    "for the CPU. Named capacity because _total is kept for counters.",
     "ftjobs_gpu_utilization_ratio": "Fraction of the last sample period in which the GPU ran a kernel (NVML).",
 }
 

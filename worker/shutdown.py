@@ -36,9 +36,13 @@ def install_drain_handlers(shutdown: ShutdownRequest = SHUTDOWN) -> None:
         first = not shutdown.drain.is_set()
         shutdown.signalled()
         state.should_stop = 0  # EX_OK: a warm stop, as soon as the running task returns
-        log.warning("%s: %s", signal.Signals(signum).name,
-                    "draining the running job (checkpoint, then back to the queue); send again to stop at once"
-                    if first else "stopping the running job now; it goes back to the queue")
+        log.warning(
+            "%s: %s",
+            signal.Signals(signum).name,
+            "draining the running job (checkpoint, then back to the queue); send again to stop at once"
+            if first
+            else "stopping the running job now; it goes back to the queue",
+        )
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

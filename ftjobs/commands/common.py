@@ -16,15 +16,21 @@ API_KEY_HELP = "default: FTJOBS_API_KEY, else the local admin key `ftjobs up` wr
 
 
 def json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print machine-readable JSON on stdout (errors as one problem+json line on stderr)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print machine-readable JSON on stdout (errors as one problem+json line on stderr)",
+    )
 
 
 def connection_options() -> argparse.ArgumentParser:
     """A parent parser for every command that talks to the server."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--url", default=None,
-                        help="the API's base URL (default: FTJOBS_URL, else http://FTJOBS_API_HOST:FTJOBS_API_PORT)")
+    parent.add_argument(
+        "--url",
+        default=None,
+        help="the API's base URL (default: FTJOBS_URL, else http://FTJOBS_API_HOST:FTJOBS_API_PORT)",
+    )
     parent.add_argument("--api-key", default=None, help=API_KEY_HELP)
     json_option(parent)
     return parent
@@ -75,7 +81,9 @@ def report_error(args: argparse.Namespace, problem: dict[str, Any]) -> None:
 def table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [header] + [[("-" if value is None else str(value)) for value in row] for row in rows]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip() for row in cells
+    )
 
 
 def when(value) -> str | None:

@@ -11,13 +11,20 @@ from planner.spec import DatasetFormat
 
 
 def register(commands, parent: argparse.ArgumentParser) -> None:
-    files = commands.add_parser("files", help="upload, list, read and delete dataset files",
-                                description="Dataset files of the caller's tenant (JSONL).")
+    files = commands.add_parser(
+        "files",
+        help="upload, list, read and delete dataset files",
+        description="Dataset files of the caller's tenant (JSONL).",
+    )
     actions = files.add_subparsers(required=True, metavar="ACTION")
     upload = actions.add_parser("upload", parents=[parent], help="upload a JSONL dataset; prints its file id")
     upload.add_argument("path", type=Path, help="the JSONL file")
-    upload.add_argument("--format", choices=[f.value for f in DatasetFormat], default=None,
-                        help="check every row in this format now, so a bad row is refused at upload")
+    upload.add_argument(
+        "--format",
+        choices=[f.value for f in DatasetFormat],
+        default=None,
+        help="check every row in this format now, so a bad row is refused at upload",
+    )
     upload.set_defaults(run=_upload)
     listing = actions.add_parser("list", parents=[parent], help="the newest files first, a page at a time")
     listing.add_argument("--limit", type=int, default=50, help="files per page, 1 to 200 (default 50)")

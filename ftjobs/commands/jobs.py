@@ -18,14 +18,23 @@ class SpecFileError(Exception):
 
 
 def register(commands, parent: argparse.ArgumentParser) -> None:
-    submit = commands.add_parser("submit", parents=[parent], help="submit a job spec (a JSON file)",
-                                 description="Submit a job spec; with --watch, follow it to its end.")
+    submit = commands.add_parser(
+        "submit",
+        parents=[parent],
+        help="submit a job spec (a JSON file)",
+        description="Submit a job spec; with --watch, follow it to its end.",
+    )
     submit.add_argument("spec", type=Path, help="the job spec, a JSON file (see JobSpec in /openapi.json)")
-    submit.add_argument("--watch", action="store_true", help="show progress until the job ends; exit 1 unless "
-                                                             "it succeeds")
+    submit.add_argument(
+        "--watch", action="store_true", help="show progress until the job ends; exit 1 unless it succeeds"
+    )
     submit.set_defaults(run=_submit)
-    status = commands.add_parser("status", parents=[parent], help="show a job's progress",
-                                 description="A job's progress line; exit 1 for a failed or cancelled job.")
+    status = commands.add_parser(
+        "status",
+        parents=[parent],
+        help="show a job's progress",
+        description="A job's progress line; exit 1 for a failed or cancelled job.",
+    )
     status.add_argument("job_id", help="the job's id (job_...)")
     status.add_argument("--watch", action="store_true", help="keep polling until the job ends")
     status.set_defaults(run=_status)
@@ -33,12 +42,18 @@ def register(commands, parent: argparse.ArgumentParser) -> None:
 
 
 def _jobs_parser(commands, parent: argparse.ArgumentParser) -> None:
-    jobs = commands.add_parser("jobs", help="list, read, cancel and follow jobs; download their artifacts",
-                               description="Jobs of the caller's tenant.")
+    jobs = commands.add_parser(
+        "jobs",
+        help="list, read, cancel and follow jobs; download their artifacts",
+        description="Jobs of the caller's tenant.",
+    )
     actions = jobs.add_subparsers(required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[parent], help="the newest jobs first, a page at a time")
-    listing.add_argument("--status", choices=["queued", "running", "cancelling", "succeeded", "failed", "cancelled"],
-                         help="only jobs in this state")
+    listing.add_argument(
+        "--status",
+        choices=["queued", "running", "cancelling", "succeeded", "failed", "cancelled"],
+        help="only jobs in this state",
+    )
     listing.add_argument("--limit", type=int, default=50, help="jobs per page, 1 to 200 (default 50)")
     listing.add_argument("--after", default=None, help="the next_cursor a previous page printed")
     listing.set_defaults(run=_list)
@@ -51,15 +66,22 @@ def _jobs_parser(commands, parent: argparse.ArgumentParser) -> None:
     events = actions.add_parser("events", parents=[parent], help="a job's events (state, progress, checkpoint)")
     events.add_argument("job_id", help="the job's id (job_...)")
     events.add_argument("--after", type=int, default=0, help="only events after this seq (default 0: all)")
-    events.add_argument("--follow", action="store_true", help="keep printing new events until the job ends; "
-                                                              "exit 1 unless it succeeds")
+    events.add_argument(
+        "--follow", action="store_true", help="keep printing new events until the job ends; exit 1 unless it succeeds"
+    )
     events.set_defaults(run=_events)
     download = actions.add_parser("download", parents=[parent], help="every artifact of a job, as one tar archive")
     download.add_argument("job_id", help="the job's id (job_...)")
-    download.add_argument("-o", "--output", type=Path, default=None,
-                          help="where to write the archive (default: ./JOB_ID-artifacts.tar)")
-    download.add_argument("--extract", type=Path, default=None, metavar="DIR",
-                          help="unpack the archive into DIR instead of keeping the .tar")
+    download.add_argument(
+        "-o", "--output", type=Path, default=None, help="where to write the archive (default: ./JOB_ID-artifacts.tar)"
+    )
+    download.add_argument(
+        "--extract",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="unpack the archive into DIR instead of keeping the .tar",
+    )
     download.set_defaults(run=_download)
 
 
@@ -118,10 +140,16 @@ def _get(args) -> int:
 
 
 def _describe(job: Job) -> str:
-    lines = [f"id        {job.id}", f"status    {job.status}", f"model     {job.spec.get('base_model')}",
-             f"method    {job.spec.get('method', '-')}", f"step      {_steps(job)}",
-             f"created   {when(job.created_at)}", f"started   {when(job.started_at) or '-'}",
-             f"finished  {when(job.finished_at) or '-'}"]
+    lines = [
+        f"id        {job.id}",
+        f"status    {job.status}",
+        f"model     {job.spec.get('base_model')}",
+        f"method    {job.spec.get('method', '-')}",
+        f"step      {_steps(job)}",
+        f"created   {when(job.created_at)}",
+        f"started   {when(job.started_at) or '-'}",
+        f"finished  {when(job.finished_at) or '-'}",
+    ]
     if (loss := (job.progress or {}).get("loss")) is not None:
         lines.append(f"loss      {loss:.4f}")
     lines += [f"artifact  {artifact.name} ({artifact.size_bytes} bytes)" for artifact in job.artifacts]
@@ -172,14 +200,20 @@ def _download(args) -> int:
     if args.extract is None:
         target = args.output or Path(f"{args.job_id}-artifacts.tar")
         client.download_artifacts(args.job_id, target)
-        emit(args, {"job_id": args.job_id, "archive": str(target), "size_bytes": target.stat().st_size},
-             f"wrote {target} ({target.stat().st_size} bytes)")
+        emit(
+            args,
+            {"job_id": args.job_id, "archive": str(target), "size_bytes": target.stat().st_size},
+            f"wrote {target} ({target.stat().st_size} bytes)",
+        )
         return SUCCEEDED
     with tempfile.TemporaryDirectory() as scratch:
         archive = client.download_artifacts(args.job_id, Path(scratch) / "artifacts.tar")
         with tarfile.open(archive) as tar:
             names = tar.getnames()
             tar.extractall(args.extract, filter="data")  # "data": no member may land outside DIR
-    emit(args, {"job_id": args.job_id, "directory": str(args.extract), "files": names},
-         f"extracted {len(names)} files into {args.extract}")
+    emit(
+        args,
+        {"job_id": args.job_id, "directory": str(args.extract), "files": names},
+        f"extracted {len(names)} files into {args.extract}",
+    )
     return SUCCEEDED

@@ -42,8 +42,9 @@ class CallerDatabase:
     `write(..., answers=status)` says that `then`'s result is the route's answer: when the request holds an
     Idempotency-Key (service/idempotency/layer.py), the answer is recorded in the same transaction."""
 
-    def __init__(self, database: Database, rate_limiter: RateLimiter, key_sha256: str,
-                 claim: Claim | None = None) -> None:
+    def __init__(
+        self, database: Database, rate_limiter: RateLimiter, key_sha256: str, claim: Claim | None = None
+    ) -> None:
         self.database, self.rate_limiter, self.key_sha256, self.claim = database, rate_limiter, key_sha256, claim
         self._caller: Caller | None = None
 
@@ -54,8 +55,9 @@ class CallerDatabase:
         """As `read`, `work` getting a Core connection (service/db.py `Database.read_rows`)."""
         return await self.database.read_rows(self._as_caller, work, args, then)
 
-    async def write(self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None,
-                    answers: int | None = None) -> Any:
+    async def write(
+        self, work: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None, answers: int | None = None
+    ) -> Any:
         if answers is not None and self.claim is not None:
             return await self.database.write(self._answering, work, args, then, answers)
         return await self.database.write(self._as_caller, work, args, then)
@@ -64,14 +66,21 @@ class CallerDatabase:
         """Count and authenticate alone, as a unit of its own."""
         return await self.database.read_rows(self._caller_of)
 
-    def _as_caller(self, unit: Session | Connection, work: Callable[..., Any], args: tuple,
-                   then: Callable[[Any], Any] | None) -> Any:
+    def _as_caller(
+        self, unit: Session | Connection, work: Callable[..., Any], args: tuple, then: Callable[[Any], Any] | None
+    ) -> Any:
         caller = self._caller or self._caller_of(unit.connection() if isinstance(unit, Session) else unit)
         result = work(unit, *args, caller=caller)
         return then(result) if then else result
 
-    def _answering(self, session: Session, work: Callable[..., Any], args: tuple, then: Callable[[Any], Any] | None,
-                   status_code: int) -> Any:
+    def _answering(
+        self,
+        session: Session,
+        work: Callable[..., Any],
+        args: tuple,
+        then: Callable[[Any], Any] | None,
+        status_code: int,
+    ) -> Any:
         answer = self._as_caller(session, work, args, then)
         self.claim.record(session, status_code, answer)
         return answer
@@ -87,8 +96,9 @@ async def get_caller_database(request: Request) -> CallerDatabase:
     """The header read directly, not through fastapi.security.HTTPBearer: a dependency and a credentials object
     less on every poll. The scheme is declared in the OpenAPI document by service/app.py instead."""
     key_sha256 = presented_key_sha256(request.headers.get("authorization"))
-    return CallerDatabase(request.app.state.database, request.app.state.rate_limiter, key_sha256,
-                          claim_of(request.scope))
+    return CallerDatabase(
+        request.app.state.database, request.app.state.rate_limiter, key_sha256, claim_of(request.scope)
+    )
 
 
 async def get_authenticated_database(db: Annotated[CallerDatabase, Depends(get_caller_database)]) -> CallerDatabase:

@@ -20,21 +20,28 @@ router = APIRouter(include_in_schema=False)
 @router.get("/docs")
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}", title="ftjobs API",
-                               swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-                               swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-                               swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-                               # else Swagger UI asks validator.swagger.io for a badge on every page view
-                               swagger_ui_parameters={"validatorUrl": None})
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title="ftjobs API",
+        swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
+        # else Swagger UI asks validator.swagger.io for a badge on every page view
+        swagger_ui_parameters={"validatorUrl": None},
+    )
 
 
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
     # No Google Fonts either: redoc falls back to the browser's own.
-    return get_redoc_html(openapi_url=f"{root}{request.app.openapi_url}", title="ftjobs API",
-                          redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
-                          redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png", with_google_fonts=False)
+    return get_redoc_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title="ftjobs API",
+        redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
+        with_google_fonts=False,
+    )
 
 
 def install(app: FastAPI) -> None:

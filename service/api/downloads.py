@@ -10,8 +10,7 @@ from service.errors import ProblemError
 from service.storage import CHUNK_BYTES, Storage
 
 
-def stored_file_response(storage: Storage, key: str, filename: str, media_type: str,
-                         missing: ProblemError) -> Response:
+def stored_file_response(storage: Storage, key: str, filename: str, media_type: str, missing: ProblemError) -> Response:
     local = storage.local_path(key)
     if local is not None:
         if not local.is_file():
@@ -19,9 +18,11 @@ def stored_file_response(storage: Storage, key: str, filename: str, media_type: 
         return FileResponse(local, filename=filename, media_type=media_type)
     if not storage.exists(key):
         raise missing
-    return StreamingResponse(_chunks(storage, key), media_type=media_type,
-                             headers={"Content-Length": str(storage.size(key)),
-                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+    return StreamingResponse(
+        _chunks(storage, key),
+        media_type=media_type,
+        headers={"Content-Length": str(storage.size(key)), "Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 def _chunks(storage: Storage, key: str) -> Iterator[bytes]:

@@ -21,20 +21,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness,
-            responses={200: {"description": "ready"},
-                       503: {"model": Readiness, "description": "not ready; checks says why"}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={200: {"description": "ready"}, 503: {"model": Readiness, "description": "not ready; checks says why"}},
+)
 async def readyz(database: DatabaseDep, settings: SettingsDep) -> JSONResponse:
     checks = await anyio.to_thread.run_sync(_readiness, database, settings)
     ready = all(result == "ok" for result in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 def _readiness(database: Database, settings: Settings) -> dict[str, str]:
-    return {"database": _check(lambda: _database_current(database, settings)),
-            "broker": _check(lambda: _ping_broker(settings.redis_url)),
-            "storage": _check(lambda: job_storage(settings).check())}
+    return {
+        "database": _check(lambda: _database_current(database, settings)),
+        "broker": _check(lambda: _ping_broker(settings.redis_url)),
+        "storage": _check(lambda: job_storage(settings).check()),
+    }
 
 
 def _check(probe) -> str:

@@ -43,8 +43,14 @@ class Problem(BaseModel):
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for these statuses, each a problem+json body."""
-    return {status: {"description": _DESCRIPTIONS[status], "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
-                     **({"headers": HEADERS[status]} if status in HEADERS else {})} for status in statuses}
+    return {
+        status: {
+            "description": _DESCRIPTIONS[status],
+            "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}},
+            **({"headers": HEADERS[status]} if status in HEADERS else {}),
+        }
+        for status in statuses
+    }
 
 
 # Every authenticated route: an unparsable request, a missing or bad key, an invalid parameter, the rate limit,

@@ -38,19 +38,25 @@ def wants_stream(accept: str | None) -> bool:
     return EVENT_STREAM in (accept or "")
 
 
-async def event_stream(db: CallerDatabase, settings: Settings, streams: StreamCount, job_id: str,
-                       after_seq: int) -> EventSourceResponse:
+async def event_stream(
+    db: CallerDatabase, settings: Settings, streams: StreamCount, job_id: str, after_seq: int
+) -> EventSourceResponse:
     if streams.open >= settings.sse_max_streams:
-        raise TooManyStreams(f"this API process already serves {streams.open} event streams; retry, or poll "
-                             "the JSON pages")
+        raise TooManyStreams(
+            f"this API process already serves {streams.open} event streams; retry, or poll the JSON pages"
+        )
     # The first page is read here, so an unknown job or key is a problem+json answer, not a broken stream.
     first = await db.read_rows(service.events_since, job_id, after_seq, PAGE_EVENTS)
-    return EventSourceResponse(_messages(db, settings, streams, job_id, after_seq, first), ping=PING_SECONDS,
-                               headers={"Cache-Control": "no-store"})
+    return EventSourceResponse(
+        _messages(db, settings, streams, job_id, after_seq, first),
+        ping=PING_SECONDS,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
-async def _messages(db: CallerDatabase, settings: Settings, streams: StreamCount, job_id: str, after_seq: int,
-                    page: tuple):
+async def _messages(
+    db: CallerDatabase, settings: Settings, streams: StreamCount, job_id: str, after_seq: int, page: tuple
+):
     streams.open += 1
     try:
         while True:

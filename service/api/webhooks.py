@@ -15,11 +15,18 @@ from service.webhooks import service
 router = APIRouter(prefix="/v1/jobs", tags=["webhooks"])
 
 
-@router.get("/{job_id}/webhook_deliveries", response_model=WebhookDeliveryPage,
-            operation_id="list_webhook_deliveries", responses=problems(404))
-async def list_webhook_deliveries(job_id: str, db: CallerDbDep,
-                                  after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
-                                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> WebhookDeliveryPage:
+@router.get(
+    "/{job_id}/webhook_deliveries",
+    response_model=WebhookDeliveryPage,
+    operation_id="list_webhook_deliveries",
+    responses=problems(404),
+)
+async def list_webhook_deliveries(
+    job_id: str,
+    db: CallerDbDep,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> WebhookDeliveryPage:
     return await db.read_rows(service.list_deliveries, job_id, after, limit, then=functools.partial(_page, after))
 
 

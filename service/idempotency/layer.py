@@ -37,8 +37,15 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from service.db import Database
-from service.errors import (BodyTooLarge, IdempotencyKeyInUse, IdempotencyKeyReused, InvalidIdempotencyKey,
-                            ProblemError, Unauthenticated, UploadTooLarge)
+from service.errors import (
+    BodyTooLarge,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    ProblemError,
+    Unauthenticated,
+    UploadTooLarge,
+)
 from service.idempotency import repository
 from service.jobs.attempts import database_now
 from service.models import IdempotencyKey
@@ -68,8 +75,9 @@ class Claim:
         """Record `answer` (a pydantic model, the route's response body) in the caller's transaction; refused,
         and the transaction with it, if a retry took the key over while this request stalled."""
         body = answer.model_dump_json(by_alias=True).encode()  # as FastAPI serializes a response_model
-        if not repository.complete(session, self.tenant_id, self.key, self.token, status_code, "application/json",
-                                   body):
+        if not repository.complete(
+            session, self.tenant_id, self.key, self.token, status_code, "application/json", body
+        ):
             raise IdempotencyKeyInUse("this request outlived its hold on the Idempotency-Key; a retry holds it")
         self.recorded = True
 
@@ -79,8 +87,15 @@ def claim_of(scope) -> Claim | None:
 
 
 class IdempotencyLayer:
-    def __init__(self, app, settings: Settings, *, upload_limit_bytes: int, json_limit_bytes: int,
-                 render_error: Callable[[ProblemError, str, dict | None], Response]) -> None:
+    def __init__(
+        self,
+        app,
+        settings: Settings,
+        *,
+        upload_limit_bytes: int,
+        json_limit_bytes: int,
+        render_error: Callable[[ProblemError, str, dict | None], Response],
+    ) -> None:
         # render_error: the app's own (service/app.py error_response), so a refusal here has the body any error
         # on that route has: problem+json, or OpenAI's envelope on the OpenAI routes.
         self.app, self.settings, self.render_error = app, settings, render_error
@@ -113,8 +128,9 @@ class IdempotencyLayer:
         database: Database = scope["app"].state.database
         token = secrets.token_hex(16)
         try:
-            tenant_id, held = await database.write(self._claim, scope["app"].state.rate_limiter, key_sha256, key,
-                                                   fingerprint, token)
+            tenant_id, held = await database.write(
+                self._claim, scope["app"].state.rate_limiter, key_sha256, key, fingerprint, token
+            )
         except Unauthenticated:  # an unknown or revoked key: the route says so, as it would without the header
             return await self.app(scope, _replay_body(body, receive), send)
         except ProblemError as error:
@@ -135,21 +151,30 @@ class IdempotencyLayer:
         if claim.recorded and answer.status is not None and answer.status < 500:
             return
         if answer.recordable:
-            await database.write(repository.complete, tenant_id, key, token, answer.status, answer.content_type,
-                                 bytes(answer.body))
+            await database.write(
+                repository.complete, tenant_id, key, token, answer.status, answer.content_type, bytes(answer.body)
+            )
         else:
             await database.write(repository.release, tenant_id, key, token)
 
-    def _claim(self, session: Session, rate_limiter: RateLimiter, key_sha256: str, key: str, fingerprint: str,
-               token: str) -> tuple[str, IdempotencyKey | None]:
+    def _claim(
+        self, session: Session, rate_limiter: RateLimiter, key_sha256: str, key: str, fingerprint: str, token: str
+    ) -> tuple[str, IdempotencyKey | None]:
         # The request is counted against its key's rate limit here, replays included, and only here: the route's
         # own unit skips the count when it finds the claim (service/api/deps.py).
         rate_limiter.hit(key_sha256)
         caller = authenticate(session.connection(), key_sha256)
         now = database_now(session)
-        held = repository.claim(session, caller.tenant_id, key, fingerprint, token, now,
-                                expired_before=now - timedelta(hours=self.settings.idempotency_key_hours),
-                                stale_before=now - timedelta(seconds=self.settings.idempotency_lock_seconds))
+        held = repository.claim(
+            session,
+            caller.tenant_id,
+            key,
+            fingerprint,
+            token,
+            now,
+            expired_before=now - timedelta(hours=self.settings.idempotency_key_hours),
+            stale_before=now - timedelta(seconds=self.settings.idempotency_lock_seconds),
+        )
         if held is not None:
             session.expunge(held)
         return caller.tenant_id, held
@@ -157,8 +182,9 @@ class IdempotencyLayer:
     async def _spool(self, scope, receive, spool, content_type: bytes) -> str | None:
         """Read the body into `spool`; its fingerprint, or None if the client disconnected."""
         limit = self.upload_limit if scope["path"].startswith("/v1/files") else self.json_limit
-        hasher = hashlib.sha256(b"\0".join([b"POST", scope["path"].encode("utf-8", "surrogateescape"),
-                                            scope.get("query_string", b""), b""]))
+        hasher = hashlib.sha256(
+            b"\0".join([b"POST", scope["path"].encode("utf-8", "surrogateescape"), scope.get("query_string", b""), b""])
+        )
         neutral = _BoundaryNeutral(content_type, hasher)
         size = 0
         while True:
@@ -175,16 +201,25 @@ class IdempotencyLayer:
             if not message.get("more_body", False):
                 return neutral.hexdigest()
 
-
     async def _answer_again(self, held: IdempotencyKey, fingerprint: str, scope, receive, send) -> None:
         if held.fingerprint != fingerprint:
-            return await self._problem(IdempotencyKeyReused(
-                "this Idempotency-Key was first sent with another request (method, path or body); use a new key"),
-                scope, receive, send)
+            return await self._problem(
+                IdempotencyKeyReused(
+                    "this Idempotency-Key was first sent with another request (method, path or body); use a new key"
+                ),
+                scope,
+                receive,
+                send,
+            )
         if held.status_code is None:
-            return await self._problem(IdempotencyKeyInUse(
-                "the first request with this Idempotency-Key is still running; retry to get its answer"),
-                scope, receive, send)
+            return await self._problem(
+                IdempotencyKeyInUse(
+                    "the first request with this Idempotency-Key is still running; retry to get its answer"
+                ),
+                scope,
+                receive,
+                send,
+            )
         headers = [(b"content-length", str(len(held.response_body)).encode()), (b"idempotent-replayed", b"true")]
         if held.content_type:
             headers.append((b"content-type", held.content_type.encode("latin-1")))
@@ -193,6 +228,7 @@ class IdempotencyLayer:
 
     async def _problem(self, error: ProblemError, scope, receive, send) -> None:
         await self.render_error(error, scope["path"], error.headers)(scope, receive, send)
+
 
 def _valid_key(raw: bytes) -> str:
     """Printable ASCII, 1 to 255 characters (a UUID is what clients send)."""
@@ -259,14 +295,22 @@ class _Recorder:
 
     @property
     def recordable(self) -> bool:
-        return (self.status is not None and self.status < 500 and self.status not in UNRECORDED_STATUSES
-                and not self.overflowed)
+        return (
+            self.status is not None
+            and self.status < 500
+            and self.status not in UNRECORDED_STATUSES
+            and not self.overflowed
+        )
 
 
-_HEADER_DOC = {"name": "Idempotency-Key", "in": "header", "required": False,
-               "description": "Send the same key again (for 24 h) to get this request's first answer instead of a "
-                              "second run; another request with the same key is a 422 idempotency_key_reused",
-               "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[!-~]+$"}}
+_HEADER_DOC = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Send the same key again (for 24 h) to get this request's first answer instead of a "
+    "second run; another request with the same key is a 422 idempotency_key_reused",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": "^[!-~]+$"},
+}
 
 
 def declare_in_openapi(schema: dict, problem_ref: dict) -> None:
@@ -278,8 +322,13 @@ def declare_in_openapi(schema: dict, problem_ref: dict) -> None:
         if post is None:
             continue
         post.setdefault("parameters", []).append(_HEADER_DOC)
-        content = post["responses"].get("422", {}).get("content") or {"application/problem+json": {
-            "schema": problem_ref}}
-        post["responses"].setdefault("409", {
-            "description": "idempotency_key_in_use: the first request with this Idempotency-Key is still running",
-            "content": content})
+        content = post["responses"].get("422", {}).get("content") or {
+            "application/problem+json": {"schema": problem_ref}
+        }
+        post["responses"].setdefault(
+            "409",
+            {
+                "description": "idempotency_key_in_use: the first request with this Idempotency-Key is still running",
+                "content": content,
+            },
+        )

@@ -42,28 +42,45 @@ def claim(session: Session, job_id: str, hostname: str, lease_seconds: float) ->
     """queued -> running as a new attempt, or None if the job is not queued (a duplicate or stale message)."""
     now = database_now(session)
     number = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
-        .values(status=JobStatus.running.value, attempt=Job.attempt + 1, worker_hostname=hostname,
-                lease_expires_at=now + timedelta(seconds=lease_seconds), child_pid=None, updated_at=now,
-                started_at=func.coalesce(Job.started_at, now))
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(
+            status=JobStatus.running.value,
+            attempt=Job.attempt + 1,
+            worker_hostname=hostname,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            child_pid=None,
+            updated_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
         .returning(Job.attempt)
     ).scalar_one_or_none()
     if number is None:
         return None
     latest = latest_checkpoint(session, job_id)
     resumed_from = latest.step if latest else None
-    session.add(JobAttempt(job_id=job_id, number=number, worker_hostname=hostname, started_at=now,
-                           resumed_from_step=resumed_from))
-    repository.add_event(session, job_id, "state", {"status": JobStatus.running.value, "attempt": number,
-                                                    "worker": hostname, "resumed_from_step": resumed_from})
+    session.add(
+        JobAttempt(
+            job_id=job_id, number=number, worker_hostname=hostname, started_at=now, resumed_from_step=resumed_from
+        )
+    )
+    repository.add_event(
+        session,
+        job_id,
+        "state",
+        {"status": JobStatus.running.value, "attempt": number, "worker": hostname, "resumed_from_step": resumed_from},
+    )
     return Fence(job_id, number)
 
 
 def hold(session: Session, fence: Fence, **fields: Any) -> bool:
     """True (and the row locked until commit) while `fence` is the job's running attempt; also sets `fields`."""
     result = session.execute(
-        update(Job).where(Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE))
-        .values(updated_at=utcnow(), **fields).execution_options(synchronize_session=False))
+        update(Job)
+        .where(Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE))
+        .values(updated_at=utcnow(), **fields)
+        .execution_options(synchronize_session=False)
+    )
     return result.rowcount == 1
 
 
@@ -73,8 +90,9 @@ def renew_lease(session: Session, fence: Fence, lease_seconds: float) -> bool:
 
 def status_of(session: Session, fence: Fence) -> JobStatus | None:
     """running or cancelling while `fence` is the job's running attempt, else None (it was superseded)."""
-    status = session.scalar(select(Job.status).where(Job.id == fence.job_id, Job.attempt == fence.number,
-                                                     Job.status.in_(ACTIVE)))
+    status = session.scalar(
+        select(Job.status).where(Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE))
+    )
     return JobStatus(status) if status else None
 
 
@@ -95,29 +113,35 @@ def add_event(session: Session, fence: Fence, kind: str, data: dict[str, Any]) -
 def set_child_pid(session: Session, fence: Fence, pid: int) -> bool:
     if not hold(session, fence, child_pid=pid):
         return False
-    session.execute(update(JobAttempt).where(JobAttempt.job_id == fence.job_id, JobAttempt.number == fence.number)
-                    .values(child_pid=pid))
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == fence.job_id, JobAttempt.number == fence.number)
+        .values(child_pid=pid)
+    )
     return True
 
 
 def end_attempt(session: Session, fence: Fence, outcome: str, detail: str | None = None) -> None:
     session.execute(
-        update(JobAttempt).where(JobAttempt.job_id == fence.job_id, JobAttempt.number == fence.number,
-                                 JobAttempt.ended_at.is_(None))
-        .values(ended_at=database_now(session), outcome=outcome, detail=detail))
+        update(JobAttempt)
+        .where(JobAttempt.job_id == fence.job_id, JobAttempt.number == fence.number, JobAttempt.ended_at.is_(None))
+        .values(ended_at=database_now(session), outcome=outcome, detail=detail)
+    )
 
 
 def finish(session: Session, fence: Fence, to: JobStatus, outcome: str, **fields: Any) -> bool:
     """The attempt's own terminal outcome, fenced: a superseded attempt changes nothing."""
-    if not repository.transition(session, fence.job_id, to, attempt=fence.number, event={"attempt": fence.number},
-                                 **fields):
+    if not repository.transition(
+        session, fence.job_id, to, attempt=fence.number, event={"attempt": fence.number}, **fields
+    ):
         return False
     end_attempt(session, fence, outcome, fields.get("error_message"))
     return True
 
 
-def release(session: Session, fence: Fence, outcome: str, detail: str, max_attempts: int, *,
-            only_if_lease_expired: bool = False) -> JobStatus | None:
+def release(
+    session: Session, fence: Fence, outcome: str, detail: str, max_attempts: int, *, only_if_lease_expired: bool = False
+) -> JobStatus | None:
     """End the attempt and hand the job on: back to the queue, or cancelled if a cancel was asked, or failed
     with `attempts_exhausted` once `max_attempts` attempts have run. None if the attempt was superseded (or,
     with `only_if_lease_expired`, if its lease is still good): nothing changed."""
@@ -131,21 +155,39 @@ def release(session: Session, fence: Fence, outcome: str, detail: str, max_attem
     if status == JobStatus.cancelling.value:
         target, fields = JobStatus.cancelled, {}
     elif fence.number >= max_attempts:
-        target, fields = JobStatus.failed, {
-            "error_code": "attempts_exhausted",
-            "error_message": f"{fence.number} of {max_attempts} attempts used; the last ended with {outcome}: {detail}"}
+        target, fields = (
+            JobStatus.failed,
+            {
+                "error_code": "attempts_exhausted",
+                "error_message": f"{fence.number} of {max_attempts} attempts used; "
+                f"the last ended with {outcome}: {detail}",
+            },
+        )
     else:
-        target, fields = JobStatus.queued, {"queued_at": database_now(session), "worker_hostname": None,
-                                            "child_pid": None, "lease_expires_at": None}
-    repository.transition(session, fence.job_id, target, attempt=fence.number,
-                          event={"attempt": fence.number, "reason": outcome}, **fields)
+        target, fields = (
+            JobStatus.queued,
+            {"queued_at": database_now(session), "worker_hostname": None, "child_pid": None, "lease_expires_at": None},
+        )
+    repository.transition(
+        session,
+        fence.job_id,
+        target,
+        attempt=fence.number,
+        event={"attempt": fence.number, "reason": outcome},
+        **fields,
+    )
     return target
 
 
 def expired_leases(session: Session, limit: int = 100) -> list[Fence]:
     """Running attempts whose lease ran out. Rows another reconciler is handling right now are skipped."""
-    query = (select(Job.id, Job.attempt).where(Job.status.in_(ACTIVE), Job.lease_expires_at < database_now(session))
-             .order_by(Job.lease_expires_at).limit(limit).with_for_update(skip_locked=True))
+    query = (
+        select(Job.id, Job.attempt)
+        .where(Job.status.in_(ACTIVE), Job.lease_expires_at < database_now(session))
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
     return [Fence(job_id, number) for job_id, number in session.execute(query)]
 
 
@@ -153,13 +195,18 @@ def claim_stale_queued(session: Session, grace_seconds: float, limit: int = 500)
     """Jobs queued for longer than the grace period; their queued_at restarts, so the next look is a grace later
     and concurrent reconcilers do not pick the same ones."""
     now = database_now(session)
-    query = (select(Job.id).where(Job.status == JobStatus.queued.value,
-                                  Job.queued_at < now - timedelta(seconds=grace_seconds))
-             .order_by(Job.queued_at).limit(limit).with_for_update(skip_locked=True))
+    query = (
+        select(Job.id)
+        .where(Job.status == JobStatus.queued.value, Job.queued_at < now - timedelta(seconds=grace_seconds))
+        .order_by(Job.queued_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
     job_ids = list(session.scalars(query))
     if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids)).values(queued_at=now)
-                        .execution_options(synchronize_session=False))
+        session.execute(
+            update(Job).where(Job.id.in_(job_ids)).values(queued_at=now).execution_options(synchronize_session=False)
+        )
     return job_ids
 
 
@@ -170,31 +217,46 @@ def running_on(session: Session, hostname: str) -> list[Fence]:
 
 # --- checkpoints --------------------------------------------------------------------------------------------
 
-def record_checkpoint(session: Session, fence: Fence, step: int, storage_key: str,
-                      metrics: dict[str, Any] | None = None) -> bool:
+
+def record_checkpoint(
+    session: Session, fence: Fence, step: int, storage_key: str, metrics: dict[str, Any] | None = None
+) -> bool:
     if not hold(session, fence):
         return False
-    session.add(JobCheckpoint(job_id=fence.job_id, attempt=fence.number, step=step, storage_key=storage_key,
-                              metrics=metrics))
-    repository.add_event(session, fence.job_id, "checkpoint", {"step": step, "path": storage_key,
-                                                               "attempt": fence.number, "metrics": metrics})
+    session.add(
+        JobCheckpoint(job_id=fence.job_id, attempt=fence.number, step=step, storage_key=storage_key, metrics=metrics)
+    )
+    repository.add_event(
+        session,
+        fence.job_id,
+        "checkpoint",
+        {"step": step, "path": storage_key, "attempt": fence.number, "metrics": metrics},
+    )
     return True
 
 
 def latest_checkpoint(session: Session, job_id: str) -> JobCheckpoint | None:
-    query = (select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
-             .order_by(JobCheckpoint.step.desc(), JobCheckpoint.attempt.desc()).limit(1))
+    query = (
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(JobCheckpoint.step.desc(), JobCheckpoint.attempt.desc())
+        .limit(1)
+    )
     return session.scalar(query)
 
 
 def checkpoints_of(session: Session, job_id: str) -> list[JobCheckpoint]:
     """Newest first."""
-    query = (select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
-             .order_by(JobCheckpoint.step.desc(), JobCheckpoint.attempt.desc()))
+    query = (
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(JobCheckpoint.step.desc(), JobCheckpoint.attempt.desc())
+    )
     return list(session.scalars(query))
 
 
 def forget_checkpoints(session: Session, job_id: str, keys: list[str]) -> None:
     if keys:
-        session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
-                                                    JobCheckpoint.storage_key.in_(keys)))
+        session.execute(
+            delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.storage_key.in_(keys))
+        )

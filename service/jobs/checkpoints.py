@@ -54,15 +54,15 @@ def write_tar(settings: Settings, storage_key: str, method: str) -> Path:
         adapter = f"{storage_key}/{CHECKPOINT_ADAPTER_DIR}"
         members = [(name, f"{adapter}/{name}") for name, _ in storage.list_tree(adapter)]
     else:
-        members = [(name, f"{storage_key}/{name}") for name, _ in storage.list_tree(storage_key)
-                   if name in _TRAINED_WEIGHTS]
+        members = [
+            (name, f"{storage_key}/{name}") for name, _ in storage.list_tree(storage_key) if name in _TRAINED_WEIGHTS
+        ]
     if not members:
         raise CheckpointNotFound(f"the checkpoint at {storage_key!r} is gone from storage")
     metrics_key = f"{storage_key}/{CHECKPOINT_METRICS_FILE}"
     if storage.exists(metrics_key):
         members.append((CHECKPOINT_METRICS_FILE, metrics_key))
-    handle = tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".checkpoint-", suffix=".tar",
-                                         delete=False)
+    handle = tempfile.NamedTemporaryFile(dir=settings.resolved_home, prefix=".checkpoint-", suffix=".tar", delete=False)
     try:
         with handle, tarfile.open(fileobj=handle, mode="w") as tar:
             for name, key in members:

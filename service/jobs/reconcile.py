@@ -46,7 +46,8 @@ def reconcile(settings: Settings) -> ReconcileReport:
     _release_expired_leases(settings, report)
     _resend_lost_messages(settings, report)
     report.expired_gpus = in_transaction(
-        lambda session: repository.expire_gpus(session, attempts.database_now(session) - gpu_expiry(settings)))
+        lambda session: repository.expire_gpus(session, attempts.database_now(session) - gpu_expiry(settings))
+    )
     return report
 
 
@@ -54,9 +55,14 @@ def _release_expired_leases(settings: Settings, report: ReconcileReport) -> None
     def release_all(session) -> list[tuple[str, JobStatus]]:
         released = []
         for fence in attempts.expired_leases(session):
-            status = attempts.release(session, fence, "lease_expired",
-                                      f"lease of attempt {fence.number} expired", settings.max_attempts,
-                                      only_if_lease_expired=True)
+            status = attempts.release(
+                session,
+                fence,
+                "lease_expired",
+                f"lease of attempt {fence.number} expired",
+                settings.max_attempts,
+                only_if_lease_expired=True,
+            )
             if status is not None:
                 released.append((fence.job_id, status))
         return released
@@ -91,8 +97,7 @@ def prune_progress_events(settings: Settings) -> int:
     retention = timedelta(days=settings.progress_event_retention_days)
 
     def prune_batch(session) -> int:
-        return repository.delete_progress_events(session, attempts.database_now(session) - retention,
-                                                 PRUNE_BATCH_ROWS)
+        return repository.delete_progress_events(session, attempts.database_now(session) - retention, PRUNE_BATCH_ROWS)
 
     return _in_batches(prune_batch)
 

@@ -11,23 +11,42 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
 
 from service.jobs.states import ALLOWED_FROM, JobStatus
+from service.models import DatasetValidation, Job, JobAttempt, JobEvent, RegisteredGpu, Tenant, UploadedFile, utcnow
 from service.webhooks import repository as webhooks
-from service.models import (DatasetValidation, Job, JobAttempt, JobEvent, RegisteredGpu, Tenant, UploadedFile,
-                            utcnow)
 
 JOBS, ATTEMPTS = Job.__table__, JobAttempt.__table__
 # Built once, as they run on every status poll: no statement is constructed per request, and Core rows skip the
 # ORM's identity map and instrumentation. The rows carry the same attribute names as the entities.
 # Only the columns a response shows: the driver describes every column of every result, and the jobs row has more.
-_JOB_COLUMNS = [JOBS.c[name] for name in (
-    "id", "status", "tenant_id", "created_by_key_id", "cancelled_by_key_id", "spec", "progress",
-    "predicted_peak_bytes", "measured_peak_bytes", "plan", "error_code", "error_message", "artifacts", "created_at",
-    "started_at", "finished_at")]
+_JOB_COLUMNS = [
+    JOBS.c[name]
+    for name in (
+        "id",
+        "status",
+        "tenant_id",
+        "created_by_key_id",
+        "cancelled_by_key_id",
+        "spec",
+        "progress",
+        "predicted_peak_bytes",
+        "measured_peak_bytes",
+        "plan",
+        "error_code",
+        "error_message",
+        "artifacts",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
+]
 _ATTEMPT_COLUMNS = ("number", "worker_hostname", "started_at", "ended_at", "outcome", "detail", "resumed_from_step")
 # The job and its attempts in one statement: a row per attempt (one, mostly), the job's columns repeated.
-_JOB_BY_ID = (select(*_JOB_COLUMNS, *(ATTEMPTS.c[name].label(f"attempt_{name}") for name in _ATTEMPT_COLUMNS))
-              .select_from(JOBS.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id))
-              .where(JOBS.c.id == bindparam("job_id")).order_by(ATTEMPTS.c.number))
+_JOB_BY_ID = (
+    select(*_JOB_COLUMNS, *(ATTEMPTS.c[name].label(f"attempt_{name}") for name in _ATTEMPT_COLUMNS))
+    .select_from(JOBS.outerjoin(ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id))
+    .where(JOBS.c.id == bindparam("job_id"))
+    .order_by(ATTEMPTS.c.number)
+)
 _JOB_BY_ID_IN_TENANT = _JOB_BY_ID.where(JOBS.c.tenant_id == bindparam("tenant_id"))
 
 
@@ -41,17 +60,26 @@ EVENTS = JobEvent.__table__
 # `job_id = :id`, PostgreSQL knows job_id is constant, may walk the primary key in seq order instead, and then
 # filters every later event of every job (23 ms among 100,000 jobs, 478 ms in the issue; docs/performance.md).
 SEQ_MAX = 2**63 - 1
-_EVENTS_PAGE = (select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.created_at)
-                .where(tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), bindparam("after_seq")),
-                       tuple_(EVENTS.c.job_id, EVENTS.c.seq) <= tuple_(bindparam("job_id"), SEQ_MAX))
-                .order_by(EVENTS.c.job_id, EVENTS.c.seq).limit(bindparam("limit", type_=Integer)))
+_EVENTS_PAGE = (
+    select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.created_at)
+    .where(
+        tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), bindparam("after_seq")),
+        tuple_(EVENTS.c.job_id, EVENTS.c.seq) <= tuple_(bindparam("job_id"), SEQ_MAX),
+    )
+    .order_by(EVENTS.c.job_id, EVENTS.c.seq)
+    .limit(bindparam("limit", type_=Integer))
+)
 
 # The same range of the index walked backwards.
 _EVENTS_PAGE_DESC = (
     select(EVENTS.c.seq, EVENTS.c.kind, EVENTS.c.data, EVENTS.c.created_at)
-    .where(tuple_(EVENTS.c.job_id, EVENTS.c.seq) < tuple_(bindparam("job_id"), bindparam("before_seq")),
-           tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), 0))
-    .order_by(EVENTS.c.job_id.desc(), EVENTS.c.seq.desc()).limit(bindparam("limit", type_=Integer)))
+    .where(
+        tuple_(EVENTS.c.job_id, EVENTS.c.seq) < tuple_(bindparam("job_id"), bindparam("before_seq")),
+        tuple_(EVENTS.c.job_id, EVENTS.c.seq) > tuple_(bindparam("job_id"), 0),
+    )
+    .order_by(EVENTS.c.job_id.desc(), EVENTS.c.seq.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
 
 
 class AttemptRow(NamedTuple):
@@ -81,8 +109,7 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job 
     return session.execute(query).unique().scalar_one_or_none()
 
 
-def read_job(connection: Connection, job_id: str, tenant_id: str | None = None
-             ) -> tuple[Row, list[AttemptRow]] | None:
+def read_job(connection: Connection, job_id: str, tenant_id: str | None = None) -> tuple[Row, list[AttemptRow]] | None:
     """The job's row and its attempts' rows, read-only, if it belongs to `tenant_id` (any tenant when None)."""
     if tenant_id is None:
         rows = connection.execute(_JOB_BY_ID, {"job_id": job_id}).all()
@@ -90,13 +117,20 @@ def read_job(connection: Connection, job_id: str, tenant_id: str | None = None
         rows = connection.execute(_JOB_BY_ID_IN_TENANT, {"job_id": job_id, "tenant_id": tenant_id}).all()
     if not rows:
         return None
-    attempts = [AttemptRow(*row[-len(_ATTEMPT_COLUMNS):]) for row in rows if row.attempt_number is not None]
+    attempts = [AttemptRow(*row[-len(_ATTEMPT_COLUMNS) :]) for row in rows if row.attempt_number is not None]
     return rows[0], attempts
 
 
-def list_jobs(session: Session, *, status: JobStatus | None, limit: int, before_seq: int | None,
-              tenant_id: str | None = None, tenant_name: str | None = None,
-              metadata: dict[str, str] | None = None) -> list[Job]:
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    limit: int,
+    before_seq: int | None,
+    tenant_id: str | None = None,
+    tenant_name: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[Job]:
     """Newest first; `before_seq` continues a page; `tenant_id`/`tenant_name` narrow it to one tenant;
     `metadata`, to jobs whose spec.metadata has each of these values."""
     query = select(Job).order_by(Job.seq.desc()).limit(limit)
@@ -118,8 +152,15 @@ def count_jobs_by_status(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-def transition(session: Session, job_id: str, to: JobStatus, *, attempt: int | None = None,
-               event: dict[str, Any] | None = None, **fields: Any) -> bool:
+def transition(
+    session: Session,
+    job_id: str,
+    to: JobStatus,
+    *,
+    attempt: int | None = None,
+    event: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
     """Move a job to `to` if its current state allows it; False if another actor got there first.
 
     With `attempt`, the move is fenced: it happens only while that attempt is still the job's newest one.
@@ -192,8 +233,9 @@ def delete_progress_events(session: Session, finished_before: datetime, limit: i
     """Delete up to `limit` progress events of jobs that finished before then; how many went."""
     old_jobs = select(Job.id).where(Job.finished_at < finished_before)
     doomed = select(JobEvent.seq).where(JobEvent.kind == "progress", JobEvent.job_id.in_(old_jobs)).limit(limit)
-    return session.execute(delete(JobEvent).where(JobEvent.seq.in_(doomed))
-                           .execution_options(synchronize_session=False)).rowcount
+    return session.execute(
+        delete(JobEvent).where(JobEvent.seq.in_(doomed)).execution_options(synchronize_session=False)
+    ).rowcount
 
 
 def add_file(session: Session, uploaded: UploadedFile) -> UploadedFile:
@@ -209,13 +251,15 @@ def get_file(session: Session, file_id: str, tenant_id: str | None = None) -> Up
     return session.scalar(query)
 
 
-def list_files(session: Session, tenant_id: str | None, *, limit: int, after: UploadedFile | None,
-               newest_first: bool) -> list[UploadedFile]:
+def list_files(
+    session: Session, tenant_id: str | None, *, limit: int, after: UploadedFile | None, newest_first: bool
+) -> list[UploadedFile]:
     """A page of files in (created_at, id) order, continuing after `after`; `tenant_id` None: every tenant's."""
     key = tuple_(UploadedFile.created_at, UploadedFile.id)
     query = select(UploadedFile).limit(limit)
-    query = query.order_by(*(column.desc() if newest_first else column
-                             for column in (UploadedFile.created_at, UploadedFile.id)))
+    query = query.order_by(
+        *(column.desc() if newest_first else column for column in (UploadedFile.created_at, UploadedFile.id))
+    )
     if tenant_id is not None:
         query = query.where(UploadedFile.tenant_id == tenant_id)
     if after is not None:
@@ -238,31 +282,48 @@ def file_in_active_job(session: Session, dataset_url: str) -> bool:
 
 
 def record_file_validation(session: Session, file_id: str, dataset_format: str, rows: int) -> None:
-    session.execute(update(UploadedFile).where(UploadedFile.id == file_id)
-                    .values(validated_format=dataset_format, rows=rows))
+    session.execute(
+        update(UploadedFile).where(UploadedFile.id == file_id).values(validated_format=dataset_format, rows=rows)
+    )
 
 
 def validated_rows(session: Session, url: str, size_bytes: int, version: str, dataset_format: str) -> int | None:
     """The row count recorded when this version of the file was validated in this format; None if never."""
-    return session.scalar(select(DatasetValidation.rows).where(
-        DatasetValidation.url == url, DatasetValidation.size_bytes == size_bytes,
-        DatasetValidation.version == version, DatasetValidation.dataset_format == dataset_format))
+    return session.scalar(
+        select(DatasetValidation.rows).where(
+            DatasetValidation.url == url,
+            DatasetValidation.size_bytes == size_bytes,
+            DatasetValidation.version == version,
+            DatasetValidation.dataset_format == dataset_format,
+        )
+    )
 
 
-def record_dataset_validation(session: Session, url: str, size_bytes: int, version: str, dataset_format: str,
-                              rows: int) -> None:
+def record_dataset_validation(
+    session: Session, url: str, size_bytes: int, version: str, dataset_format: str, rows: int
+) -> None:
     # Two submissions of a new file may both validate it: the second insert finds the first's row and keeps it.
     dialect_insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.execute(dialect_insert(DatasetValidation).values(
-        url=url, size_bytes=size_bytes, version=version, dataset_format=dataset_format, rows=rows,
-        validated_at=utcnow()).on_conflict_do_nothing())
+    session.execute(
+        dialect_insert(DatasetValidation)
+        .values(
+            url=url,
+            size_bytes=size_bytes,
+            version=version,
+            dataset_format=dataset_format,
+            rows=rows,
+            validated_at=utcnow(),
+        )
+        .on_conflict_do_nothing()
+    )
 
 
 def register_gpus(session: Session, hostname: str, gpus: list[tuple[int, str, int]]) -> None:
     session.execute(delete(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname))
     for index, name, total_bytes in gpus:
-        session.add(RegisteredGpu(worker_hostname=hostname, device_index=index, name=name,
-                                  total_memory_bytes=total_bytes))
+        session.add(
+            RegisteredGpu(worker_hostname=hostname, device_index=index, name=name, total_memory_bytes=total_bytes)
+        )
     session.flush()
 
 
@@ -271,8 +332,9 @@ def unregister_gpus(session: Session, hostname: str) -> None:
 
 
 def heartbeat_gpus(session: Session, hostname: str) -> None:
-    session.execute(update(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname)
-                    .values(heartbeat_at=utcnow()))
+    session.execute(
+        update(RegisteredGpu).where(RegisteredGpu.worker_hostname == hostname).values(heartbeat_at=utcnow())
+    )
 
 
 def expire_gpus(session: Session, heartbeat_before: datetime) -> int:

@@ -12,8 +12,17 @@ from planner import Plan
 from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
-from service.errors import (ArtifactNotFound, DoesNotFit, InvalidCursor, InvalidSpec, InvalidTransition,
-                            JobNotFound, QuotaExceeded, UnsupportedNumGpus, UnsupportedSharding)
+from service.errors import (
+    ArtifactNotFound,
+    DoesNotFit,
+    InvalidCursor,
+    InvalidSpec,
+    InvalidTransition,
+    JobNotFound,
+    QuotaExceeded,
+    UnsupportedNumGpus,
+    UnsupportedSharding,
+)
 from service.jobs import repository
 from service.jobs.states import JobStatus
 from service.models import Job, utcnow
@@ -21,7 +30,6 @@ from service.planning import plan_spec
 from service.settings import Settings
 from service.tenancy import repository as tenancy
 from service.tenancy.keys import Caller
-
 
 # Every id this service hands out; anything else cannot name a row, so it is not looked up at all.
 ID_PATTERN = re.compile(r"[a-z]{2,8}_[0-9a-f]{24}")
@@ -43,15 +51,26 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
         raise DoesNotFit(_does_not_fit_detail(job_plan), plan=job_plan.model_dump(mode="json"))
     model_dir = resolve_base_model_dir(spec.base_model, settings.model_root_dirs)
     dataset_url = resolve_dataset(session, settings, spec.dataset, caller.tenant_id, spec.dataset_format)
-    validation_url = (resolve_dataset(session, settings, spec.validation_dataset, caller.tenant_id,
-                                      spec.dataset_format) if spec.validation_dataset else None)
+    validation_url = (
+        resolve_dataset(session, settings, spec.validation_dataset, caller.tenant_id, spec.dataset_format)
+        if spec.validation_dataset
+        else None
+    )
     _check_quota(session, settings, caller.tenant_id)
     resolved = _with_resolved_micro_batch(spec, job_plan)
-    job = Job(id=new_id("job"), status=JobStatus.queued.value, spec=resolved.model_dump(mode="json"),
-              plan=job_plan.model_dump(mode="json"), base_model_path=str(model_dir), dataset_url=dataset_url,
-              validation_dataset_url=validation_url,
-              predicted_peak_bytes=job_plan.peak_vram_bytes, queued_at=utcnow(),
-              tenant_id=caller.tenant_id, created_by_key_id=caller.key_id)
+    job = Job(
+        id=new_id("job"),
+        status=JobStatus.queued.value,
+        spec=resolved.model_dump(mode="json"),
+        plan=job_plan.model_dump(mode="json"),
+        base_model_path=str(model_dir),
+        dataset_url=dataset_url,
+        validation_dataset_url=validation_url,
+        predicted_peak_bytes=job_plan.peak_vram_bytes,
+        queued_at=utcnow(),
+        tenant_id=caller.tenant_id,
+        created_by_key_id=caller.key_id,
+    )
     return repository.add_job(session, job)
 
 
@@ -59,11 +78,14 @@ def _refuse_sharding_until_workers_run_it(spec: JobSpec) -> None:
     """The planner plans FSDP2 jobs (POST /v1/plans); the workers do not train them yet."""
     res = spec.resources
     if res.num_gpus > 1:
-        raise UnsupportedNumGpus(f"resources.num_gpus {res.num_gpus}: multi-GPU training is not available on the "
-                                 "workers yet; POST /v1/plans plans it per GPU")
+        raise UnsupportedNumGpus(
+            f"resources.num_gpus {res.num_gpus}: multi-GPU training is not available on the "
+            "workers yet; POST /v1/plans plans it per GPU"
+        )
     if res.sharding is not None or res.offload.value != "none":
-        raise UnsupportedSharding("resources.sharding / offload: FSDP2 training is not available on the workers yet; "
-                                  "POST /v1/plans plans it")
+        raise UnsupportedSharding(
+            "resources.sharding / offload: FSDP2 training is not available on the workers yet; POST /v1/plans plans it"
+        )
 
 
 def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:
@@ -71,8 +93,9 @@ def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:
     limit = tenant.max_active_jobs or settings.max_active_jobs_per_tenant
     active = tenancy.count_active_jobs(session, tenant_id)
     if active >= limit:
-        raise QuotaExceeded(f"tenant {tenant.name!r} has {active} active jobs; its limit is {limit}",
-                            max_active_jobs=limit)
+        raise QuotaExceeded(
+            f"tenant {tenant.name!r} has {active} active jobs; its limit is {limit}", max_active_jobs=limit
+        )
 
 
 def _with_resolved_micro_batch(spec: JobSpec, job_plan: Plan) -> JobSpec:
@@ -84,9 +107,11 @@ def _with_resolved_micro_batch(spec: JobSpec, job_plan: Plan) -> JobSpec:
 
 def _does_not_fit_detail(job_plan: Plan) -> str:
     gib = 1024**3
-    detail = (f"predicted peak {job_plan.peak_vram_bytes / gib:.2f} GiB exceeds the "
-              f"{job_plan.gpu_memory_bytes / gib:.2f} GiB GPU less its {job_plan.safety_margin_bytes / gib:.2f} GiB "
-              "safety margin")
+    detail = (
+        f"predicted peak {job_plan.peak_vram_bytes / gib:.2f} GiB exceeds the "
+        f"{job_plan.gpu_memory_bytes / gib:.2f} GiB GPU less its {job_plan.safety_margin_bytes / gib:.2f} GiB "
+        "safety margin"
+    )
     if job_plan.suggestions:
         detail += f"; try: {job_plan.suggestions[0].description}"
     elif job_plan.min_gpu_memory_bytes:  # nothing fits: the plan's last reason names the smallest GPU / count
@@ -115,8 +140,15 @@ def read_job(connection: Connection, job_id: str, caller: Caller) -> tuple[Row, 
     return found
 
 
-def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str | None, tenant_name: str | None,
-              caller: Caller, metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session,
+    status: JobStatus | None,
+    limit: int,
+    after: str | None,
+    tenant_name: str | None,
+    caller: Caller,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Job], bool]:
     """A page of the caller's jobs, newest first, continuing after the job `after`; and whether more follow.
     `tenant_name` narrows an admin's list to one tenant; `metadata`, to jobs carrying these metadata values."""
     before_seq = None
@@ -125,9 +157,15 @@ def list_jobs(session: Session, status: JobStatus | None, limit: int, after: str
         if anchor is None:
             raise InvalidCursor(f"no job {after!r} to continue after")
         before_seq = anchor.seq
-    jobs = repository.list_jobs(session, status=status, limit=limit + 1, before_seq=before_seq,
-                                tenant_id=caller.tenant_scope, tenant_name=tenant_name if caller.admin else None,
-                                metadata=metadata)
+    jobs = repository.list_jobs(
+        session,
+        status=status,
+        limit=limit + 1,
+        before_seq=before_seq,
+        tenant_id=caller.tenant_scope,
+        tenant_name=tenant_name if caller.admin else None,
+        metadata=metadata,
+    )
     return jobs[:limit], len(jobs) > limit
 
 
@@ -138,8 +176,9 @@ def list_events(connection: Connection, job_id: str, after_seq: int, limit: int,
     return repository.list_events(connection, job_id, after_seq=after_seq, limit=limit)
 
 
-def events_since(connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller
-                 ) -> tuple[list[Row], bool]:
+def events_since(
+    connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller
+) -> tuple[list[Row], bool]:
     """A page of the job's events after `after_seq`, and whether no event can follow them: the job had ended
     before they were read (its last state event commits with its status) and the page is not full."""
     status = repository.job_status(connection, job_id, caller.tenant_scope) if ID_PATTERN.fullmatch(job_id) else None
@@ -149,8 +188,9 @@ def events_since(connection: Connection, job_id: str, after_seq: int, limit: int
     return events, JobStatus(status).is_terminal and len(events) < limit
 
 
-def list_events_newest_first(connection: Connection, job_id: str, before_seq: int, limit: int,
-                             caller: Caller) -> list[Row]:
+def list_events_newest_first(
+    connection: Connection, job_id: str, before_seq: int, limit: int, caller: Caller
+) -> list[Row]:
     """A page of the job's events, newest first, older than `before_seq`: the OpenAI API's order."""
     if not (ID_PATTERN.fullmatch(job_id) and repository.job_exists(connection, job_id, caller.tenant_scope)):
         raise JobNotFound(f"no job {job_id!r}")

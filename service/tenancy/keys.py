@@ -64,8 +64,14 @@ def ensure_tenant(session: Session, name: str, max_active_jobs: int | None = Non
     return tenant
 
 
-def create_key(session: Session, tenant_name: str, *, admin: bool = False, max_active_jobs: int | None = None,
-               webhook_url: str | None = None) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session,
+    tenant_name: str,
+    *,
+    admin: bool = False,
+    max_active_jobs: int | None = None,
+    webhook_url: str | None = None,
+) -> tuple[ApiKey, str]:
     """A new key for the tenant (created if new); returns the row and the key, which is never stored.
     `webhook_url` becomes the tenant's webhook (service/webhooks), signed with its secret (made if it has none)."""
     tenant = ensure_tenant(session, tenant_name, max_active_jobs)

@@ -60,8 +60,9 @@ class RateLimiter:
             return self._fail_open(error)
         if count > self.limit:
             retry_after = max(1, int((window + 1) * self.width - now + 0.999))
-            raise RateLimited(f"more than {self.limit} requests in {self.width} s for this key",
-                              retry_after_seconds=retry_after)
+            raise RateLimited(
+                f"more than {self.limit} requests in {self.width} s for this key", retry_after_seconds=retry_after
+            )
 
     def _fail_open(self, error: Exception) -> None:
         """While Redis is unreachable (restarting), requests are served uncounted rather than refused: polling a

@@ -32,8 +32,9 @@ def count_active_jobs(session: Session, tenant_id: str) -> int:
     # IN the active states, not NOT IN the terminal ones: three ranges of ix_jobs_tenant_id_status_seq instead
     # of every job the tenant ever ran.
     active = [status.value for status in JobStatus if status not in TERMINAL]
-    return session.scalar(select(func.count()).select_from(Job)
-                          .where(Job.tenant_id == tenant_id, Job.status.in_(active)))
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(active))
+    )
 
 
 def add_key(session: Session, key: ApiKey) -> ApiKey:
@@ -44,8 +45,9 @@ def add_key(session: Session, key: ApiKey) -> ApiKey:
 
 KEYS = ApiKey.__table__
 # Every request asks this once: built once, run as Core (columns, no entity), as the status polls are.
-_ACTIVE_KEY = select(KEYS.c.id, KEYS.c.tenant_id, KEYS.c.admin).where(KEYS.c.key_sha256 == bindparam("key_sha256"),
-                                                                      KEYS.c.revoked_at.is_(None))
+_ACTIVE_KEY = select(KEYS.c.id, KEYS.c.tenant_id, KEYS.c.admin).where(
+    KEYS.c.key_sha256 == bindparam("key_sha256"), KEYS.c.revoked_at.is_(None)
+)
 
 
 def find_active_key(connection: Connection, key_sha256: str) -> Row[tuple[str, str, bool]] | None:
@@ -54,8 +56,9 @@ def find_active_key(connection: Connection, key_sha256: str) -> Row[tuple[str, s
 
 
 def revoke_key(session: Session, key_id: str) -> bool:
-    result = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                             .values(revoked_at=utcnow()))
+    result = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
     return result.rowcount == 1
 
 

@@ -60,9 +60,13 @@ def post(client: httpx.Client, due: Due) -> tuple[int | None, str | None, float]
     if not due.secret:
         return None, "the tenant has no webhook signing secret", 0.0
     timestamp = int(time.time())
-    headers = {"content-type": "application/json", "user-agent": "ftjobs-webhooks", "webhook-id": due.id,
-               "webhook-timestamp": str(timestamp), "webhook-signature": signature(due.secret, due.id, timestamp,
-                                                                                   due.payload)}
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "ftjobs-webhooks",
+        "webhook-id": due.id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature(due.secret, due.id, timestamp, due.payload),
+    }
     try:
         with client.stream("POST", due.url, content=due.payload.encode(), headers=headers) as response:
             status = response.status_code
@@ -79,8 +83,9 @@ def deliver_due(settings: Settings, client: httpx.Client, pool: ThreadPoolExecut
     """One round: claim what is due, send it (webhook_concurrency at a time), log each; how many were sent."""
     # Held past the longest a POST can take: connect, write and read timeouts each, plus slack.
     hold_seconds = 3 * settings.webhook_timeout_seconds + 10
-    due = in_transaction(lambda session: repository.claim_due(session, database_now(session), CLAIM_BATCH,
-                                                              hold_seconds), settings)
+    due = in_transaction(
+        lambda session: repository.claim_due(session, database_now(session), CLAIM_BATCH, hold_seconds), settings
+    )
     list(pool.map(lambda delivery: _send_and_log(settings, client, delivery), due))
     return len(due)
 
@@ -103,8 +108,10 @@ def _send_and_log(settings: Settings, client: httpx.Client, due: Due) -> None:
 def run_deliveries(stopped: threading.Event, settings: Settings) -> None:
     """Send due deliveries until `stopped` is set: at once again after a full batch, else every poll interval."""
     timeout = httpx.Timeout(settings.webhook_timeout_seconds)
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client, \
-            ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="ftjobs-webhook") as pool:
+    with (
+        httpx.Client(timeout=timeout, follow_redirects=False) as client,
+        ThreadPoolExecutor(settings.webhook_concurrency, thread_name_prefix="ftjobs-webhook") as pool,
+    ):
         wait = settings.webhook_poll_seconds
         while not stopped.wait(wait):
             try:

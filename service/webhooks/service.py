@@ -11,8 +11,9 @@ from service.tenancy.keys import Caller
 from service.webhooks import repository
 
 
-def list_deliveries(connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller
-                    ) -> list[tuple[Row, list[Row]]]:
+def list_deliveries(
+    connection: Connection, job_id: str, after_seq: int, limit: int, caller: Caller
+) -> list[tuple[Row, list[Row]]]:
     """A page of the job's deliveries, in the order of the events they report, each with its attempts."""
     if not (ID_PATTERN.fullmatch(job_id) and jobs.job_exists(connection, job_id, caller.tenant_scope)):
         raise JobNotFound(f"no job {job_id!r}")

@@ -27,10 +27,26 @@ def generated(uvicorn_api, tmp_path_factory):
     with uvicorn_api() as (url, _pid):
         (out / "openapi.json").write_bytes(httpx.get(f"{url}/openapi.json").content)
         (out / "config.yaml").write_text(GENERATOR_CONFIG + f"package_name_override: {PACKAGE}\n")
-        result = subprocess.run([sys.executable, "-m", "openapi_python_client", "generate", "--path",
-                                 str(out / "openapi.json"), "--config", str(out / "config.yaml"), "--meta", "none",
-                                 "--output-path", str(out / PACKAGE)],
-                                cwd=out, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "openapi_python_client",
+                "generate",
+                "--path",
+                str(out / "openapi.json"),
+                "--config",
+                str(out / "config.yaml"),
+                "--meta",
+                "none",
+                "--output-path",
+                str(out / PACKAGE),
+            ],
+            cwd=out,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         # The generator says so when it had to leave an operation or a model out.
         assert "Warning" not in result.stdout + result.stderr, result.stdout + result.stderr
@@ -51,22 +67,32 @@ def test_generated_client_uploads_submits_gets_lists_and_cancels(generated, make
     url, package = generated
     models, types = _module(package, "models"), _module(package, "types")
     files_api, get_job, list_jobs, submit_job, cancel_job = (
-        _module(package, f"api.{name}") for name in
-        ("files.upload_file", "jobs.get_job", "jobs.list_jobs", "jobs.submit_job", "jobs.cancel_job"))
+        _module(package, f"api.{name}")
+        for name in ("files.upload_file", "jobs.get_job", "jobs.list_jobs", "jobs.submit_job", "jobs.cancel_job")
+    )
     key = make_key("generated-client")
     client = package.AuthenticatedClient(base_url=url, token=key.secret, raise_on_unexpected_status=True)
     rows = b'{"instruction": "a", "output": "b"}\n' * 3
 
-    uploaded = files_api.sync(client=client, body=models.BodyUploadFile(
-        file=types.File(payload=io.BytesIO(rows), file_name="train.jsonl", mime_type="application/jsonl"),
-        format_=models.DatasetFormat.ALPACA))
+    uploaded = files_api.sync(
+        client=client,
+        body=models.BodyUploadFile(
+            file=types.File(payload=io.BytesIO(rows), file_name="train.jsonl", mime_type="application/jsonl"),
+            format_=models.DatasetFormat.ALPACA,
+        ),
+    )
     assert isinstance(uploaded, models.FileOut), uploaded
-    assert (uploaded.size_bytes, uploaded.rows, uploaded.validated_format) == (len(rows), 3,
-                                                                             models.DatasetFormat.ALPACA)
+    assert (uploaded.size_bytes, uploaded.rows, uploaded.validated_format) == (
+        len(rows),
+        3,
+        models.DatasetFormat.ALPACA,
+    )
 
-    spec = models.JobSpec(base_model=str(tiny_model), dataset=models.DatasetRef(file_id=uploaded.id),
-                          training=models.TrainingOptions.from_dict({"max_steps": 1, "micro_batch_size": 1,
-                                                                     "max_seq_length": 32}))
+    spec = models.JobSpec(
+        base_model=str(tiny_model),
+        dataset=models.DatasetRef(file_id=uploaded.id),
+        training=models.TrainingOptions.from_dict({"max_steps": 1, "micro_batch_size": 1, "max_seq_length": 32}),
+    )
     submitted = submit_job.sync(client=client, body=spec)
     assert isinstance(submitted, models.JobOut), submitted
     job = get_job.sync(job_id=submitted.id, client=client)

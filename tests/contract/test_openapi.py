@@ -63,9 +63,17 @@ def test_every_response_property_has_a_type(schema):
 
 def test_the_walker_finds_an_untyped_property(schema):
     """The walk reaches nested properties through a $ref and an anyOf: an untyped one there is reported."""
-    doctored = {"components": {"schemas": {"Outer": {"type": "object", "properties": {
-        "inner": {"anyOf": [{"$ref": "#/components/schemas/Inner"}, {"type": "null"}]}}},
-        "Inner": {"type": "object", "properties": {"loose": {"description": "no type"}}}}}}
+    doctored = {
+        "components": {
+            "schemas": {
+                "Outer": {
+                    "type": "object",
+                    "properties": {"inner": {"anyOf": [{"$ref": "#/components/schemas/Inner"}, {"type": "null"}]}},
+                },
+                "Inner": {"type": "object", "properties": {"loose": {"description": "no type"}}},
+            }
+        }
+    }
     assert _untyped(doctored, {"$ref": "#/components/schemas/Outer"}, "", set()) == ["Inner.loose"]
 
 
@@ -97,7 +105,8 @@ def test_errors_are_declared_problems(schema):
                     continue  # a probe's answer, its checks as JSON, not an error
                 assert list(response["content"]) == ["application/problem+json"], (name, status)
                 assert response["content"]["application/problem+json"]["schema"] == {
-                    "$ref": "#/components/schemas/Problem"}, (name, status)
+                    "$ref": "#/components/schemas/Problem"
+                }, (name, status)
         for status, response in errors.items():
             assert response.get("content"), f"{name} {status} declares no body"
     assert problem_routes >= 8
@@ -157,8 +166,11 @@ def test_a_job_serves_its_spec_and_plan_as_the_declared_models(api, tiny_model, 
     from planner.spec import JobSpec
 
     (data_root / "contract.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 2)
-    spec = {"base_model": str(tiny_model), "dataset": {"path": "contract.jsonl"},
-            "training": {"max_steps": 1, "micro_batch_size": 1, "max_seq_length": 32}}
+    spec = {
+        "base_model": str(tiny_model),
+        "dataset": {"path": "contract.jsonl"},
+        "training": {"max_steps": 1, "micro_batch_size": 1, "max_seq_length": 32},
+    }
     submitted = api.post("/v1/jobs", json=spec)
     assert submitted.status_code == 201, submitted.text
     job = api.get(f"/v1/jobs/{submitted.json()['id']}").json()

@@ -20,13 +20,24 @@ def counting(data_root) -> str:
     return "counting.jsonl"
 
 
-def test_a_full_fine_tune_keeps_its_last_epoch_checkpoint_as_trained_weights(api, worker, tiny_model, counting,
-                                                                             wait_for_status):
+def test_a_full_fine_tune_keeps_its_last_epoch_checkpoint_as_trained_weights(
+    api, worker, tiny_model, counting, wait_for_status
+):
     from transformers import AutoModelForCausalLM
 
-    spec = {"base_model": str(tiny_model), "dataset": {"path": counting}, "method": "full",
-            "training": {"epochs": 2, "micro_batch_size": 2, "max_seq_length": 64, "learning_rate": 1e-3,
-                         "checkpoint_every_epoch": True, "keep_checkpoints": 1}}
+    spec = {
+        "base_model": str(tiny_model),
+        "dataset": {"path": counting},
+        "method": "full",
+        "training": {
+            "epochs": 2,
+            "micro_batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "checkpoint_every_epoch": True,
+            "keep_checkpoints": 1,
+        },
+    }
     job = api.post("/v1/jobs", json=spec).json()
     done = wait_for_status(job["id"], {"succeeded", "failed", "cancelled"})
     assert done["status"] == "succeeded", done["error"]

@@ -42,8 +42,14 @@ def ftjobs(service_url, admin_key, tmp_path):
     env = {**os.environ, "FTJOBS_URL": service_url, "FTJOBS_API_KEY": admin_key.secret}
 
     def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "ftjobs.cli", *args], capture_output=True, text=True,
-                                env=env, cwd=tmp_path, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "ftjobs.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert result.returncode == expect, (result.returncode, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr
         if expect != 0 and expect != 1:
@@ -64,8 +70,14 @@ def dataset_file(tmp_path: Path, rows: int = 8) -> Path:
 
 
 def tiny_spec(base_model: str, dataset: dict, **extra) -> dict:
-    return {"base_model": base_model, "dataset": dataset, "method": "qlora", "lora": {"r": 4, "alpha": 8},
-            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64}, **extra}
+    return {
+        "base_model": base_model,
+        "dataset": dataset,
+        "method": "qlora",
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
+        **extra,
+    }
 
 
 def test_files_upload_list_get_and_delete(ftjobs, tmp_path):
@@ -113,8 +125,10 @@ def test_a_job_on_a_hub_id_trains_and_its_artifacts_serve(ftjobs, service_url, a
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         assert set(tar.getnames()) == names
         summary = tar.extractfile("summary.json").read()
-    assert summary == httpx.get(f"{service_url}/v1/jobs/{job_id}/artifacts/summary.json",
-                                headers=admin_key.headers).content
+    assert (
+        summary
+        == httpx.get(f"{service_url}/v1/jobs/{job_id}/artifacts/summary.json", headers=admin_key.headers).content
+    )
 
     ftjobs("jobs", "download", job_id, "--extract", "out")
     out = tmp_path / "out"
@@ -125,8 +139,7 @@ def test_a_job_on_a_hub_id_trains_and_its_artifacts_serve(ftjobs, service_url, a
 
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(out / "tokenizer").chat_template
-    assert "<|start_header_id|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                  tokenize=False)
+    assert "<|start_header_id|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     ftjobs("jobs", "download", job_id, "-o", "all.tar")
     assert tarfile.open(tmp_path / "all.tar").getnames() == sorted(names)
 
@@ -177,10 +190,15 @@ def test_bad_input_exits_2_with_one_line(ftjobs, service_url, tmp_path):
     assert ftjobs("jobs", "get", "job_nope", expect=2).stderr.startswith("ftjobs: job_not_found:")
     assert "ftjobs:" in ftjobs("jobs", "list", "--limit", "0", expect=2).stderr
     assert ftjobs("jobs", "list", "--after", "job_nope", expect=2).stderr.startswith("ftjobs: invalid_cursor:")
-    unauthenticated = subprocess.run([sys.executable, "-m", "ftjobs.cli", "jobs", "list", "--api-key", "wrong"],
-                                     capture_output=True, text=True, timeout=60,
-                                     env={**os.environ, "FTJOBS_URL": service_url})
+    unauthenticated = subprocess.run(
+        [sys.executable, "-m", "ftjobs.cli", "jobs", "list", "--api-key", "wrong"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FTJOBS_URL": service_url},
+    )
     assert unauthenticated.returncode == 2 and unauthenticated.stderr.startswith("ftjobs: unauthenticated:")
-    usage = subprocess.run([sys.executable, "-m", "ftjobs.cli", "jobs", "frobnicate"], capture_output=True,
-                           text=True, timeout=60)
+    usage = subprocess.run(
+        [sys.executable, "-m", "ftjobs.cli", "jobs", "frobnicate"], capture_output=True, text=True, timeout=60
+    )
     assert usage.returncode == 2 and "Traceback" not in usage.stderr

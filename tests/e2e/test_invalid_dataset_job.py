@@ -23,17 +23,23 @@ BROKEN_ROW = {
 
 
 @pytest.mark.parametrize("dataset_format", sorted(VALID_ROW))
-def test_malformed_row_fails_the_job_with_its_line(api, worker, tiny_model, data_root, store_queued_job,
-                                                   wait_for_status, settings, dataset_format):
+def test_malformed_row_fails_the_job_with_its_line(
+    api, worker, tiny_model, data_root, store_queued_job, wait_for_status, settings, dataset_format
+):
     from service.queue import enqueue_job
 
     path = data_root / f"changes-{dataset_format}.jsonl"
     good = json.dumps(VALID_ROW[dataset_format])
     path.write_text("\n".join([good] * 4) + "\n")
-    job_id = store_queued_job({
-        "base_model": str(tiny_model), "dataset": {"path": path.name}, "dataset_format": dataset_format,
-        "method": "qlora", "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
-    })
+    job_id = store_queued_job(
+        {
+            "base_model": str(tiny_model),
+            "dataset": {"path": path.name},
+            "dataset_format": dataset_format,
+            "method": "qlora",
+            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
+        }
+    )
     # The file is replaced after the API validated it, as a shared dataset directory allows.
     path.write_text("\n".join([good, good, json.dumps(BROKEN_ROW[dataset_format]), good]) + "\n")
     enqueue_job(job_id)

@@ -28,8 +28,7 @@ def qlora_spec(model_dir, dataset: str, max_steps: int) -> dict:
     }
 
 
-def test_job_trains_to_success_and_serves_its_adapter(api, worker, tiny_model, instructions, wait_for_status,
-                                                     tmp_path):
+def test_job_trains_to_success_and_serves_its_adapter(api, worker, tiny_model, instructions, wait_for_status, tmp_path):
     response = api.post("/v1/jobs", json=qlora_spec(tiny_model, instructions, max_steps=3))
     assert response.status_code == 201, response.text
     job = response.json()
@@ -61,8 +60,9 @@ def test_job_trains_to_success_and_serves_its_adapter(api, worker, tiny_model, i
     assert newer["data"] == [] and newer["next_cursor"] == events[-1]["seq"]
 
 
-def test_cancelling_a_running_job_stops_its_training_process(api, worker, tiny_model, instructions,
-                                                            wait_for_status, settings):
+def test_cancelling_a_running_job_stops_its_training_process(
+    api, worker, tiny_model, instructions, wait_for_status, settings
+):
     job = api.post("/v1/jobs", json=qlora_spec(tiny_model, instructions, max_steps=100_000)).json()
     wait_for_status(job["id"], {"running"})
     # Wait for real training progress so the cancel lands mid-training, not during start-up.
@@ -82,8 +82,9 @@ def test_cancelling_a_running_job_stops_its_training_process(api, worker, tiny_m
     assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["code"] == "invalid_transition"
 
 
-def test_a_cancelled_queued_job_is_never_run_even_if_its_message_arrives(api, worker, tiny_model, instructions,
-                                                                        store_queued_job):
+def test_a_cancelled_queued_job_is_never_run_even_if_its_message_arrives(
+    api, worker, tiny_model, instructions, store_queued_job
+):
     from service.queue import enqueue_job
 
     job_id = store_queued_job(qlora_spec(tiny_model, instructions, max_steps=1))
@@ -95,8 +96,9 @@ def test_a_cancelled_queued_job_is_never_run_even_if_its_message_arrives(api, wo
     assert states == ["queued", "cancelled"]
 
 
-def test_a_redelivered_message_does_not_start_the_job_twice(api, worker, tiny_model, instructions,
-                                                          store_queued_job, wait_for_status):
+def test_a_redelivered_message_does_not_start_the_job_twice(
+    api, worker, tiny_model, instructions, store_queued_job, wait_for_status
+):
     from service.queue import enqueue_job
 
     job_id = store_queued_job(qlora_spec(tiny_model, instructions, max_steps=2))
@@ -105,8 +107,7 @@ def test_a_redelivered_message_does_not_start_the_job_twice(api, worker, tiny_mo
     job = wait_for_status(job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job["error"]
     wait_for_log(worker, f"job {job_id} is not queued any more")
-    states = [e["data"]["status"] for e in api.get(f"/v1/jobs/{job_id}/events").json()["data"]
-              if e["kind"] == "state"]
+    states = [e["data"]["status"] for e in api.get(f"/v1/jobs/{job_id}/events").json()["data"] if e["kind"] == "state"]
     assert states == ["queued", "running", "succeeded"]
 
 

@@ -15,11 +15,21 @@ import pytest
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # Tiny and fast: 8 conversations, 2 a step, so 4 steps an epoch.
-CHATS = [{"messages": [{"role": "system", "content": "Answer with the number."},
-                       {"role": "user", "content": f"What is {i} plus one?"},
-                       {"role": "assistant", "content": f"{i + 1}"}]} for i in range(8)]
-NATIVE = {"lora": {"r": 4, "alpha": 8}, "memory": {"optimizer": "paged_adamw_8bit"},
-          "training": {"max_seq_length": 64, "learning_rate": 1e-3}}
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Answer with the number."},
+            {"role": "user", "content": f"What is {i} plus one?"},
+            {"role": "assistant", "content": f"{i + 1}"},
+        ]
+    }
+    for i in range(8)
+]
+NATIVE = {
+    "lora": {"r": 4, "alpha": 8},
+    "memory": {"optimizer": "paged_adamw_8bit"},
+    "training": {"max_seq_length": 64, "learning_rate": 1e-3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +81,15 @@ def test_files_through_the_sdk(client, training_file):
 def test_a_job_trains_to_success_through_the_sdk(client, training_file, tiny_model):
     uploaded, _ = training_file
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=uploaded.id, validation_file=uploaded.id, seed=7, suffix="tiny",
+        model=str(tiny_model),
+        training_file=uploaded.id,
+        validation_file=uploaded.id,
+        seed=7,
+        suffix="tiny",
         metadata={"run": "sdk-path"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
-        extra_body={"ftjobs": NATIVE})
+        extra_body={"ftjobs": NATIVE},
+    )
     assert job.object == "fine_tuning.job" and job.status == "queued" and job.seed == 7
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 2
     assert job.training_file == job.validation_file == uploaded.id and job.metadata == {"run": "sdk-path"}
@@ -112,10 +127,15 @@ def _native_status(service, job_id: str, statuses: set[str], timeout_seconds: fl
 
 def test_jobs_list_pages_filter_and_cancel(client, service, training_file, tiny_model):
     uploaded, _ = training_file
-    created = [client.fine_tuning.jobs.create(model=str(tiny_model), training_file=uploaded.id,
-                                              metadata={"run": "cancel-me", "n": str(n)},
-                                              extra_body={"ftjobs": {**NATIVE, "training": {"max_steps": 100_000}}})
-               for n in range(2)]
+    created = [
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=uploaded.id,
+            metadata={"run": "cancel-me", "n": str(n)},
+            extra_body={"ftjobs": {**NATIVE, "training": {"max_steps": 100_000}}},
+        )
+        for n in range(2)
+    ]
     ids = [job.id for job in created]
     listed = [job.id for job in client.fine_tuning.jobs.list(limit=1, metadata={"run": "cancel-me"})]
     assert listed == ids[::-1]  # newest first, one page each, only the jobs with this metadata
@@ -137,13 +157,17 @@ def test_errors_carry_their_message(client, training_file, tiny_model):
 
     uploaded, _ = training_file
     with pytest.raises(openai.UnprocessableEntityError) as refused:  # the planner's refusal, as on /v1/jobs
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=uploaded.id,
-                                       extra_body={"ftjobs": {"resources": {"gpu_memory_gib": 0.01}}})
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=uploaded.id,
+            extra_body={"ftjobs": {"resources": {"gpu_memory_gib": 0.01}}},
+        )
     assert refused.value.code == "does_not_fit" and "exceeds the" in str(refused.value)
 
     with pytest.raises(openai.UnprocessableEntityError) as typo:
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=uploaded.id,
-                                       extra_body={"ftjobs": {"training": {"epoch": 2}}})
+        client.fine_tuning.jobs.create(
+            model=str(tiny_model), training_file=uploaded.id, extra_body={"ftjobs": {"training": {"epoch": 2}}}
+        )
     assert typo.value.param == "ftjobs.training.epoch" and "Extra inputs" in str(typo.value)
 
     with pytest.raises(openai.NotFoundError) as missing:
@@ -161,9 +185,12 @@ def test_a_checkpoint_downloaded_mid_run_loads_with_peft(client, service, traini
     url, key = service
     uploaded, _ = training_file
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=uploaded.id,
-        extra_body={"ftjobs": {**NATIVE, "training": {**NATIVE["training"], "max_steps": 100_000,
-                                                      "checkpoint_every_steps": 2}}})
+        model=str(tiny_model),
+        training_file=uploaded.id,
+        extra_body={
+            "ftjobs": {**NATIVE, "training": {**NATIVE["training"], "max_steps": 100_000, "checkpoint_every_steps": 2}}
+        },
+    )
     native = httpx.Client(base_url=url, headers=key.headers)
     deadline = time.monotonic() + 180
     while not (kept := native.get(f"/v1/jobs/{job.id}/checkpoints").json()["data"]):

@@ -34,14 +34,23 @@ def checkpointed_spec(model_dir, dataset: str) -> dict:
         "dataset": {"path": dataset},
         "method": "qlora",
         "lora": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 60, "micro_batch_size": 2, "max_seq_length": 64, "learning_rate": 1e-3,
-                     "seed": 3, "checkpoint_every_steps": 5, "keep_checkpoints": 2, "logging_steps": 5},
+        "training": {
+            "max_steps": 60,
+            "micro_batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "seed": 3,
+            "checkpoint_every_steps": 5,
+            "keep_checkpoints": 2,
+            "logging_steps": 5,
+        },
         "memory": {"optimizer": "paged_adamw_8bit"},
     }
 
 
-def test_a_killed_training_process_is_retried_and_resumes_from_its_last_checkpoint(api, worker, tiny_model,
-                                                                                  resume_dataset, wait_for_status):
+def test_a_killed_training_process_is_retried_and_resumes_from_its_last_checkpoint(
+    api, worker, tiny_model, resume_dataset, wait_for_status
+):
     spec = checkpointed_spec(tiny_model, resume_dataset)
     job_id = api.post("/v1/jobs", json=spec).json()["id"]
     first_checkpoint = wait_for_event(api, job_id, "checkpoint")
@@ -61,18 +70,23 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_last_checkpoi
     resumed = [e["data"] for e in events if e["kind"] == "log" and e["data"]["message"].startswith("resumed")]
     assert len(resumed) == 1 and resumed[0]["message"] == f"resumed from step {resumed[0]['step']}"
     assert resumed[0]["step"] == second["resumed_from_step"] >= first_checkpoint["data"]["step"] > 0
-    assert first_checkpoint["data"]["path"] == \
-        f"jobs/{job_id}/checkpoints/a1-step-{first_checkpoint['data']['step']:06d}"
-    assert [e["data"]["status"] for e in events if e["kind"] == "state"] == \
-        ["queued", "running", "queued", "running", "succeeded"]
+    assert (
+        first_checkpoint["data"]["path"] == f"jobs/{job_id}/checkpoints/a1-step-{first_checkpoint['data']['step']:06d}"
+    )
+    assert [e["data"]["status"] for e in events if e["kind"] == "state"] == [
+        "queued",
+        "running",
+        "queued",
+        "running",
+        "succeeded",
+    ]
 
     reference_id = api.post("/v1/jobs", json=spec).json()["id"]
     reference = wait_for_status(reference_id, {"succeeded", "failed", "cancelled"})
     assert reference["status"] == "succeeded", reference["error"]
     resumed_adapter, straight_adapter = (adapter(api, some_id) for some_id in (job_id, reference_id))
     assert resumed_adapter.keys() == straight_adapter.keys()
-    max_abs_diff = max((resumed_adapter[name] - straight_adapter[name]).abs().max().item()
-                       for name in resumed_adapter)
+    max_abs_diff = max((resumed_adapter[name] - straight_adapter[name]).abs().max().item() for name in resumed_adapter)
     print(f"resumed from step {resumed[0]['step']}: adapter max abs diff {max_abs_diff:.3g}")
     assert max_abs_diff <= MAX_ABS_DIFF
     assert any((tensor.abs() > 0).any() for name, tensor in straight_adapter.items() if "lora_B" in name)

@@ -12,7 +12,6 @@ import tarfile
 
 import boto3
 import pytest
-import torch
 from harness import job_spec, running_stack
 from safetensors.torch import load
 
@@ -24,8 +23,9 @@ def s3_stack(database, settings, s3_endpoint, tmp_path):
     storage_url = f"s3://ftjobs/deploy-{tmp_path.name}"
     # Both machines' own homes, but the test's models: the same local model directory on each machine.
     model_roots = ":".join(str(root) for root in settings.model_root_dirs)
-    with running_stack(tmp_path, FTJOBS_STORAGE_URL=storage_url, FTJOBS_S3_ENDPOINT_URL=s3_endpoint,
-                       FTJOBS_MODEL_ROOTS=model_roots) as stack:
+    with running_stack(
+        tmp_path, FTJOBS_STORAGE_URL=storage_url, FTJOBS_S3_ENDPOINT_URL=s3_endpoint, FTJOBS_MODEL_ROOTS=model_roots
+    ) as stack:
         stack.start_api(FTJOBS_HOME=str(tmp_path / "api-machine"))
         stack.start_worker("w1", FTJOBS_HOME=str(tmp_path / "worker-machine"))
         yield stack, storage_url, tmp_path
@@ -35,8 +35,9 @@ def test_upload_train_resume_and_download_through_s3(s3_stack, tiny_model, s3_en
     stack, storage_url, machines = s3_stack
     rows = [{"instruction": f"Name the number {i}.", "output": f"number {i}"} for i in range(30)]
     api = stack.client()
-    upload = api.post("/v1/files", files={"file": ("rows.jsonl", "\n".join(map(json.dumps, rows)) + "\n")},
-                      data={"format": "alpaca"})
+    upload = api.post(
+        "/v1/files", files={"file": ("rows.jsonl", "\n".join(map(json.dumps, rows)) + "\n")}, data={"format": "alpaca"}
+    )
     assert upload.status_code == 201, upload.text
     spec = job_spec(tiny_model, "unused", max_steps=60)
     spec["dataset"] = {"file_id": upload.json()["id"]}
@@ -57,8 +58,12 @@ def test_upload_train_resume_and_download_through_s3(s3_stack, tiny_model, s3_en
         assert set(tar.getnames()) == {artifact["name"] for artifact in job["artifacts"]}
         assert tar.extractfile("adapter/adapter_model.safetensors").read() == adapter.content
     bucket, prefix = storage_url.removeprefix("s3://").split("/", 1)
-    keys = {item["Key"] for item in boto3.client("s3", endpoint_url=s3_endpoint)
-            .list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    keys = {
+        item["Key"]
+        for item in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix)[
+            "Contents"
+        ]
+    }
     assert f"{prefix}/jobs/{job_id}/artifacts/adapter/adapter_model.safetensors" in keys
     assert f"{prefix}/files/{upload.json()['id']}.jsonl" in keys
     # Nothing of the job lives on either machine's disk: the API keeps no files, the worker cleans its stage.
@@ -71,13 +76,18 @@ def test_dataset_by_path_resolves_under_the_s3_data_root(s3_stack, tiny_model, s
     bucket, prefix = storage_url.removeprefix("s3://").split("/", 1)
     rows = [{"text": f"row {i} of a dataset that lives in a bucket"} for i in range(12)]
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(
-        Bucket=bucket, Key=f"{prefix}/data/team/rows.jsonl", Body="\n".join(map(json.dumps, rows)) + "\n")
+        Bucket=bucket, Key=f"{prefix}/data/team/rows.jsonl", Body="\n".join(map(json.dumps, rows)) + "\n"
+    )
     spec = {**job_spec(tiny_model, "team/rows.jsonl", max_steps=3), "dataset_format": "text"}
     api = stack.client()
-    assert api.post("/v1/jobs", json={**spec, "dataset": {"path": "../escape.jsonl"}}).json()["code"] == \
-        "dataset_path_escapes_root"
-    assert api.post("/v1/jobs", json={**spec, "dataset": {"path": "team/missing.jsonl"}}).json()["code"] == \
-        "dataset_not_found"
+    assert (
+        api.post("/v1/jobs", json={**spec, "dataset": {"path": "../escape.jsonl"}}).json()["code"]
+        == "dataset_path_escapes_root"
+    )
+    assert (
+        api.post("/v1/jobs", json={**spec, "dataset": {"path": "team/missing.jsonl"}}).json()["code"]
+        == "dataset_not_found"
+    )
     response = api.post("/v1/jobs", json=spec)
     assert response.status_code == 201, response.text
     job = stack.wait_for_end(response.json()["id"])

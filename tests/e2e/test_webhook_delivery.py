@@ -37,8 +37,9 @@ def receiver():
     server.server_close()
 
 
-def test_a_trained_job_reports_its_states_and_checkpoints(api, worker, tiny_model, data_root, wait_for_status,
-                                                         receiver):
+def test_a_trained_job_reports_its_states_and_checkpoints(
+    api, worker, tiny_model, data_root, wait_for_status, receiver
+):
     url, received = receiver
     name = f"e2e-hooks-{uuid.uuid4().hex[:6]}"
     with transaction() as session:
@@ -47,14 +48,21 @@ def test_a_trained_job_reports_its_states_and_checkpoints(api, worker, tiny_mode
     headers = {"Authorization": f"Bearer {secret}"}
     rows = [{"instruction": f"Repeat {i}.", "output": f"{i} {i}"} for i in range(8)]
     (data_root / "e2e-hooks.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    spec = {"base_model": str(tiny_model), "dataset": {"path": "e2e-hooks.jsonl"}, "method": "qlora",
-            "lora": {"r": 4, "alpha": 8},
-            "training": {"max_steps": 4, "micro_batch_size": 2, "max_seq_length": 64, "checkpoint_every_steps": 2}}
+    spec = {
+        "base_model": str(tiny_model),
+        "dataset": {"path": "e2e-hooks.jsonl"},
+        "method": "qlora",
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 4, "micro_batch_size": 2, "max_seq_length": 64, "checkpoint_every_steps": 2},
+    }
     job_id = api.post("/v1/jobs", json=spec, headers=headers).json()["id"]
     assert wait_for_status(job_id, {"succeeded", "failed"})["status"] == "succeeded"
 
-    reported = [e for e in api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
-                if e["kind"] in ("state", "checkpoint")]
+    reported = [
+        e
+        for e in api.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]
+        if e["kind"] in ("state", "checkpoint")
+    ]
     deadline = time.monotonic() + 60
     while len(received) < len(reported) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -62,8 +70,14 @@ def test_a_trained_job_reports_its_states_and_checkpoints(api, worker, tiny_mode
     payloads = sorted((verifier.verify(body, sent) for sent, body in received), key=lambda p: p["data"]["seq"])
     assert [p["data"]["seq"] for p in payloads] == [e["seq"] for e in reported]
     assert [p["data"].get("status") for p in payloads if p["type"] == "job.status_changed"] == [
-        "queued", "running", "succeeded"]
-    assert [p["data"]["step"] for p in payloads if p["type"] == "job.checkpoint_saved"] == [
-        e["data"]["step"] for e in reported if e["kind"] == "checkpoint"] != []
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    assert (
+        [p["data"]["step"] for p in payloads if p["type"] == "job.checkpoint_saved"]
+        == [e["data"]["step"] for e in reported if e["kind"] == "checkpoint"]
+        != []
+    )
     log = api.get(f"/v1/jobs/{job_id}/webhook_deliveries", headers=headers).json()["data"]
     assert {d["status"] for d in log} == {"delivered"} and all(d["attempts"][-1]["status_code"] == 204 for d in log)

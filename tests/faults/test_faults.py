@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 import pytest
-
 from harness import PG_ADMIN_URL, ProcessWatcher, _running, job_spec, wait_until
 
 pytestmark = [pytest.mark.timeout(420)]
@@ -121,9 +120,13 @@ def test_database_connections_terminated_mid_run(stack, tiny_model, fault_datase
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         for _ in range(6):
             time.sleep(1)
-            terminated += len(admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
-                "pg_backend_pid()", (database,)).fetchall())
+            terminated += len(
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                    "pg_backend_pid()",
+                    (database,),
+                ).fetchall()
+            )
     job = stack.wait_for_end(job_id)
     stop.set()
     poller.join()
@@ -133,8 +136,7 @@ def test_database_connections_terminated_mid_run(stack, tiny_model, fault_datase
     assert len(statuses) > 100 and not failed, (len(statuses), failed)
 
 
-def test_paused_worker_is_superseded_and_its_stale_process_exits_without_writing(stack, tiny_model,
-                                                                                 fault_dataset):
+def test_paused_worker_is_superseded_and_its_stale_process_exits_without_writing(stack, tiny_model, fault_dataset):
     with ProcessWatcher(stack) as watcher:
         spec = job_spec(tiny_model, fault_dataset, max_steps=160)
         job_id, first, _ = start_checkpointed_job(stack, watcher, spec)
@@ -151,8 +153,11 @@ def test_paused_worker_is_superseded_and_its_stale_process_exits_without_writing
     assert [a["outcome"] for a in job["attempts"]] == ["lease_expired", "succeeded"]
     assert second["worker"] != first["worker"]
     events = stack.events(job_id)
-    took_over = next(e["seq"] for e in events if e["kind"] == "state" and e["data"].get("attempt") == 2
-                     and e["data"]["status"] == "running")
+    took_over = next(
+        e["seq"]
+        for e in events
+        if e["kind"] == "state" and e["data"].get("attempt") == 2 and e["data"]["status"] == "running"
+    )
     assert not [e for e in events if e["data"].get("attempt") == 1 and e["seq"] > took_over]
     paused.wait_for_line("lost its lease; stopped without writing", 30)
     # A process resumed from SIGSTOP runs until its next lease check; nothing else may ever overlap.

@@ -40,8 +40,22 @@ def api_server(database, redis_client) -> Iterator[str]:
     """`service.app:create_app` under uvicorn on a free port, with the test session's settings (environment)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"], cwd=REPO, env=os.environ.copy())
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{url}/healthz", process, "the API")
@@ -55,11 +69,16 @@ def scrape_config_for_test(shipped: dict, targets: dict[str, str]) -> dict:
     jobs = []
     for job in shipped["scrape_configs"]:
         job = {key: value for key, value in job.items() if not key.endswith("_sd_configs")}
-        job.update(static_configs=[{"targets": [targets[job["job_name"]]]}], scrape_interval=SCRAPE_INTERVAL,
-                   scrape_timeout=SCRAPE_INTERVAL)
+        job.update(
+            static_configs=[{"targets": [targets[job["job_name"]]]}],
+            scrape_interval=SCRAPE_INTERVAL,
+            scrape_timeout=SCRAPE_INTERVAL,
+        )
         jobs.append(job)
-    return {"global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
-            "scrape_configs": jobs}
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "scrape_configs": jobs,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +94,16 @@ def prometheus(api_server, worker, tmp_path_factory) -> Iterator[str]:
     config.write_text(yaml.safe_dump(scrape_config_for_test(shipped, targets)))
     port = free_port()
     log = (home / "prometheus.log").open("w")
-    process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",
-                                f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={home / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{url}/-/ready", process, "prometheus")

@@ -87,8 +87,9 @@ def get_healthz_until_each_served(url: str, metrics_dir: Path, pids: set[int], a
     sent = 0
     with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
         for _ in range(40):
-            statuses = list(pool.map(lambda _: httpx.get(f"{url}/healthz", timeout=10).status_code,
-                                     range(CONCURRENT_REQUESTS)))
+            statuses = list(
+                pool.map(lambda _: httpx.get(f"{url}/healthz", timeout=10).status_code, range(CONCURRENT_REQUESTS))
+            )
             assert statuses == [200] * CONCURRENT_REQUESTS
             sent += CONCURRENT_REQUESTS
             shares = served(metrics_dir, HEALTHZ)
@@ -119,8 +120,11 @@ def served(metrics_dir: Path, labels: dict[str, str]) -> dict[int, float]:
     for path in metrics_dir.glob("counter_*.db"):
         families = MultiProcessCollector.merge([str(path)])
         shares[int(path.stem.removeprefix("counter_"))] = sum(
-            s.value for family in families for s in family.samples
-            if s.name == "ftjobs_http_requests_total" and s.labels == labels)
+            s.value
+            for family in families
+            for s in family.samples
+            if s.name == "ftjobs_http_requests_total" and s.labels == labels
+        )
     return shares
 
 

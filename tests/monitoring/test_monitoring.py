@@ -70,10 +70,21 @@ def client(api_server, admin_key):
 
 
 def spec(model_dir, dataset: str, max_steps: int) -> dict:
-    return {"base_model": str(model_dir), "dataset": {"path": dataset}, "method": "qlora", "lora": {"r": 4, "alpha": 8},
-            "training": {"max_steps": max_steps, "micro_batch_size": 2, "max_seq_length": 64,
-                         "learning_rate": 1e-3, "logging_steps": 1},
-            "memory": {"optimizer": "paged_adamw_8bit"}, "metadata": {"test": "monitoring"}}
+    return {
+        "base_model": str(model_dir),
+        "dataset": {"path": dataset},
+        "method": "qlora",
+        "lora": {"r": 4, "alpha": 8},
+        "training": {
+            "max_steps": max_steps,
+            "micro_batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+        },
+        "memory": {"optimizer": "paged_adamw_8bit"},
+        "metadata": {"test": "monitoring"},
+    }
 
 
 def wait_for(client, job_id: str, done, what: str, timeout_seconds: float = 300) -> dict:
@@ -107,8 +118,9 @@ def finished_job(prometheus, client, worker, tiny_model, dataset) -> dict:
     """A short job run to success while Prometheus watches (it feeds the planner-error histogram)."""
     response = client.post("/v1/jobs", json=spec(tiny_model, dataset, max_steps=3))
     assert response.status_code == 201, response.text
-    job = wait_for(client, response.json()["id"], lambda j: j["status"] in {"succeeded", "failed", "cancelled"},
-                   "ended")
+    job = wait_for(
+        client, response.json()["id"], lambda j: j["status"] in {"succeeded", "failed", "cancelled"}, "ended"
+    )
     assert job["status"] == "succeeded", job["error"]
     return job
 
@@ -148,8 +160,15 @@ def assert_documented(found: dict, documented: dict, present: set[str]) -> None:
 
 def test_api_metrics_are_documented_typed_and_named_by_unit(client, running_job):
     client.post("/v1/jobs", json={"base_model": "x", "unknown_field": 1})  # an invalid submission
-    refused = client.post("/v1/jobs", json={"base_model": "Qwen/Qwen2.5-7B", "dataset": {"path": "x.jsonl"},
-                                            "method": "full", "resources": {"gpu_memory_gib": 1}})
+    refused = client.post(
+        "/v1/jobs",
+        json={
+            "base_model": "Qwen/Qwen2.5-7B",
+            "dataset": {"path": "x.jsonl"},
+            "method": "full",
+            "resources": {"gpu_memory_gib": 1},
+        },
+    )
     assert refused.json()["code"] == "does_not_fit"
     found = families(f"{client.base_url}/metrics")
     registered = _registered_gpus(found) > 0
@@ -186,24 +205,32 @@ def test_worker_metrics_are_documented_typed_and_named_by_unit(worker, running_j
         assert devices == {"cpu"}
         capacity = found["ftjobs_device_memory_capacity_bytes"].samples[0].value
         assert 0 < found["ftjobs_device_memory_used_bytes"].samples[0].value < capacity
-        for name in ("ftjobs_job_memory_allocated_bytes", "ftjobs_job_memory_reserved_bytes",
-                     "ftjobs_gpu_utilization_ratio"):
+        for name in (
+            "ftjobs_job_memory_allocated_bytes",
+            "ftjobs_job_memory_reserved_bytes",
+            "ftjobs_gpu_utilization_ratio",
+        ):
             assert name not in found or not found[name].samples
 
     # The short job that already succeeded: observed in the finished-job histograms.
-    ratio = {s.labels["device"]: s.value for s in found["ftjobs_job_peak_memory_ratio"].samples
-             if s.name.endswith("_count")}
+    ratio = {
+        s.labels["device"]: s.value for s in found["ftjobs_job_peak_memory_ratio"].samples if s.name.endswith("_count")
+    }
     assert ratio["gpu" if gpu else "cpu"] >= 1
-    durations = {s.labels["outcome"]: s.value for s in found["ftjobs_job_duration_seconds"].samples
-                 if s.name.endswith("_count")}
+    durations = {
+        s.labels["outcome"]: s.value for s in found["ftjobs_job_duration_seconds"].samples if s.name.endswith("_count")
+    }
     assert durations["succeeded"] >= 1
 
 
 def test_every_dashboard_panel_query_returns_series_from_prometheus(prometheus, worker, running_job):
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["title"] == "GPU memory"
-    queries = {f"{panel['title']} [{target['refId']}]": _expand(target["expr"])
-               for panel in dashboard["panels"] for target in panel["targets"]}
+    queries = {
+        f"{panel['title']} [{target['refId']}]": _expand(target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    }
     assert len(dashboard["panels"]) >= 6
     # Wait for scrapes that saw the running job (and enough of them for rate/increase), then ask every query.
     deadline = time.monotonic() + 60
@@ -220,8 +247,9 @@ def test_every_dashboard_panel_query_returns_series_from_prometheus(prometheus, 
 
 
 def test_promtool_accepts_the_shipped_prometheus_config():
-    result = subprocess.run(["promtool", "check", "config", str(SHIPPED_PROMETHEUS_CONFIG)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(SHIPPED_PROMETHEUS_CONFIG)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -234,14 +262,18 @@ def test_per_job_series_are_removed_when_the_job_ends(client, worker, finished_j
     while _job_ids(worker):
         assert time.monotonic() < deadline, f"per-job series outlived the job: {_job_ids(worker)}"
         time.sleep(0.2)
-    durations = {s.labels["outcome"]: s.value for s in families(worker_url(worker))["ftjobs_job_duration_seconds"]
-                 .samples if s.name.endswith("_count")}
+    durations = {
+        s.labels["outcome"]: s.value
+        for s in families(worker_url(worker))["ftjobs_job_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
     assert durations["cancelled"] >= 1
 
 
 def _job_ids(worker) -> set[str]:
-    return {s.labels["job_id"] for f in families(worker_url(worker)).values() for s in f.samples
-            if "job_id" in s.labels}
+    return {
+        s.labels["job_id"] for f in families(worker_url(worker)).values() for s in f.samples if "job_id" in s.labels
+    }
 
 
 def _registered_gpus(found: dict) -> float:

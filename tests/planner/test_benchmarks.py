@@ -47,7 +47,10 @@ def test_harness_rows_feed_the_accuracy_script():
 
 
 def test_harness_imports_no_torch_at_top_level():
-    code = f"import importlib.util, sys; s = importlib.util.spec_from_file_location('h', {str(ROOT / 'benchmarks' / 'vram_harness.py')!r}); " \
-           "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('torch' in sys.modules)"
+    code = (
+        "import importlib.util, sys; "
+        f"s = importlib.util.spec_from_file_location('h', {str(ROOT / 'benchmarks' / 'vram_harness.py')!r}); "
+        "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

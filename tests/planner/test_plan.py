@@ -32,8 +32,9 @@ def _accuracy():
     import planner_accuracy
 
     arch = planner_accuracy._arch_table()
-    return [(r["case"]["name"], planner_accuracy.predict(r, arch)[0], r["nvml_used"])
-            for r in planner_accuracy.load_rows()]
+    return [
+        (r["case"]["name"], planner_accuracy.predict(r, arch)[0], r["nvml_used"]) for r in planner_accuracy.load_rows()
+    ]
 
 
 def test_reproduces_calibration_rows():
@@ -80,17 +81,31 @@ def peak(body: dict, shape: ModelShape = Q7B, mb: int | None = None) -> int:
         ({"method": "qlora"}, {"method": "lora"}),
         ({"method": "lora"}, {"method": "full"}),
         ({"method": "freeze"}, {"method": "full"}),
-        ({"method": "lora", "memory": {"gradient_checkpointing": True}},
-         {"method": "lora", "memory": {"gradient_checkpointing": False}}),
+        (
+            {"method": "lora", "memory": {"gradient_checkpointing": True}},
+            {"method": "lora", "memory": {"gradient_checkpointing": False}},
+        ),
         ({"method": "lora", "memory": {"fused_loss": True}}, {"method": "lora", "memory": {"fused_loss": False}}),
-        ({"method": "full", "memory": {"precision": "bf16"}}, {"method": "full", "memory": {"precision": "bf16-mixed"}}),
+        (
+            {"method": "full", "memory": {"precision": "bf16"}},
+            {"method": "full", "memory": {"precision": "bf16-mixed"}},
+        ),
         ({"method": "full", "memory": {"optimizer": "adamw_8bit"}}, {"method": "full"}),
-        ({"method": "full", "memory": {"optimizer": "paged_adamw_8bit"}}, {"method": "full", "memory": {"optimizer": "adamw_8bit"}}),
+        (
+            {"method": "full", "memory": {"optimizer": "paged_adamw_8bit"}},
+            {"method": "full", "memory": {"optimizer": "adamw_8bit"}},
+        ),
         ({"method": "full", "memory": {"optimizer": "paged_adamw_32bit"}}, {"method": "full"}),
-        ({"method": "lora", "training": {"max_seq_length": 512}}, {"method": "lora", "training": {"max_seq_length": 2048}}),
+        (
+            {"method": "lora", "training": {"max_seq_length": 512}},
+            {"method": "lora", "training": {"max_seq_length": 2048}},
+        ),
         ({"method": "lora"}, {"method": "lora", "lora": {"use_dora": True}}),
         ({"method": "lora", "lora": {"r": 8}}, {"method": "lora", "lora": {"r": 256}}),
-        ({"method": "freeze", "freeze": {"trainable_layers": 1}}, {"method": "freeze", "freeze": {"trainable_layers": 8}}),
+        (
+            {"method": "freeze", "freeze": {"trainable_layers": 1}},
+            {"method": "freeze", "freeze": {"trainable_layers": 8}},
+        ),
     ],
 )
 def test_monotonic(smaller, larger):
@@ -103,8 +118,15 @@ def test_micro_batch_grows_peak():
 
 
 def test_tied_embeddings_store_one_matrix():
-    cfg = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    }
     tied = ModelShape.from_config(cfg | {"tie_word_embeddings": True})
     untied = ModelShape.from_config(cfg | {"tie_word_embeddings": False})
     assert untied.num_params - tied.num_params == 128256 * 2048
@@ -169,8 +191,11 @@ def test_auto_when_nothing_fits():
 
 # ---- reasons and suggestions ------------------------------------------------------------------------------
 def test_suggestions_fit_and_replan():
-    s = spec(method="lora", training={"micro_batch_size": 8, "max_seq_length": 4096},
-             memory={"gradient_checkpointing": False})
+    s = spec(
+        method="lora",
+        training={"micro_batch_size": 8, "max_seq_length": 4096},
+        memory={"gradient_checkpointing": False},
+    )
     p = plan(s, Q7B, 80 * GIB)
     assert p.fits is False and p.reasons and p.suggestions
     for sug in p.suggestions:
@@ -196,17 +221,28 @@ def test_micro_batch_suggestion_keeps_effective_batch():
 
 
 def test_combined_suggestion_when_no_single_patch_fits():
-    p = plan(spec(method="full", training={"micro_batch_size": 8, "max_seq_length": 4096},
-                   memory={"fused_loss": False}), Q7B, 80 * GIB)
+    p = plan(
+        spec(method="full", training={"micro_batch_size": 8, "max_seq_length": 4096}, memory={"fused_loss": False}),
+        Q7B,
+        80 * GIB,
+    )
     assert len(p.suggestions) == 1 and ";" in p.suggestions[0].description
-    assert plan(apply_patch(spec(method="full", training={"micro_batch_size": 8, "max_seq_length": 4096},
-                   memory={"fused_loss": False}),
-                            p.suggestions[0].patch), Q7B, 80 * GIB).fits
+    assert plan(
+        apply_patch(
+            spec(method="full", training={"micro_batch_size": 8, "max_seq_length": 4096}, memory={"fused_loss": False}),
+            p.suggestions[0].patch,
+        ),
+        Q7B,
+        80 * GIB,
+    ).fits
 
 
 def test_merge_patch_rfc7396():
     assert merge_patch({"a": 1, "b": {"c": 2, "d": 3}}, {"b": {"c": None, "e": 4}, "f": 5}) == {
-        "a": 1, "b": {"d": 3, "e": 4}, "f": 5}
+        "a": 1,
+        "b": {"d": 3, "e": 4},
+        "f": 5,
+    }
 
 
 def test_plan_is_json():
@@ -236,13 +272,22 @@ def test_catalog_lookup():
     assert find_model("QWEN/qwen2.5-7b") is find_model("Qwen/Qwen2.5-7B-Instruct")
     assert find_model("/models/Qwen2.5-7B") is find_model("Qwen/Qwen2.5-7B")
     assert find_model("nobody/unknown-1b") is None
-    assert len(model_ids()) == 25  # 16 + issue 14: Llama-3.1-70B/405B, 3.3-70B, Mistral-7B-v0.1, Mixtral, 3 Phi-3, Qwen1.5-MoE
+    assert (
+        len(model_ids()) == 25
+    )  # 16 + issue 14: Llama-3.1-70B/405B, 3.3-70B, Mistral-7B-v0.1, Mixtral, 3 Phi-3, Qwen1.5-MoE
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma2"])
 def test_from_config_families(model_type):
-    cfg = {"model_type": model_type, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
-           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}
+    cfg = {
+        "model_type": model_type,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 32000,
+    }
     shape = ModelShape.from_config(cfg, name="x")
     assert shape.head_dim == 128 and shape.kv_dim == 256
     assert shape.attention_bias == (model_type == "qwen2")
@@ -253,8 +298,9 @@ def test_from_config_families(model_type):
 
 def test_from_config_rejects_non_decoder():
     with pytest.raises(ValueError, match="intermediate_size"):
-        ModelShape.from_config({"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2,
-                                "num_hidden_layers": 1, "vocab_size": 10})
+        ModelShape.from_config(
+            {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 10}
+        )
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora", "full", "freeze"])
@@ -268,8 +314,10 @@ def test_every_combination_plans(method, precision, optimizer):
 
 # ---- purity -------------------------------------------------------------------------------------------------
 def test_planner_imports_no_heavy_modules():
-    code = ("import sys, planner, planner.catalog, planner.suggest; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "{'torch','fastapi','sqlalchemy','celery','transformers','peft','bitsandbytes','numpy'}))")
+    code = (
+        "import sys, planner, planner.catalog, planner.suggest; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'torch','fastapi','sqlalchemy','celery','transformers','peft','bitsandbytes','numpy'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

@@ -20,12 +20,15 @@ def setup_for(body: dict, mb: int = 4, recipe=WORKER) -> t.Setup:
 
 
 # ---- optimizers -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tensors, expected", [
-    # per state: 1,048,576 / 2 codes = 524,288 + 8,192 blocks x 4 B = 32,768 + qmap 64 = 557,120; two states
-    ([(1_048_576, 1)], 1_114_240),
-    ([(2048, 3)], 3 * 2048 * 2 * 4),  # under 4096 elements: zeros_like(fp32 param), two states
-    ([(4100, 1)], 4100 * 2 * 4),  # 4100 % 128 != 0: full precision too
-])
+@pytest.mark.parametrize(
+    "tensors, expected",
+    [
+        # per state: 1,048,576 / 2 codes = 524,288 + 8,192 blocks x 4 B = 32,768 + qmap 64 = 557,120; two states
+        ([(1_048_576, 1)], 1_114_240),
+        ([(2048, 3)], 3 * 2048 * 2 * 4),  # under 4096 elements: zeros_like(fp32 param), two states
+        ([(4100, 1)], 4100 * 2 * 4),  # 4100 % 128 != 0: full precision too
+    ],
+)
 def test_adamw_4bit_states(tensors, expected):
     s = setup_for({"method": "lora", "memory": {"optimizer": "adamw_4bit"}})
     assert t.optimizer_state_bytes(tensors, s) == (expected, 0)
@@ -42,8 +45,9 @@ def test_cpu_offload_gradients_leave_the_gpu_without_accumulation():
     offloaded = setup_for({"method": "lora", "memory": {"optimizer": "cpu_offload"}})
     assert offloaded.offload_gradients
     assert t.gradient_bytes(tensors, offloaded) == (6144 + 1_000_000) * 4 == 4_024_576  # small + one in flight
-    kept = setup_for({"method": "lora", "memory": {"optimizer": "cpu_offload"},
-                      "training": {"gradient_accumulation_steps": 2}})
+    kept = setup_for(
+        {"method": "lora", "memory": {"optimizer": "cpu_offload"}, "training": {"gradient_accumulation_steps": 2}}
+    )
     assert t.gradient_bytes(tensors, kept) == (6144 + 2_000_000) * 4 == 8_024_576
 
 
@@ -65,49 +69,88 @@ def test_galore_states_sit_on_rank_r_projections_of_the_decoder_weights():
         t.optimizer_state_bytes(tensors, s)
 
 
-@pytest.mark.parametrize("proj_type, expected", [
-    # [out, in] = [4864, 896] at rank 128: (projected gradient, projection matrices) elements
-    ("std", (128 * 4864, 128 * 896)),  # the smaller side: Vh[:128] (128 x 896), grad @ Vh.T -> 4864 x 128
-    ("reverse_std", (128 * 896, 128 * 4864)),  # the larger: U[:, :128] (4864 x 128), U.T @ grad -> 128 x 896
-    ("right", (4864 * 128, 128 * 896)),
-    ("left", (128 * 896, 4864 * 128)),
-    ("full", (128 * 128, 128 * (4864 + 896))),
-])
+@pytest.mark.parametrize(
+    "proj_type, expected",
+    [
+        # [out, in] = [4864, 896] at rank 128: (projected gradient, projection matrices) elements
+        ("std", (128 * 4864, 128 * 896)),  # the smaller side: Vh[:128] (128 x 896), grad @ Vh.T -> 4864 x 128
+        ("reverse_std", (128 * 896, 128 * 4864)),  # the larger: U[:, :128] (4864 x 128), U.T @ grad -> 128 x 896
+        ("right", (4864 * 128, 128 * 896)),
+        ("left", (128 * 896, 4864 * 128)),
+        ("full", (128 * 128, 128 * (4864 + 896))),
+    ],
+)
 def test_galore_projection_shapes(proj_type, expected):
     s = setup_for({"method": "full", "memory": {"optimizer": "galore_adamw"}, "galore": {"proj_type": proj_type}})
     assert t.galore_projection_numels(4864, 896, s) == expected
-    assert t.galore_projection_numels(4864, 64, setup_for(  # rank capped by the SVD's 64 singular vectors
-        {"method": "full", "memory": {"optimizer": "galore_adamw"}}))[1] == 64 * 64
+    assert (
+        t.galore_projection_numels(
+            4864,
+            64,
+            setup_for(  # rank capped by the SVD's 64 singular vectors
+                {"method": "full", "memory": {"optimizer": "galore_adamw"}}
+            ),
+        )[1]
+        == 64 * 64
+    )
 
 
 def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
     shape = find_model("Qwen/Qwen2.5-7B")
-    peak = {opt: sum(estimate(JobSpec(base_model=shape.name, method="full", galore={"rank": 128} if "galore" in opt
-                                      else None, memory={"optimizer": opt, "precision": "bf16"}), shape, 1)[1].values())
-            for opt in ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")}
+    peak = {
+        opt: sum(
+            estimate(
+                JobSpec(
+                    base_model=shape.name,
+                    method="full",
+                    galore={"rank": 128} if "galore" in opt else None,
+                    memory={"optimizer": opt, "precision": "bf16"},
+                ),
+                shape,
+                1,
+            )[1].values()
+        )
+        for opt in ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
+    }
     assert peak["galore_adamw_8bit"] < peak["galore_adamw"] < peak["adamw_8bit"] < peak["adamw"]
     from planner.suggest import _candidates
 
-    galore = JobSpec(base_model=shape.name, method="full", galore={"rank": 512},
-                     memory={"optimizer": "galore_adamw", "precision": "bf16"}, training={"micro_batch_size": 8})
+    galore = JobSpec(
+        base_model=shape.name,
+        method="full",
+        galore={"rank": 512},
+        memory={"optimizer": "galore_adamw", "precision": "bf16"},
+        training={"micro_batch_size": 8},
+    )
     patches = {description.split(" (")[0]: patch for _, description, patch in _candidates(galore, 8)}
     assert patches["optimizer galore_adamw→paged_adamw_8bit"]["galore"] is None
-    assert patches["method full→lora"] == {"method": "lora", "freeze": None, "memory": {"optimizer": "adamw"},
-                                           "galore": None}
+    assert patches["method full→lora"] == {
+        "method": "lora",
+        "freeze": None,
+        "memory": {"optimizer": "adamw"},
+        "galore": None,
+    }
     for patch in patches.values():  # each one validates on its own (apply_patch raises otherwise)
         apply_patch(galore, patch)
     plain = JobSpec(base_model=shape.name, method="full", training={"micro_batch_size": 8, "max_seq_length": 4096})
     assert any("→galore_adamw" in description for _, description, _ in _candidates(plain, 8))
     # not combined: with it, method→lora could not follow (lora + galore is invalid) and nothing was offered
     assert [s.description for s in plan(plain, shape, 24 * 2**30).suggestions] == [
-        "micro_batch_size 8→1 with gradient_accumulation_steps ×8 (same effective batch); method full→lora"]
+        "micro_batch_size 8→1 with gradient_accumulation_steps ×8 (same effective batch); method full→lora"
+    ]
 
 
 def test_new_optimizers_shrink_the_plan():
-    peak = {opt: sum(estimate(JobSpec(base_model="Qwen/Qwen2.5-7B", method="full",
-                                      memory={"optimizer": opt, "precision": "bf16"}),
-                              find_model("Qwen/Qwen2.5-7B"), 1)[1].values())
-            for opt in ("adamw", "adamw_8bit", "adamw_4bit", "cpu_offload")}
+    peak = {
+        opt: sum(
+            estimate(
+                JobSpec(base_model="Qwen/Qwen2.5-7B", method="full", memory={"optimizer": opt, "precision": "bf16"}),
+                find_model("Qwen/Qwen2.5-7B"),
+                1,
+            )[1].values()
+        )
+        for opt in ("adamw", "adamw_8bit", "adamw_4bit", "cpu_offload")
+    }
     assert peak["cpu_offload"] < peak["adamw_4bit"] < peak["adamw_8bit"] < peak["adamw"]
 
 
@@ -156,9 +199,13 @@ def test_freeze_modules_one_attention_block():
     assert t.grad_layers(Q05, s) == 1
     assert s.trained_numel == 2 * 802_816 + 2 * 114_688 + 896 + 256 == 1_836_160
     # bf16-mixed: the trained tensors are fp32 (2 extra bytes each on top of their bf16 size)
-    assert t.unquantized_weight_bytes(Q05, s) - t.unquantized_weight_bytes(
-        Q05, setup_for({"method": "freeze", "freeze": {"trainable_modules": ["model.norm"]}})) == (
-        1_836_160 - 896) * 2
+    assert (
+        t.unquantized_weight_bytes(Q05, s)
+        - t.unquantized_weight_bytes(
+            Q05, setup_for({"method": "freeze", "freeze": {"trainable_modules": ["model.norm"]}})
+        )
+        == (1_836_160 - 896) * 2
+    )
 
 
 def test_freeze_modules_tied_lm_head_is_the_embedding():
@@ -167,16 +214,19 @@ def test_freeze_modules_tied_lm_head_is_the_embedding():
 
 
 # ---- spec rules ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, message", [
-    ({"method": "qlora", "lora": {"init": "pissa"}}, "unquantized base"),
-    ({"method": "qlora", "quantization": {"bits": 8, "quant_type": "fp4"}}, "bits=4 only"),
-    ({"method": "freeze", "freeze": {"trainable_layers": 1, "trainable_modules": ["mlp"]}}, "not both"),
-    ({"method": "freeze", "freeze": {"trainable_modules": []}}, "at least 1"),
-    ({"method": "full", "output": {"merge_adapter": True}}, "merge_adapter"),
-    ({"method": "lora", "memory": {"optimizer": "cpu_offload", "precision": "fp16-mixed"}}, "bf16-mixed"),
-    ({"method": "lora", "lora": {"loraplus_lr_ratio": 0}}, "greater than 0"),
-    ({"method": "lora", "training": {"validation_fraction": 0.9}}, "less than or equal"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"method": "qlora", "lora": {"init": "pissa"}}, "unquantized base"),
+        ({"method": "qlora", "quantization": {"bits": 8, "quant_type": "fp4"}}, "bits=4 only"),
+        ({"method": "freeze", "freeze": {"trainable_layers": 1, "trainable_modules": ["mlp"]}}, "not both"),
+        ({"method": "freeze", "freeze": {"trainable_modules": []}}, "at least 1"),
+        ({"method": "full", "output": {"merge_adapter": True}}, "merge_adapter"),
+        ({"method": "lora", "memory": {"optimizer": "cpu_offload", "precision": "fp16-mixed"}}, "bf16-mixed"),
+        ({"method": "lora", "lora": {"loraplus_lr_ratio": 0}}, "greater than 0"),
+        ({"method": "lora", "training": {"validation_fraction": 0.9}}, "less than or equal"),
+    ],
+)
 def test_spec_rules(body, message):
     with pytest.raises(ValidationError, match=message):
         JobSpec.model_validate({"base_model": "m", **body})

@@ -12,17 +12,52 @@ from planner.shapes import UnsupportedArchitecture, UnsupportedQuantization
 from planner.spec import JobSpec
 
 GIB = 2**30
-LLAMA = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
-         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096}
-MIXTRAL = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8,
-           "num_experts_per_tok": 2, "max_position_embeddings": 32768}
-QWEN_MOE = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-            "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
-            "max_position_embeddings": 8192}
-QWEN1_7B = {"model_type": "qwen", "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "vocab_size": 151936, "max_position_embeddings": 32768, "seq_length": 8192}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+MIXTRAL = {
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
+}
+QWEN_MOE = {
+    "model_type": "qwen2_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 151936,
+    "max_position_embeddings": 8192,
+}
+QWEN1_7B = {
+    "model_type": "qwen",
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "seq_length": 8192,
+}
 
 
 def spec(**body) -> JobSpec:
@@ -53,10 +88,16 @@ def test_parameter_counts(config, params):
 
 
 def test_catalog_models_have_their_published_sizes():
-    published = {"meta-llama/Llama-3.1-70B": 70.55e9, "meta-llama/Llama-3.3-70B-Instruct": 70.55e9,
-                 "meta-llama/Llama-3.1-405B": 405.85e9, "mistralai/Mistral-7B-v0.1": 7.24e9,
-                 "mistralai/Mixtral-8x7B-v0.1": 46.70e9, "microsoft/Phi-3-mini-4k-instruct": 3.82e9,
-                 "microsoft/Phi-3-medium-4k-instruct": 13.96e9, "Qwen/Qwen1.5-MoE-A2.7B": 14.32e9}
+    published = {
+        "meta-llama/Llama-3.1-70B": 70.55e9,
+        "meta-llama/Llama-3.3-70B-Instruct": 70.55e9,
+        "meta-llama/Llama-3.1-405B": 405.85e9,
+        "mistralai/Mistral-7B-v0.1": 7.24e9,
+        "mistralai/Mixtral-8x7B-v0.1": 46.70e9,
+        "microsoft/Phi-3-mini-4k-instruct": 3.82e9,
+        "microsoft/Phi-3-medium-4k-instruct": 13.96e9,
+        "Qwen/Qwen1.5-MoE-A2.7B": 14.32e9,
+    }
     for hub_id, params in published.items():
         assert abs(find_model(hub_id).num_params - params) / params < 0.002, hub_id
     assert find_model("meta-llama/Meta-Llama-3.1-70B-Instruct") is find_model("meta-llama/Llama-3.1-70B")
@@ -94,20 +135,46 @@ def test_moe_activations_follow_the_top_k():
 
 # ---- refused ---------------------------------------------------------------------------------------------
 REFUSED = [
-    ({"model_type": "bert", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-      "num_attention_heads": 12, "vocab_size": 30522}, UnsupportedArchitecture, "not a family"),
+    (
+        {
+            "model_type": "bert",
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "vocab_size": 30522,
+        },
+        UnsupportedArchitecture,
+        "not a family",
+    ),
     (LLAMA | {"model_type": "qwen2_vl", "vision_config": {"depth": 32}}, UnsupportedArchitecture, "multimodal"),
-    ({"model_type": "llava", "text_config": {"model_type": "llama"}, "hidden_size": 4096,
-      "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32064},
-     UnsupportedArchitecture, "multimodal"),
-    (LLAMA | {"model_type": "deepseek_v2", "kv_lora_rank": 512, "n_routed_experts": 64}, UnsupportedArchitecture,
-     "MLA"),
+    (
+        {
+            "model_type": "llava",
+            "text_config": {"model_type": "llama"},
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "vocab_size": 32064,
+        },
+        UnsupportedArchitecture,
+        "multimodal",
+    ),
+    (
+        LLAMA | {"model_type": "deepseek_v2", "kv_lora_rank": 512, "n_routed_experts": 64},
+        UnsupportedArchitecture,
+        "MLA",
+    ),
     (LLAMA | {"model_type": "deepseek_v3", "n_routed_experts": 256}, UnsupportedArchitecture, "MLA"),
     (QWEN_MOE | {"mlp_only_layers": [0]}, UnsupportedArchitecture, "dense layers"),
     (LLAMA | {"quantization_config": {"quant_method": "gptq", "bits": 4}}, UnsupportedQuantization, "gptq"),
     (LLAMA | {"quantization_config": {"quant_method": "awq", "bits": 4}}, UnsupportedQuantization, "awq"),
-    (LLAMA | {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
-     UnsupportedQuantization, "bitsandbytes"),
+    (
+        LLAMA | {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+        UnsupportedQuantization,
+        "bitsandbytes",
+    ),
 ]
 
 
@@ -148,12 +215,24 @@ CONTEXT = [
     (LLAMA, 4096, None),
     (LLAMA, 8192, "sequence_too_long"),
     (LLAMA | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, 8192, None),  # 4096 x 2
-    (LLAMA | {"max_position_embeddings": 32768, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                                 "original_max_position_embeddings": 32768}},
-     131072, None),
-    (LLAMA | {"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                                                                  "original_max_position_embeddings": 8192}},
-     262144, "sequence_too_long"),  # llama3 scaling: max_position_embeddings is already the extended length
+    (
+        LLAMA
+        | {
+            "max_position_embeddings": 32768,
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        },
+        131072,
+        None,
+    ),
+    (
+        LLAMA
+        | {
+            "max_position_embeddings": 131072,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+        },
+        262144,
+        "sequence_too_long",
+    ),  # llama3 scaling: max_position_embeddings is already the extended length
 ]
 
 
@@ -178,8 +257,14 @@ def test_every_problem_reported_at_once():
 
 def test_catalog_without_context_is_not_refused():
     assert find_model("Qwen/Qwen2.5-7B").context_length is None  # older entries: no max_position_embeddings
-    assert plan(spec(method="qlora", training={"max_seq_length": 65536, "micro_batch_size": 1}),
-                find_model("Qwen/Qwen2.5-7B"), None).peak_vram_bytes > 0
+    assert (
+        plan(
+            spec(method="qlora", training={"max_seq_length": 65536, "micro_batch_size": 1}),
+            find_model("Qwen/Qwen2.5-7B"),
+            None,
+        ).peak_vram_bytes
+        > 0
+    )
     assert len(model_ids()) == 25
 
 

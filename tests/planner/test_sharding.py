@@ -17,9 +17,19 @@ from planner.fsdp import NCCL_BYTES
 from planner.spec import JobSpec
 
 GIB = 2**30
-SHAPE = ModelShape.from_config({"model_type": "llama", "hidden_size": 1024, "intermediate_size": 4096,
-                                "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
-                                "vocab_size": 32000, "tie_word_embeddings": False}, name="fsdp-toy")
+SHAPE = ModelShape.from_config(
+    {
+        "model_type": "llama",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    name="fsdp-toy",
+)
 PARAMS = 199_771_136
 LAYER = 16_779_264
 EMBED = 32_768_000
@@ -92,10 +102,13 @@ def test_lora_zero3_two_ranks():
 #     host, 1,598,169,088 for the 8 ranks; none of them on the GPU
 #   optimizer (N=2): states 399,542,272 + fp32 param and grad copies 4 B x 99,885,568 = 399,542,272 each
 #     = 1,198,626,816 per rank, 2,397,253,632 for both
-@pytest.mark.parametrize("n, offload, per_rank, on_gpu_gone", [
-    (8, "params", 199_771_136, ("weights", "optimizer_states", "gradients")),
-    (2, "optimizer", 1_198_626_816, ("optimizer_states",)),
-])
+@pytest.mark.parametrize(
+    "n, offload, per_rank, on_gpu_gone",
+    [
+        (8, "params", 199_771_136, ("weights", "optimizer_states", "gradients")),
+        (2, "optimizer", 1_198_626_816, ("optimizer_states",)),
+    ],
+)
 def test_offload_moves_terms_to_host(n, offload, per_rank, on_gpu_gone):
     s = spec(method="full", memory={"precision": "bf16"}, resources={"num_gpus": n, "offload": offload})
     p = plan(s, SHAPE, 80 * GIB)
@@ -118,14 +131,17 @@ def test_single_gpu_is_unchanged_by_the_new_fields():
     assert "fsdp_allgathered_params" not in plan(s, SHAPE, None).breakdown
 
 
-@pytest.mark.parametrize("resources, memory, method, needle", [
-    ({"num_gpus": 2}, {"optimizer": "paged_adamw_8bit"}, "full", "bitsandbytes"),
-    ({"num_gpus": 2, "sharding": "zero2"}, {"optimizer": "adamw_8bit"}, "lora", "bitsandbytes"),
-    ({"num_gpus": 2}, {"optimizer": "cpu_offload"}, "full", "resources.offload"),
-    ({"num_gpus": 2}, {"optimizer": "galore_adamw"}, "full", "GaLore"),
-    ({"offload": "params"}, {}, "full", "needs FSDP2 sharding"),
-    ({"num_gpus": 9}, {}, "full", "less than or equal to 8"),
-])
+@pytest.mark.parametrize(
+    "resources, memory, method, needle",
+    [
+        ({"num_gpus": 2}, {"optimizer": "paged_adamw_8bit"}, "full", "bitsandbytes"),
+        ({"num_gpus": 2, "sharding": "zero2"}, {"optimizer": "adamw_8bit"}, "lora", "bitsandbytes"),
+        ({"num_gpus": 2}, {"optimizer": "cpu_offload"}, "full", "resources.offload"),
+        ({"num_gpus": 2}, {"optimizer": "galore_adamw"}, "full", "GaLore"),
+        ({"offload": "params"}, {}, "full", "needs FSDP2 sharding"),
+        ({"num_gpus": 9}, {}, "full", "less than or equal to 8"),
+    ],
+)
 def test_combinations_that_do_not_shard_are_refused(resources, memory, method, needle):
     with pytest.raises(ValueError, match=needle):
         spec(method=method, memory=memory, resources=resources)
@@ -150,13 +166,23 @@ def test_does_not_fit_suggests_gpus_a_worker_has():
 
 
 def test_nothing_fits_names_the_smallest_gpu_and_count():
-    l70 = ModelShape.from_config({"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
-                                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-                                  "vocab_size": 128256}, name="l70")
+    l70 = ModelShape.from_config(
+        {
+            "model_type": "llama",
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+        },
+        name="l70",
+    )
     p = plan(spec(method="lora", memory={"precision": "bf16"}), l70, 24 * GIB)
     assert p.fits is False and p.suggestions == []
     # peak + max(5%, 1 GiB) rounded up to a GiB: the peak exceeds 19 GiB, so the 5% margin applies
-    assert p.min_gpu_memory_bytes == -(-(-(-p.peak_vram_bytes * 100 // 95)) // GIB) * GIB
+    need = -(-p.peak_vram_bytes * 100 // 95)
+    assert p.min_gpu_memory_bytes == -(-need // GIB) * GIB
     assert "needs a GPU of at least" in p.reasons[-1]
     on_80 = plan(spec(method="full", memory={"precision": "bf16"}), l70, 80 * GIB)
     assert on_80.fits is False and on_80.suggestions == []
@@ -165,6 +191,10 @@ def test_nothing_fits_names_the_smallest_gpu_and_count():
     on_40 = plan(spec(method="lora", memory={"precision": "bf16"}, training=one_k), l70, 40 * GIB)
     assert on_40.fits is False and on_40.suggestions == [] and on_40.min_num_gpus == 5
     assert "or 5 GPUs of 40.0 GiB with zero3" in on_40.reasons[-1]
-    fits = [plan(spec(method="lora", memory={"precision": "bf16"}, training=one_k, resources={"num_gpus": n}),
-                 l70, 40 * GIB).fits for n in (4, 5)]
+    fits = [
+        plan(
+            spec(method="lora", memory={"precision": "bf16"}, training=one_k, resources={"num_gpus": n}), l70, 40 * GIB
+        ).fits
+        for n in (4, 5)
+    ]
     assert fits == [False, True]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from planner import terms as t
 from planner.catalog import find_model
-from dataclasses import replace
-
 from planner.core import HF_TRAINER, WORKER, build_setup
 from planner.shapes import ModelShape
 from planner.spec import JobSpec
@@ -90,8 +90,12 @@ def test_full_and_freeze_trainable():
 def test_qlora_weights_reproduce_after_load():
     # calibration q05-qlora-gc after_load_alloc = 765,773,312 (upcast recipe: fp32 embeddings/norms/biases)
     s = setup_for({"method": "qlora"}, recipe=HF_TRAINER)
-    weights = (t.layer_linear_weight_bytes(Q05, s) + t.unquantized_weight_bytes(Q05, s)
-               + t.quant_constant_bytes(Q05, s) + t.adapter_weight_bytes(t.trainable_tensors(Q05, s), s))
+    weights = (
+        t.layer_linear_weight_bytes(Q05, s)
+        + t.unquantized_weight_bytes(Q05, s)
+        + t.quant_constant_bytes(Q05, s)
+        + t.adapter_weight_bytes(t.trainable_tensors(Q05, s), s)
+    )
     # 178,913,280 packed + 544,824,832 fp32 unquantized + 5,591,040 uint8 absmax + 168 x (49..) + 35,192,832
     assert weights == pytest.approx(765_773_312, rel=0.002)
 

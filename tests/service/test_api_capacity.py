@@ -25,9 +25,12 @@ def timed_get(url: str, headers: dict) -> tuple[float, httpx.Response]:
 
 
 def test_requests_past_the_pool_get_503_within_the_waits(uvicorn_api, admin_key, settings):
-    url_settings = {"FTJOBS_API_THREADS": str(THREADS), "FTJOBS_API_DB_POOL_SIZE": str(POOL),
-                    "FTJOBS_DB_POOL_TIMEOUT_SECONDS": str(SLOT_WAIT_SECONDS),
-                    "FTJOBS_API_STATEMENT_TIMEOUT_SECONDS": str(STATEMENT_TIMEOUT_SECONDS)}
+    url_settings = {
+        "FTJOBS_API_THREADS": str(THREADS),
+        "FTJOBS_API_DB_POOL_SIZE": str(POOL),
+        "FTJOBS_DB_POOL_TIMEOUT_SECONDS": str(SLOT_WAIT_SECONDS),
+        "FTJOBS_API_STATEMENT_TIMEOUT_SECONDS": str(STATEMENT_TIMEOUT_SECONDS),
+    }
     with uvicorn_api(**url_settings) as (url, _pid):
         job_url = f"{url}/v1/jobs/{MISSING_JOB}"
         assert httpx.get(job_url, headers=admin_key.headers).status_code == 404  # warm: connections open

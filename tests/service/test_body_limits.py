@@ -33,8 +33,9 @@ def proc_field(pid: int, name: str, file: str) -> int:
     raise KeyError(name)
 
 
-def send_chunked(port: int, path: str, headers: dict[str, str], offer_bytes: int,
-                 preamble: bytes = b"") -> tuple[int, bytes]:
+def send_chunked(
+    port: int, path: str, headers: dict[str, str], offer_bytes: int, preamble: bytes = b""
+) -> tuple[int, bytes]:
     """Stream up to `offer_bytes` as a chunked body, stopping as soon as the server answers.
     Returns the bytes the client managed to send and the raw response."""
     sock = socket.create_connection(("127.0.0.1", port))
@@ -61,7 +62,7 @@ def send_chunked(port: int, path: str, headers: dict[str, str], offer_bytes: int
             response += chunk
             if b"\r\n\r\n" in response and b'"code"' in response:
                 break
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     sock.close()
     return sent, response
@@ -71,9 +72,13 @@ def test_chunked_2_gib_upload_stops_at_the_limit(server, admin_key):
     port, pid = server
     before = proc_field(pid, "wchar", "io")
     boundary = "b0undary"
-    sent, response = send_chunked(port, "/v1/files", {
-        "Content-Type": f"multipart/form-data; boundary={boundary}", **admin_key.headers}, offer_bytes=2 * GIB,
-        preamble=f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode())
+    sent, response = send_chunked(
+        port,
+        "/v1/files",
+        {"Content-Type": f"multipart/form-data; boundary={boundary}", **admin_key.headers},
+        offer_bytes=2 * GIB,
+        preamble=f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode(),
+    )
     written = proc_field(pid, "wchar", "io") - before
     print(f"upload: client sent {sent / MIB:.1f} MiB of 2048 MiB offered; server wrote {written / MIB:.2f} MiB")
     assert response.startswith(b"HTTP/1.1 413"), response[:300]
@@ -87,21 +92,29 @@ def test_100_mib_json_body_is_refused_without_growing_memory(server, admin_key):
     # One ordinary request first, so the baseline includes what every request costs.
     httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=admin_key.headers, timeout=10)
     peak_before = proc_field(pid, "VmHWM", "status") * 1024
-    sent, response = send_chunked(port, "/v1/jobs", {"Content-Type": "application/json", **admin_key.headers},
-                                  offer_bytes=100 * MIB, preamble=b'{"base_model": "')
+    sent, response = send_chunked(
+        port,
+        "/v1/jobs",
+        {"Content-Type": "application/json", **admin_key.headers},
+        offer_bytes=100 * MIB,
+        preamble=b'{"base_model": "',
+    )
     growth = proc_field(pid, "VmHWM", "status") * 1024 - peak_before
-    print(f"json body: client sent {sent / MIB:.1f} MiB of 100 MiB offered; server peak RSS grew {growth / MIB:.2f} MiB")
+    print(
+        f"json body: client sent {sent / MIB:.1f} MiB of 100 MiB offered; server peak RSS grew {growth / MIB:.2f} MiB"
+    )
     assert response.startswith(b"HTTP/1.1 413") and b"body_too_large" in response, response[:300]
     assert growth <= 20 * MIB
-
 
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(server, admin_key):
     port, _pid = server
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         auth = admin_key.headers["Authorization"]
-        sock.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     f"Authorization: {auth}\r\nContent-Length: {100 * MIB}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Authorization: {auth}\r\nContent-Length: {100 * MIB}\r\n\r\n".encode()
+        )
         response = b""
         while b'"code"' not in response and (chunk := sock.recv(65536)):
             response += chunk

@@ -21,14 +21,26 @@ ALPACA = [
     {"instruction": "Say hi.", "output": "Hi!", "system": "Be kind."},
 ]
 SHAREGPT = [
-    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                       {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
-                       {"from": "gpt", "value": "Goodbye"}]},
+    {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Bye"},
+            {"from": "gpt", "value": "Goodbye"},
+        ]
+    },
 ]
 MESSAGES = [
     {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-    {"messages": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Yo"}], "id": "extra keys are ignored"},
+    {
+        "messages": [
+            {"role": "system", "content": "Terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+        ],
+        "id": "extra keys are ignored",
+    },
 ]
 TEXT = [{"text": "Once upon a time."}, {"text": "The end."}]
 
@@ -36,8 +48,11 @@ TEXT = [{"text": "Once upon a time."}, {"text": "The end."}]
 def test_alpaca_becomes_a_conversation(tmp_path):
     examples = list(iter_examples(write_jsonl(tmp_path / "d.jsonl", ALPACA), "alpaca"))
     assert examples[0].messages == (Message("user", "Add the numbers.\n\n2 and 3"), Message("assistant", "5"))
-    assert examples[1].messages == (Message("system", "Be kind."), Message("user", "Say hi."),
-                                    Message("assistant", "Hi!"))
+    assert examples[1].messages == (
+        Message("system", "Be kind."),
+        Message("user", "Say hi."),
+        Message("assistant", "Hi!"),
+    )
     assert [example.line for example in examples] == [1, 2]
 
 
@@ -66,25 +81,44 @@ def test_byte_order_mark_is_tolerated(tmp_path):
     assert validate_dataset(path, "text") == 1
 
 
-@pytest.mark.parametrize("fmt, rows, line, reason", [
-    ("alpaca", [ALPACA[0], "{not json", ALPACA[1]], 2, "not valid JSON"),
-    ("alpaca", [ALPACA[0], ALPACA[1], {"instruction": "x"}], 3, "missing field 'output'"),
-    ("alpaca", [{"instruction": "x", "output": 5}], 1, "'output' must be a string"),
-    ("alpaca", [ALPACA[0], {"instruction": "  ", "output": "y"}], 2, "'instruction' is empty"),
-    ("alpaca", [ALPACA[0], ["a", "list"]], 2, "expected a JSON object"),
-    ("sharegpt", [SHAREGPT[0], {"conversations": []}], 2, "empty conversation"),
-    ("sharegpt", [SHAREGPT[0], SHAREGPT[0], {"conversations": [{"from": "bot", "value": "x"}]}], 3, "unknown from"),
-    ("sharegpt", [{"conversations": [{"from": "human", "value": "only a question"}]}], 1, "no assistant turn"),
-    ("sharegpt", [{"conversations": [{"from": "human"}]}], 1, "missing 'value'"),
-    ("messages", [MESSAGES[0], {"messages": [{"role": "robot", "content": "x"}]}], 2, "unknown role"),
-    ("messages", [MESSAGES[0], MESSAGES[1], {"messages": [{"role": "user", "content": ["x"]}]}], 3,
-     "must be a string"),
-    ("messages", [{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "late"},
-                                {"role": "assistant", "content": "a"}]}], 1, "system message may only come first"),
-    ("messages", [{"messages": "hello"}], 1, "must be an array"),
-    ("text", [TEXT[0], TEXT[1], {"content": "wrong key"}], 3, "missing field 'text'"),
-    ("text", [TEXT[0], {"text": None}], 2, "'text' must be a string"),
-])
+@pytest.mark.parametrize(
+    "fmt, rows, line, reason",
+    [
+        ("alpaca", [ALPACA[0], "{not json", ALPACA[1]], 2, "not valid JSON"),
+        ("alpaca", [ALPACA[0], ALPACA[1], {"instruction": "x"}], 3, "missing field 'output'"),
+        ("alpaca", [{"instruction": "x", "output": 5}], 1, "'output' must be a string"),
+        ("alpaca", [ALPACA[0], {"instruction": "  ", "output": "y"}], 2, "'instruction' is empty"),
+        ("alpaca", [ALPACA[0], ["a", "list"]], 2, "expected a JSON object"),
+        ("sharegpt", [SHAREGPT[0], {"conversations": []}], 2, "empty conversation"),
+        ("sharegpt", [SHAREGPT[0], SHAREGPT[0], {"conversations": [{"from": "bot", "value": "x"}]}], 3, "unknown from"),
+        ("sharegpt", [{"conversations": [{"from": "human", "value": "only a question"}]}], 1, "no assistant turn"),
+        ("sharegpt", [{"conversations": [{"from": "human"}]}], 1, "missing 'value'"),
+        ("messages", [MESSAGES[0], {"messages": [{"role": "robot", "content": "x"}]}], 2, "unknown role"),
+        (
+            "messages",
+            [MESSAGES[0], MESSAGES[1], {"messages": [{"role": "user", "content": ["x"]}]}],
+            3,
+            "must be a string",
+        ),
+        (
+            "messages",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "system", "content": "late"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ],
+            1,
+            "system message may only come first",
+        ),
+        ("messages", [{"messages": "hello"}], 1, "must be an array"),
+        ("text", [TEXT[0], TEXT[1], {"content": "wrong key"}], 3, "missing field 'text'"),
+        ("text", [TEXT[0], {"text": None}], 2, "'text' must be a string"),
+    ],
+)
 def test_first_malformed_row_is_reported_with_its_line(tmp_path, fmt, rows, line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(InvalidDataset) as caught:
@@ -131,6 +165,8 @@ def test_module_stays_pure_python():
     import subprocess
     import sys
 
-    code = ("import sys, service.datasets; heavy = {'torch', 'transformers', 'numpy'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, service.datasets; heavy = {'torch', 'transformers', 'numpy'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -33,9 +33,13 @@ def test_7b_full_fine_tune_on_1_gib_is_refused(api, redis_client, settings):
 
 
 def test_dry_run_plan_offers_fixes_that_fit(api):
-    spec = {"base_model": "meta-llama/Llama-3.1-8B", "method": "lora",
-            "training": {"micro_batch_size": 8, "max_seq_length": 4096},
-            "memory": {"gradient_checkpointing": False}, "resources": {"gpu_memory_gib": 24}}
+    spec = {
+        "base_model": "meta-llama/Llama-3.1-8B",
+        "method": "lora",
+        "training": {"micro_batch_size": 8, "max_seq_length": 4096},
+        "memory": {"gradient_checkpointing": False},
+        "resources": {"gpu_memory_gib": 24},
+    }
     response = api.post("/v1/plans", json=spec)
     assert response.status_code == 200, response.text
     plan = response.json()

@@ -23,8 +23,12 @@ def dataset(data_root) -> str:
 
 
 def spec(model_dir, dataset: str) -> dict:
-    return {"base_model": str(model_dir), "dataset": {"path": dataset}, "method": "qlora",
-            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64}}
+    return {
+        "base_model": str(model_dir),
+        "dataset": {"path": dataset},
+        "method": "qlora",
+        "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
+    }
 
 
 def add_progress(job_id: str, *steps: int) -> None:
@@ -46,13 +50,16 @@ def messages(response: httpx.Response):
             fields[name] = value.removeprefix(" ")
 
 
-def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api, make_key, tiny_model, dataset,
-                                                                   redis_client):
+def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(
+    uvicorn_api, make_key, tiny_model, dataset, redis_client
+):
     key = make_key("streams", max_active_jobs=10)
     # A queue no worker consumes: the session's worker would otherwise run the job and write events of its own.
     queue = f"streams-{uuid.uuid4().hex[:8]}"
-    with uvicorn_api(FTJOBS_SSE_POLL_SECONDS="0.1", FTJOBS_QUEUE_NAME=queue) as (url, _), httpx.Client(base_url=url, headers=key.headers,
-                                                                              timeout=30) as client:
+    with (
+        uvicorn_api(FTJOBS_SSE_POLL_SECONDS="0.1", FTJOBS_QUEUE_NAME=queue) as (url, _),
+        httpx.Client(base_url=url, headers=key.headers, timeout=30) as client,
+    ):
         job_id = client.post("/v1/jobs", json=spec(tiny_model, dataset)).json()["id"]
         add_progress(job_id, 1, 2)
         seen = []
@@ -68,8 +75,9 @@ def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api,
 
         add_progress(job_id, 3, 4)  # written while nobody listens
         resumed = []
-        with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={**STREAM, "Last-Event-ID": seen[1]["id"]}
-                           ) as response:
+        with client.stream(
+            "GET", f"/v1/jobs/{job_id}/events", headers={**STREAM, "Last-Event-ID": seen[1]["id"]}
+        ) as response:
             for message in messages(response):
                 resumed.append(message)
                 if len(resumed) == 3:  # the rest arrive live: two more steps, then the job ends
@@ -88,8 +96,9 @@ def test_a_stream_resumes_after_last_event_id_and_ends_with_the_job(uvicorn_api,
 def test_a_stream_of_another_tenants_job_is_a_404(uvicorn_api, make_key, tiny_model, dataset):
     owner, stranger = make_key("streams-owner"), make_key("streams-stranger")
     with uvicorn_api() as (url, _):
-        job_id = httpx.post(f"{url}/v1/jobs", json=spec(tiny_model, dataset), headers=owner.headers,
-                            timeout=30).json()["id"]
+        job_id = httpx.post(f"{url}/v1/jobs", json=spec(tiny_model, dataset), headers=owner.headers, timeout=30).json()[
+            "id"
+        ]
         response = httpx.get(f"{url}/v1/jobs/{job_id}/events", headers={**stranger.headers, **STREAM}, timeout=30)
     assert response.status_code == 404 and response.headers["content-type"] == "application/problem+json"
 
@@ -100,4 +109,5 @@ def test_the_stream_is_declared_in_openapi(settings):
     operation = create_app(settings).openapi()["paths"]["/v1/jobs/{job_id}/events"]["get"]
     assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert {"name": "last-event-id", "in": "header"}.items() <= next(
-        p for p in operation["parameters"] if p["in"] == "header").items()
+        p for p in operation["parameters"] if p["in"] == "header"
+    ).items()

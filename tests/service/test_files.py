@@ -20,8 +20,10 @@ def tenant_client(database, settings, make_key):
 
 
 def test_files_page_newest_first_and_a_delete_removes_the_object(tenant_client, settings):
-    ids = [tenant_client.post("/v1/files", files={"file": (f"{i}.jsonl", io.BytesIO(b'{"text": "hi"}\n'))})
-           .json()["id"] for i in range(3)]
+    ids = [
+        tenant_client.post("/v1/files", files={"file": (f"{i}.jsonl", io.BytesIO(b'{"text": "hi"}\n'))}).json()["id"]
+        for i in range(3)
+    ]
     first = tenant_client.get("/v1/files", params={"limit": 2}).json()
     assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["next_cursor"] == ids[1]
     rest = tenant_client.get("/v1/files", params={"limit": 2, "after": first["next_cursor"]}).json()

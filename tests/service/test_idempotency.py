@@ -39,8 +39,12 @@ def client(database, settings):
 
 
 def spec(model_dir, dataset: str, max_steps: int = 2) -> dict:
-    return {"base_model": str(model_dir), "dataset": {"path": dataset}, "method": "qlora",
-            "training": {"max_steps": max_steps, "micro_batch_size": 2, "max_seq_length": 64}}
+    return {
+        "base_model": str(model_dir),
+        "dataset": {"path": dataset},
+        "method": "qlora",
+        "training": {"max_steps": max_steps, "micro_batch_size": 2, "max_seq_length": 64},
+    }
 
 
 def headers(key, idempotency_key: str) -> dict[str, str]:
@@ -79,8 +83,10 @@ def test_the_same_key_with_another_body_is_refused(client, keys, tiny_model, dat
 
 def test_tenants_have_their_own_keys(client, keys, tiny_model, dataset):
     key = str(uuid.uuid4())
-    ids = {name: client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=headers(keys[name], key)).json()["id"]
-           for name in ("alpha", "beta")}
+    ids = {
+        name: client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=headers(keys[name], key)).json()["id"]
+        for name in ("alpha", "beta")
+    }
     assert ids["alpha"] != ids["beta"]
     beta_job = client.get(f"/v1/jobs/{ids['beta']}", headers=keys["beta"].headers).json()
     assert beta_job["tenant_id"] == keys["beta"].caller.tenant_id
@@ -121,8 +127,14 @@ def test_concurrent_requests_with_one_key_make_one_job(uvicorn_api, keys, tiny_m
     beta, key = keys["beta"], str(uuid.uuid4())
     before = jobs_of(beta.caller.tenant_id)
     with uvicorn_api() as (url, _), ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: httpx.post(f"{url}/v1/jobs", json=spec(tiny_model, dataset),
-                                                     headers=headers(beta, key), timeout=30), range(8)))
+        answers = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{url}/v1/jobs", json=spec(tiny_model, dataset), headers=headers(beta, key), timeout=30
+                ),
+                range(8),
+            )
+        )
     assert jobs_of(beta.caller.tenant_id) == before + 1
     created = {answer.json()["id"] for answer in answers if answer.status_code == 201}
     assert len(created) == 1
@@ -136,14 +148,20 @@ def test_keys_past_their_time_are_pruned_and_then_new(client, keys, tiny_model, 
     alpha, key = keys["alpha"], str(uuid.uuid4())
     first = client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=headers(alpha, key)).json()
     with transaction() as session:  # a day and a bit later
-        session.execute(update(IdempotencyKey).where(IdempotencyKey.key == key)
-                        .values(created_at=IdempotencyKey.created_at - timedelta(hours=25)))
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == key)
+            .values(created_at=IdempotencyKey.created_at - timedelta(hours=25))
+        )
     # Past its time, the key is new again even before it is pruned.
     second = client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=headers(alpha, key)).json()
     assert second["id"] != first["id"]
     with transaction() as session:
-        session.execute(update(IdempotencyKey).where(IdempotencyKey.key == key)
-                        .values(created_at=IdempotencyKey.created_at - timedelta(hours=25)))
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == key)
+            .values(created_at=IdempotencyKey.created_at - timedelta(hours=25))
+        )
     assert prune_idempotency_keys(settings) >= 1
     with transaction() as session:
         assert session.get(IdempotencyKey, (alpha.caller.tenant_id, key)) is None
@@ -154,12 +172,17 @@ def test_an_upload_retried_with_a_fresh_multipart_boundary_replays(client, keys)
     rows = ("\n".join(json.dumps(ROW) for _ in range(4)) + "\n").encode()
 
     def upload(boundary: str, content: bytes = rows):
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\nalpaca\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\nalpaca\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode() + content
         body += f"\r\n--{boundary}--\r\n".encode()
-        return client.post("/v1/files", content=body, headers={
-            **headers(alpha, key), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return client.post(
+            "/v1/files",
+            content=body,
+            headers={**headers(alpha, key), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
 
     first = upload(uuid.uuid4().hex)
     assert first.status_code == 201, first.text
@@ -173,8 +196,10 @@ def test_each_request_counts_once_against_the_rate_limit_replays_included(settin
     key = make_key(f"idem-limited-{uuid.uuid4().hex[:6]}")
     body = {"base_model": "no-such-model", "training": {"max_steps": 1}}
     with TestClient(create_app(limited)) as limited_client:
-        statuses = [limited_client.post("/v1/plans", json=body, headers=headers(key, name)).status_code
-                    for name in ("first", "first", "second", "second", "third")]
+        statuses = [
+            limited_client.post("/v1/plans", json=body, headers=headers(key, name)).status_code
+            for name in ("first", "first", "second", "second", "third")
+        ]
     # Counted twice (by the layer and by the route), the third request would have been refused.
     assert 429 not in statuses[:4] and statuses[4] == 429
 

@@ -22,8 +22,12 @@ def dataset(data_root) -> str:
 
 
 def spec(base_model, dataset: str = "limits.jsonl", **training) -> dict:
-    return {"base_model": str(base_model), "dataset": {"path": dataset}, "method": "qlora",
-            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64, **training}}
+    return {
+        "base_model": str(base_model),
+        "dataset": {"path": dataset},
+        "method": "qlora",
+        "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64, **training},
+    }
 
 
 def code_of(response, status: int = 422) -> str:
@@ -54,8 +58,14 @@ def test_base_model_outside_the_roots_is_refused_unread(api, planted_model, data
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", watching_open)
-    for name in (planted_model, f"{settings.model_root_dirs[0]}/../../{planted_model}",
-                 settings.model_root_dirs[0] / ".." / "x", "~root", "~nosuchuser/m", "../planted"):
+    for name in (
+        planted_model,
+        f"{settings.model_root_dirs[0]}/../../{planted_model}",
+        settings.model_root_dirs[0] / ".." / "x",
+        "~root",
+        "~nosuchuser/m",
+        "../planted",
+    ):
         for route in ("/v1/jobs", "/v1/plans"):
             assert code_of(api.post(route, json=spec(name, dataset))) == "base_model_not_allowed", name
     assert opened == []
@@ -81,16 +91,23 @@ def test_a_model_under_a_root_is_found_by_absolute_or_relative_name(api, tiny_mo
 
 @pytest.mark.parametrize("name", ["a b/c", "org/na me", "x/" + "y" * 200, "a/b/c/d", "-/-"])
 def test_bad_hub_ids_are_a_4xx(api, name, dataset):
-    assert code_of(api.post("/v1/jobs", json=spec(name, dataset))) in {"base_model_not_found",
-                                                                        "base_model_not_allowed"}
+    assert code_of(api.post("/v1/jobs", json=spec(name, dataset))) in {"base_model_not_found", "base_model_not_allowed"}
 
 
-@pytest.mark.parametrize("training, field", [
-    ({"max_steps": 10**12}, "max_steps"), ({"seed": 2**70}, "seed"), ({"seed": 2**32}, "seed"),
-    ({"logging_steps": 10**9}, "logging_steps"), ({"checkpoint_every_steps": 10**12}, "checkpoint_every_steps"),
-    ({"epochs": 1e9}, "epochs"), ({"micro_batch_size": 10**6}, "micro_batch_size"),
-    ({"max_seq_length": 10**7}, "max_seq_length"), ({"gradient_accumulation_steps": 10**9}, "gradient_accumulation"),
-])
+@pytest.mark.parametrize(
+    "training, field",
+    [
+        ({"max_steps": 10**12}, "max_steps"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"logging_steps": 10**9}, "logging_steps"),
+        ({"checkpoint_every_steps": 10**12}, "checkpoint_every_steps"),
+        ({"epochs": 1e9}, "epochs"),
+        ({"micro_batch_size": 10**6}, "micro_batch_size"),
+        ({"max_seq_length": 10**7}, "max_seq_length"),
+        ({"gradient_accumulation_steps": 10**9}, "gradient_accumulation"),
+    ],
+)
 def test_numbers_in_the_spec_are_bounded(api, tiny_model, dataset, training, field):
     response = api.post("/v1/jobs", json=spec(tiny_model, dataset, **training))
     assert code_of(response) == "invalid_spec" and field in response.json()["detail"]
@@ -106,15 +123,18 @@ def test_max_seq_length_may_not_exceed_the_models_context(api, tiny_model, datas
     assert code_of(response) == "sequence_too_long" and f"context length {context}" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda s: s.update(base_model="/models/a\x00b"),
-    lambda s: s.update(dataset={"path": "limits\x00.jsonl"}),
-    lambda s: s.update(metadata={"k": "v\x00"}),
-    lambda s: s.update(metadata={"k\x00": "v"}),
-    lambda s: s.update(metadata={"k": "\ud800"}),
-    lambda s: s.update(metadata={"\udfff": "v"}),
-    lambda s: s.update(base_model="\u202e/evil"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.update(base_model="/models/a\x00b"),
+        lambda s: s.update(dataset={"path": "limits\x00.jsonl"}),
+        lambda s: s.update(metadata={"k": "v\x00"}),
+        lambda s: s.update(metadata={"k\x00": "v"}),
+        lambda s: s.update(metadata={"k": "\ud800"}),
+        lambda s: s.update(metadata={"\udfff": "v"}),
+        lambda s: s.update(base_model="\u202e/evil"),
+    ],
+)
 def test_nul_bytes_and_odd_unicode_are_a_4xx(api, tiny_model, dataset, mutate):
     body = spec(tiny_model, dataset)
     mutate(body)
@@ -123,8 +143,9 @@ def test_nul_bytes_and_odd_unicode_are_a_4xx(api, tiny_model, dataset, mutate):
     assert code_of(response) in {"invalid_spec", "base_model_not_allowed"}
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs/job_%00", "/v1/jobs/%00", "/v1/jobs/job_%00/events",
-                                  "/v1/jobs/" + "a" * 5000])
+@pytest.mark.parametrize(
+    "path", ["/v1/jobs/job_%00", "/v1/jobs/%00", "/v1/jobs/job_%00/events", "/v1/jobs/" + "a" * 5000]
+)
 def test_nul_and_odd_ids_in_urls_are_404(api, path):
     assert code_of(api.get(path), 404) == "job_not_found"
 
@@ -185,7 +206,7 @@ def test_a_dataset_by_path_is_read_once_per_version(api, store_queued_job, tiny_
 
     stat = path.stat()
     text = path.read_text()
-    corrupted = "#" * len(json.dumps(ROW)) + text[len(json.dumps(ROW)):]  # same size, first row not JSON
+    corrupted = "#" * len(json.dumps(ROW)) + text[len(json.dumps(ROW)) :]  # same size, first row not JSON
     path.write_text(corrupted)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     second = store_queued_job(spec(tiny_model, "read-once.jsonl"))  # the recorded result, not a read
@@ -199,7 +220,8 @@ def test_a_dataset_by_path_is_read_once_per_version(api, store_queued_job, tiny_
 
 
 def test_a_submission_validating_a_large_dataset_outlasts_the_workers_idle_transaction_timeout(
-        database, settings, admin_key, tiny_model, data_root):
+    database, settings, admin_key, tiny_model, data_root
+):
     """The submission validates its dataset inside its write unit; the idle-in-transaction timeout that frees a
     frozen worker's locks must not cut it off (it did, once, with a 6 s lease: every retry a 503)."""
     import time

@@ -9,9 +9,20 @@ from sqlalchemy import create_engine, inspect
 from service.migrate import upgrade_database
 from service.models import Base
 
-TABLES = {"jobs", "job_events", "job_attempts", "job_checkpoints", "files", "gpus", "tenants", "api_keys",
-          "idempotency_keys", "webhook_deliveries", "webhook_attempts",
-          "alembic_version"}
+TABLES = {
+    "jobs",
+    "job_events",
+    "job_attempts",
+    "job_checkpoints",
+    "files",
+    "gpus",
+    "tenants",
+    "api_keys",
+    "idempotency_keys",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "alembic_version",
+}
 
 
 def _diff(url: str) -> list:
@@ -60,4 +71,7 @@ def test_readiness_waits_for_the_migrations(settings, tmp_path):
         response = client.get("/readyz")
         assert response.status_code == 503 and "db upgrade" in response.json()["checks"]["database"]
         upgrade_database(embedded)
-        assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
+        assert client.get("/readyz").json() == {
+            "status": "ready",
+            "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+        }

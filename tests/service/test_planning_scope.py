@@ -60,8 +60,9 @@ def test_config_only_directory_plans_but_is_not_submitted(api, config_only, data
     assert planned.json()["peak_vram_bytes"] > 0
     (data_root / "scope.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     before = job_count()
-    body = assert_problem(api.post("/v1/jobs", json=spec | {"dataset": {"path": "scope.jsonl"}}), 422,
-                          "base_model_not_found")
+    body = assert_problem(
+        api.post("/v1/jobs", json=spec | {"dataset": {"path": "scope.jsonl"}}), 422, "base_model_not_found"
+    )
     assert "safetensors" in body["detail"] and job_count() == before
 
 
@@ -76,14 +77,42 @@ def test_local_config_wins_over_a_catalog_name(api, tiny_model, models):
 
 
 REFUSED = [
-    ({"model_type": "bert", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-      "num_attention_heads": 12, "vocab_size": 30522}, "unsupported_architecture"),
-    ({"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-      "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "vision_config": {"depth": 32}},
-     "unsupported_architecture"),
-    ({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-      "num_attention_heads": 32, "vocab_size": 32000, "quantization_config": {"quant_method": "gptq", "bits": 4}},
-     "unsupported_quantization"),
+    (
+        {
+            "model_type": "bert",
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "vocab_size": 30522,
+        },
+        "unsupported_architecture",
+    ),
+    (
+        {
+            "model_type": "qwen2_vl",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "vision_config": {"depth": 32},
+        },
+        "unsupported_architecture",
+    ),
+    (
+        {
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "vocab_size": 32000,
+            "quantization_config": {"quant_method": "gptq", "bits": 4},
+        },
+        "unsupported_quantization",
+    ),
 ]
 
 
@@ -94,22 +123,31 @@ def test_configs_out_of_scope_are_refused(api, models, config, code):
 
 
 def test_spec_against_model_problems_are_all_listed(api, tiny_model):
-    spec = {"base_model": str(tiny_model), "method": "lora", "lora": {"target_modules": ["c_attn"]},
-            "training": {"max_seq_length": 4096}}  # the tiny model: max_position_embeddings 2048
+    spec = {
+        "base_model": str(tiny_model),
+        "method": "lora",
+        "lora": {"target_modules": ["c_attn"]},
+        "training": {"max_seq_length": 4096},
+    }  # the tiny model: max_position_embeddings 2048
     body = assert_problem(api.post("/v1/plans", json=spec), 422, "invalid_lora_targets")
     assert [p["code"] for p in body["problems"]] == ["invalid_lora_targets", "sequence_too_long"]
 
 
 def test_multi_gpu_plans_but_is_not_queued(api, tiny_model, data_root):
-    spec = {"base_model": str(tiny_model), "method": "lora", "training": {"max_seq_length": 64},
-            "resources": {"num_gpus": 2, "sharding": "zero3"}}
+    spec = {
+        "base_model": str(tiny_model),
+        "method": "lora",
+        "training": {"max_seq_length": 64},
+        "resources": {"num_gpus": 2, "sharding": "zero3"},
+    }
     planned = api.post("/v1/plans", json=spec)
     assert planned.status_code == 200, planned.text
     assert planned.json()["num_gpus"] == 2 and "fsdp_allgathered_params" in planned.json()["breakdown"]
     (data_root / "scope.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     before = job_count()
-    body = assert_problem(api.post("/v1/jobs", json=spec | {"dataset": {"path": "scope.jsonl"}}), 422,
-                          "unsupported_num_gpus")
+    body = assert_problem(
+        api.post("/v1/jobs", json=spec | {"dataset": {"path": "scope.jsonl"}}), 422, "unsupported_num_gpus"
+    )
     assert "not available on the workers" in body["detail"] and job_count() == before
     one_rank = spec | {"resources": {"sharding": "zero3"}, "dataset": {"path": "scope.jsonl"}}
     assert_problem(api.post("/v1/jobs", json=one_rank), 422, "unsupported_sharding")

@@ -26,8 +26,9 @@ from service.settings import Settings
 @pytest.fixture()
 def own_queue(settings, redis_client):
     """Settings with a queue nobody consumes, so the test sees exactly the messages the reconciler sent."""
-    isolated = settings.model_copy(update={"queue_name": f"reconcile-{uuid.uuid4().hex[:8]}", "max_attempts": 2,
-                                           "requeue_grace_seconds": 5})
+    isolated = settings.model_copy(
+        update={"queue_name": f"reconcile-{uuid.uuid4().hex[:8]}", "max_attempts": 2, "requeue_grace_seconds": 5}
+    )
     yield isolated
     redis_client.delete(isolated.queue_name)
 
@@ -35,14 +36,23 @@ def own_queue(settings, redis_client):
 @pytest.fixture()
 def queued_job(store_queued_job, tiny_model, data_root):
     (data_root / "reconcile.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
-    job_id = store_queued_job({"base_model": str(tiny_model), "dataset": {"path": "reconcile.jsonl"},
-                               "dataset_format": "text", "method": "lora",
-                               "training": {"max_steps": 1, "max_seq_length": 32}})
+    job_id = store_queued_job(
+        {
+            "base_model": str(tiny_model),
+            "dataset": {"path": "reconcile.jsonl"},
+            "dataset_format": "text",
+            "method": "lora",
+            "training": {"max_steps": 1, "max_seq_length": 32},
+        }
+    )
     yield job_id
     # Ended, so the session worker's own reconciler never picks up what these tests left half-done.
     with transaction() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.status.in_(["queued", "running"]))
-                        .values(status="cancelled", lease_expires_at=None))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(["queued", "running"]))
+            .values(status="cancelled", lease_expires_at=None)
+        )
 
 
 def expire_lease(job_id: str) -> None:
@@ -76,7 +86,9 @@ def test_an_expired_lease_is_requeued_as_a_new_attempt_and_then_runs_out(queued_
     stored = job(queued_job)
     assert stored.status == "failed" and stored.error_code == "attempts_exhausted"
     assert [(a.number, a.worker_hostname, a.outcome) for a in stored.attempts] == [
-        (1, "w1@host", "lease_expired"), (2, "w2@host", "lease_expired")]
+        (1, "w1@host", "lease_expired"),
+        (2, "w2@host", "lease_expired"),
+    ]
 
 
 def test_a_worker_frozen_inside_a_transaction_loses_its_row_locks_and_then_its_job(queued_job, own_queue):
@@ -146,8 +158,11 @@ def test_gpus_of_a_silent_worker_stop_counting_and_are_expired(database, own_que
         repository.register_gpus(session, name, [(0, "H200", 141 * 2**30)])
     with transaction() as session:
         assert name in {g.worker_hostname for g in live_gpus(session, own_queue)}
-        session.execute(update(RegisteredGpu).where(RegisteredGpu.worker_hostname == name)
-                        .values(heartbeat_at=utcnow() - timedelta(minutes=10)))
+        session.execute(
+            update(RegisteredGpu)
+            .where(RegisteredGpu.worker_hostname == name)
+            .values(heartbeat_at=utcnow() - timedelta(minutes=10))
+        )
     with transaction() as session:
         assert name not in {g.worker_hostname for g in live_gpus(session, own_queue)}
     assert reconcile(own_queue).expired_gpus >= 1
@@ -170,8 +185,13 @@ def test_progress_events_of_long_finished_jobs_are_pruned(store_queued_job, tiny
     from service.jobs.reconcile import prune_progress_events
 
     (data_root / "prune.jsonl").write_text(json.dumps({"text": "a row"}) + "\n")
-    spec = {"base_model": str(tiny_model), "dataset": {"path": "prune.jsonl"}, "dataset_format": "text",
-            "method": "lora", "training": {"max_steps": 1, "max_seq_length": 32}}
+    spec = {
+        "base_model": str(tiny_model),
+        "dataset": {"path": "prune.jsonl"},
+        "dataset_format": "text",
+        "method": "lora",
+        "training": {"max_steps": 1, "max_seq_length": 32},
+    }
     old, recent, running = (store_queued_job(spec) for _ in range(3))
     with transaction() as session:
         for job_id, ended_days_ago in ((old, 31), (recent, 29), (running, None)):
@@ -185,8 +205,10 @@ def test_progress_events_of_long_finished_jobs_are_pruned(store_queued_job, tiny
     assert prune_progress_events(kept) >= 3
     assert prune_progress_events(kept) == 0  # nothing left to prune
     with transaction() as session:
-        kinds = {job_id: [e.kind for e in repository.list_events(session.connection(), job_id, after_seq=0, limit=100)]
-                 for job_id in (old, recent, running)}
+        kinds = {
+            job_id: [e.kind for e in repository.list_events(session.connection(), job_id, after_seq=0, limit=100)]
+            for job_id in (old, recent, running)
+        }
     assert kinds[old] == ["state", "state"]  # queued, cancelled: the state changes stay
     assert kinds[recent].count("progress") == 3 and kinds[running].count("progress") == 3
     assert prune_progress_events(settings.model_copy(update={"progress_event_retention_days": 0})) == 0

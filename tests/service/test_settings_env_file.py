@@ -46,8 +46,11 @@ def test_without_dotenv_the_defaults_hold(tmp_path, monkeypatch):
 def test_env_example_names_real_settings():
     """Every FTJOBS_ name in .env.example is a setting (a typo there would be ignored silently)."""
     example = Path(__file__).parents[2] / ".env.example"
-    names = [line.split("=", 1)[0].lstrip("# ").strip() for line in example.read_text().splitlines()
-             if "=" in line and line.lstrip("# ").startswith("FTJOBS_")]
+    names = [
+        line.split("=", 1)[0].lstrip("# ").strip()
+        for line in example.read_text().splitlines()
+        if "=" in line and line.lstrip("# ").startswith("FTJOBS_")
+    ]
     assert len(names) >= 8
     fields = {f"FTJOBS_{name.upper()}" for name in Settings.model_fields}
     assert set(names) <= fields, set(names) - fields

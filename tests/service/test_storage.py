@@ -34,7 +34,10 @@ def test_a_tree_is_complete_only_once_its_marker_is_written(storage, tmp_path):
     storage.put_tree(source, "jobs/j/checkpoints/a1-step-000005")
     assert storage.is_complete("jobs/j/checkpoints/a1-step-000005")
     assert storage.list_tree("jobs/j/checkpoints/a1-step-000005") == [
-        (COMPLETE_MARKER, 11), ("sub/state.json", 2), ("weights.safetensors", 3000)]
+        (COMPLETE_MARKER, 11),
+        ("sub/state.json", 2),
+        ("weights.safetensors", 3000),
+    ]
     storage.get_tree("jobs/j/checkpoints/a1-step-000005", tmp_path / "copy")
     assert (tmp_path / "copy" / "weights.safetensors").read_bytes() == b"w" * 3000
     assert (tmp_path / "copy" / COMPLETE_MARKER).read_text() == '{"step": 5}'
@@ -66,8 +69,9 @@ def test_readiness_and_submission_with_unreachable_storage(database, settings, a
 
     from service.app import create_app
 
-    unreachable = settings.model_copy(update={"storage_url": "s3://ftjobs/nowhere",
-                                              "s3_endpoint_url": "http://127.0.0.1:9"})
+    unreachable = settings.model_copy(
+        update={"storage_url": "s3://ftjobs/nowhere", "s3_endpoint_url": "http://127.0.0.1:9"}
+    )
     with TestClient(create_app(unreachable), headers=admin_key.headers) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "cannot be reached" in ready.json()["checks"]["storage"]

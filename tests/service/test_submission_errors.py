@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -116,13 +116,14 @@ def test_oversized_upload_is_refused(database, settings, admin_key, nothing_stor
 
         # Without a Content-Length the limit still holds while streaming to disk.
         def chunks():
-            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n"
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
             for _ in range(20):
                 yield b"x" * 10_000
             yield b"\r\n--b--\r\n"
 
-        response = client.post("/v1/files", content=chunks(),
-                               headers={"content-type": "multipart/form-data; boundary=b"})
+        response = client.post(
+            "/v1/files", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
         assert_problem(response, 413, "upload_too_large")
     assert not list(settings.resolved_home.glob(".upload-*"))  # no spool left behind
     assert set(stored.glob("*")) == stored_before  # and nothing stored

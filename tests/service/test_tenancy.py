@@ -29,8 +29,12 @@ def dataset(data_root) -> str:
 
 
 def spec(model_dir, dataset: str, **dataset_ref) -> dict:
-    return {"base_model": str(model_dir), "dataset": dataset_ref or {"path": dataset}, "method": "qlora",
-            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64}}
+    return {
+        "base_model": str(model_dir),
+        "dataset": dataset_ref or {"path": dataset},
+        "method": "qlora",
+        "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +71,23 @@ def problem(response, status: int, code: str) -> dict:
 
 
 def job_routes(job_id: str) -> list[tuple[str, str]]:
-    return [("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel"),
-            ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json"),
-            ("GET", f"/v1/jobs/{job_id}/artifacts.tar"), ("GET", f"/v1/jobs/{job_id}/checkpoints")]
-
+    return [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+        ("GET", f"/v1/jobs/{job_id}/artifacts/summary.json"),
+        ("GET", f"/v1/jobs/{job_id}/artifacts.tar"),
+        ("GET", f"/v1/jobs/{job_id}/checkpoints"),
+    ]
 
 
 def openai_job_routes(job_id: str) -> list[tuple[str, str]]:
-    return [("GET", f"/v1/fine_tuning/jobs/{job_id}"), ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
-            ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"), ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")]
+    return [
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"),
+    ]
 
 
 def openai_error(response, status: int, code: str) -> dict:
@@ -88,10 +100,18 @@ def openai_error(response, status: int, code: str) -> dict:
 
 
 def test_every_v1_route_needs_a_valid_key(client, alpha_job):
-    routes = [*job_routes(alpha_job), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("POST", "/v1/plans"),
-              ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/file_" + "0" * 24),
-              ("DELETE", "/v1/files/file_" + "0" * 24), ("GET", "/v1/files/file_" + "0" * 24 + "/content"),
-              ("GET", f"/v1/jobs/{alpha_job}/checkpoints/2/download")]
+    routes = [
+        *job_routes(alpha_job),
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("POST", "/v1/plans"),
+        ("POST", "/v1/files"),
+        ("GET", "/v1/files"),
+        ("GET", "/v1/files/file_" + "0" * 24),
+        ("DELETE", "/v1/files/file_" + "0" * 24),
+        ("GET", "/v1/files/file_" + "0" * 24 + "/content"),
+        ("GET", f"/v1/jobs/{alpha_job}/checkpoints/2/download"),
+    ]
     for method, url in routes:
         for headers in ({}, {"Authorization": "Bearer ftj_not-a-key"}, {"Authorization": "Basic abc"}):
             response = client.request(method, url, headers=headers)
@@ -124,16 +144,27 @@ def test_the_openai_routes_are_tenant_scoped_and_answer_in_openais_envelope(clie
     assert alpha_job not in {job["id"] for job in beta_list}
     # /v1/files is shared with native clients: problem+json, carrying OpenAI's envelope as its `error` member.
     missing = problem(client.get("/v1/files/file_" + "0" * 24, headers=keys["beta"].headers), 404, "file_not_found")
-    assert missing["error"] == {"message": missing["detail"], "type": "invalid_request_error", "param": None,
-                                "code": "file_not_found"}
+    assert missing["error"] == {
+        "message": missing["detail"],
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "file_not_found",
+    }
 
 
 def test_another_tenants_file_is_404_on_every_file_route(client, keys):
-    uploaded = client.post("/v1/files", files={"file": ("d.jsonl", io.BytesIO(b'{"text": "hi"}\n'))},
-                           data={"purpose": "fine-tune"}, headers=keys["alpha"].headers).json()
+    uploaded = client.post(
+        "/v1/files",
+        files={"file": ("d.jsonl", io.BytesIO(b'{"text": "hi"}\n'))},
+        data={"purpose": "fine-tune"},
+        headers=keys["alpha"].headers,
+    ).json()
     assert uploaded["object"] == "file" and uploaded["bytes"] == uploaded["size_bytes"] == 15
-    routes = [("GET", f"/v1/files/{uploaded['id']}"), ("GET", f"/v1/files/{uploaded['id']}/content"),
-              ("DELETE", f"/v1/files/{uploaded['id']}")]
+    routes = [
+        ("GET", f"/v1/files/{uploaded['id']}"),
+        ("GET", f"/v1/files/{uploaded['id']}/content"),
+        ("DELETE", f"/v1/files/{uploaded['id']}"),
+    ]
     for method, url in routes:
         problem(client.request(method, url, headers=keys["beta"].headers), 404, "file_not_found")
     assert uploaded["id"] not in {f["id"] for f in client.get("/v1/files", headers=keys["beta"].headers).json()["data"]}
@@ -142,8 +173,9 @@ def test_another_tenants_file_is_404_on_every_file_route(client, keys):
     problem(client.get(routes[0][1], headers=keys["alpha"].headers), 404, "file_not_found")
 
 
-def test_lists_show_only_the_callers_own_and_admins_see_all(client, keys, alpha_job, store_queued_job,
-                                                              tiny_model, dataset):
+def test_lists_show_only_the_callers_own_and_admins_see_all(
+    client, keys, alpha_job, store_queued_job, tiny_model, dataset
+):
     beta_ids = {item["id"] for item in client.get("/v1/jobs", headers=keys["beta"].headers).json()["data"]}
     alpha_ids = {item["id"] for item in client.get("/v1/jobs", headers=keys["alpha"].headers).json()["data"]}
     assert alpha_job in alpha_ids and alpha_job not in beta_ids
@@ -153,27 +185,36 @@ def test_lists_show_only_the_callers_own_and_admins_see_all(client, keys, alpha_
     only_alpha = client.get("/v1/jobs", params={"tenant": "alpha"}, headers=keys["admin"].headers).json()["data"]
     assert {item["id"] for item in only_alpha} == alpha_ids
     # The tenant filter is an admin's: for anyone else it changes nothing.
-    assert admin_job not in {i["id"] for i in client.get("/v1/jobs", params={"tenant": "test-admins"},
-                                                         headers=keys["beta"].headers).json()["data"]}
+    assert admin_job not in {
+        i["id"]
+        for i in client.get("/v1/jobs", params={"tenant": "test-admins"}, headers=keys["beta"].headers).json()["data"]
+    }
     assert client.get(f"/v1/jobs/{alpha_job}", headers=keys["admin"].headers).status_code == 200
     assert client.get(f"/v1/jobs/{alpha_job}/artifacts/summary.json", headers=keys["admin"].headers).content == b"{}"
 
 
 def test_another_tenants_file_cannot_be_used_in_a_job(client, keys, tiny_model, dataset):
     rows = ("\n".join(json.dumps(ROW) for _ in range(4)) + "\n").encode()
-    uploaded = client.post("/v1/files", files={"file": ("d.jsonl", io.BytesIO(rows))}, data={"format": "alpaca"},
-                           headers=keys["alpha"].headers).json()
+    uploaded = client.post(
+        "/v1/files",
+        files={"file": ("d.jsonl", io.BytesIO(rows))},
+        data={"format": "alpaca"},
+        headers=keys["alpha"].headers,
+    ).json()
     assert uploaded["rows"] == 4 and uploaded["validated_format"] == "alpaca"
-    refused = client.post("/v1/jobs", json=spec(tiny_model, dataset, file_id=uploaded["id"]),
-                          headers=keys["beta"].headers)
+    refused = client.post(
+        "/v1/jobs", json=spec(tiny_model, dataset, file_id=uploaded["id"]), headers=keys["beta"].headers
+    )
     problem(refused, 422, "dataset_not_found")
     assert "another tenant" not in refused.text
     # Nor read, listed or deleted by it: as missing as a file that never existed.
     for method in ("GET", "DELETE"):
-        problem(client.request(method, f"/v1/files/{uploaded['id']}", headers=keys["beta"].headers), 404,
-                "file_not_found")
-    assert uploaded["id"] not in {f["id"] for f in client.get("/v1/files", params={"limit": 200},
-                                                              headers=keys["beta"].headers).json()["data"]}
+        problem(
+            client.request(method, f"/v1/files/{uploaded['id']}", headers=keys["beta"].headers), 404, "file_not_found"
+        )
+    assert uploaded["id"] not in {
+        f["id"] for f in client.get("/v1/files", params={"limit": 200}, headers=keys["beta"].headers).json()["data"]
+    }
     assert client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).json() == uploaded
     assert client.delete(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers).status_code == 200
     problem(client.get(f"/v1/files/{uploaded['id']}", headers=keys["alpha"].headers), 404, "file_not_found")
@@ -200,7 +241,10 @@ def test_a_quota_of_one_active_job_refuses_the_second(client, make_key, tiny_mod
     client.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=key.headers)
     deadline = time.monotonic() + 120
     while client.get(f"/v1/jobs/{first.json()['id']}", headers=key.headers).json()["status"] not in {
-            "cancelled", "succeeded", "failed"}:  # a fast worker may even have finished it
+        "cancelled",
+        "succeeded",
+        "failed",
+    }:  # a fast worker may even have finished it
         assert time.monotonic() < deadline, "the first job never ended"
         time.sleep(0.3)
     third = client.post("/v1/jobs", json=spec(tiny_model, dataset), headers=key.headers)

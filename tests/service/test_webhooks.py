@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from standardwebhooks.webhooks import Webhook
-
 from harness import TestKey as Key  # renamed: pytest would try to collect a Test* class
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
 from service.app import create_app
 from service.db import transaction
 from service.tenancy.keys import Caller, create_key
@@ -91,8 +91,12 @@ def tenant_with_webhook(url: str) -> tuple[Key, str]:
 
 
 def spec(model_dir, dataset: str) -> dict:
-    return {"base_model": str(model_dir), "dataset": {"path": dataset}, "method": "qlora",
-            "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64}}
+    return {
+        "base_model": str(model_dir),
+        "dataset": {"path": dataset},
+        "method": "qlora",
+        "training": {"max_steps": 2, "micro_batch_size": 2, "max_seq_length": 64},
+    }
 
 
 @pytest.fixture()
@@ -107,8 +111,9 @@ def deliveries(client, key, job_id) -> list[dict]:
     return response.json()["data"]
 
 
-def test_state_changes_are_signed_retried_after_a_500_and_logged(client, receiver, settings, tiny_model, dataset,
-                                                                 make_key):
+def test_state_changes_are_signed_retried_after_a_500_and_logged(
+    client, receiver, settings, tiny_model, dataset, make_key
+):
     hook = receiver(failures=1)
     key, signing_secret = tenant_with_webhook(hook.url)
     assert signing_secret.startswith("whsec_")
@@ -120,6 +125,7 @@ def test_state_changes_are_signed_retried_after_a_500_and_logged(client, receive
     # the log is the same whoever sends).
     fast = settings.model_copy(update={"webhook_retry_base_seconds": 0.3})
     with httpx.Client(timeout=5, follow_redirects=False) as http, ThreadPoolExecutor(4) as pool:
+
         def both_delivered() -> bool:
             deliver_due(fast, http, pool)
             return all(d["status"] == "delivered" for d in deliveries(client, key, job_id))
@@ -147,7 +153,7 @@ def test_state_changes_are_signed_retried_after_a_500_and_logged(client, receive
     assert delivered["cancelled"]["data"]["seq"] == log[1]["event_seq"]
     # Tampered with, a body fails the check: the signature covers it.
     headers, body = hook.received[-1]
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError):
         verifier.verify(body.replace(job_id.encode(), b"job_" + b"0" * 24), headers)
 
     # The log is the tenant's: another tenant's key finds no such job.
@@ -164,12 +170,24 @@ def test_a_tenant_without_a_webhook_gets_no_deliveries(client, make_key, tiny_mo
 def start_worker(name: str) -> subprocess.Popen:
     """`ftjobs worker` as deployed, sending webhooks fast; on a queue of its own, with a requeue grace it never
     reaches, so it trains nothing of the other tests."""
-    env = {**os.environ, "FTJOBS_QUEUE_NAME": f"webhooks-{uuid.uuid4().hex[:8]}", "FTJOBS_WORKER_METRICS_PORT": "0",
-           "FTJOBS_REQUEUE_GRACE_SECONDS": "1000000", "FTJOBS_WEBHOOK_POLL_SECONDS": "0.2",
-           "FTJOBS_WEBHOOK_RETRY_BASE_SECONDS": "0.5", "FTJOBS_WEBHOOK_RETRY_MAX_SECONDS": "0.5",
-           "FTJOBS_WEBHOOK_TIMEOUT_SECONDS": "2", "FTJOBS_WEBHOOK_MAX_ATTEMPTS": "1000"}
-    return subprocess.Popen([sys.executable, "-m", "ftjobs.cli", "worker", "--name", f"{name}@webhooks"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "FTJOBS_QUEUE_NAME": f"webhooks-{uuid.uuid4().hex[:8]}",
+        "FTJOBS_WORKER_METRICS_PORT": "0",
+        "FTJOBS_REQUEUE_GRACE_SECONDS": "1000000",
+        "FTJOBS_WEBHOOK_POLL_SECONDS": "0.2",
+        "FTJOBS_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+        "FTJOBS_WEBHOOK_RETRY_MAX_SECONDS": "0.5",
+        "FTJOBS_WEBHOOK_TIMEOUT_SECONDS": "2",
+        "FTJOBS_WEBHOOK_MAX_ATTEMPTS": "1000",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftjobs.cli", "worker", "--name", f"{name}@webhooks"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def wait_until(condition, timeout_seconds: float, what: str):
@@ -195,8 +213,9 @@ def test_a_delivery_pending_when_its_sender_dies_is_sent_by_the_next_worker(clie
     hook.failures = 0  # the receiver is back
     second = start_worker("second")
     try:
-        delivery = wait_until(lambda: (d := deliveries(client, key, job_id)[0])["status"] == "delivered" and d,
-                              120, "the delivery")
+        delivery = wait_until(
+            lambda: (d := deliveries(client, key, job_id)[0])["status"] == "delivered" and d, 120, "the delivery"
+        )
     finally:
         os.killpg(second.pid, 15)
         second.wait(timeout=60)
@@ -204,16 +223,23 @@ def test_a_delivery_pending_when_its_sender_dies_is_sent_by_the_next_worker(clie
     assert codes[:failed] == [500] * failed and codes[-1] == 200
     headers, body = hook.received[-1]
     assert headers["webhook-id"] == delivery["id"]
-    assert Webhook(signing_secret).verify(body, headers)["data"] == {"job_id": job_id, "seq": delivery["event_seq"],
-                                                                     "status": "queued"}
+    assert Webhook(signing_secret).verify(body, headers)["data"] == {
+        "job_id": job_id,
+        "seq": delivery["event_seq"],
+        "status": "queued",
+    }
 
 
 def test_keys_create_sets_the_tenant_webhook_and_prints_its_secret(database):
     name = f"cli-hooks-{uuid.uuid4().hex[:6]}"
 
     def ftjobs(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ftjobs.cli", "keys", "create", "--tenant", name, *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "ftjobs.cli", "keys", "create", "--tenant", name, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     created = ftjobs("--webhook-url", "https://hooks.example/ftjobs")
     assert created.returncode == 0, created.stderr

@@ -37,8 +37,12 @@ def test_qlora_is_nf4_with_fp32_adapters_and_nothing_upcast(make_spec, tiny_llam
 
 
 def test_lora_options_reach_peft(make_spec, tiny_llama):
-    model = load(make_spec, tiny_llama, "lora",
-                 lora={"r": 4, "alpha": 8, "use_dora": True, "use_rslora": True, "target_modules": ["q_proj"]})
+    model = load(
+        make_spec,
+        tiny_llama,
+        "lora",
+        lora={"r": 4, "alpha": 8, "use_dora": True, "use_rslora": True, "target_modules": ["q_proj"]},
+    )
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.use_dora, config.use_rslora) == (4, 8, True, True)
     assert config.target_modules == {"q_proj"}
@@ -46,12 +50,15 @@ def test_lora_options_reach_peft(make_spec, tiny_llama):
     assert model.is_gradient_checkpointing and model.training
 
 
-@pytest.mark.parametrize("precision, trained, frozen", [
-    ("bf16", torch.bfloat16, torch.bfloat16),
-    ("bf16-mixed", torch.float32, torch.bfloat16),
-    ("fp16-mixed", torch.float32, torch.float16),
-    ("fp32", torch.float32, torch.float32),
-])
+@pytest.mark.parametrize(
+    "precision, trained, frozen",
+    [
+        ("bf16", torch.bfloat16, torch.bfloat16),
+        ("bf16-mixed", torch.float32, torch.bfloat16),
+        ("fp16-mixed", torch.float32, torch.float16),
+        ("fp32", torch.float32, torch.float32),
+    ],
+)
 def test_freeze_precision(make_spec, tiny_llama, precision, trained, frozen):
     model = load(make_spec, tiny_llama, "freeze", memory={"precision": precision}, freeze={"trainable_layers": 1})
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
@@ -69,16 +76,20 @@ def test_full_trains_everything_in_the_master_dtype(make_spec, tiny_llama, preci
 
 def test_precision_plans():
     assert loading.precision_plan(Precision.fp16_mixed) == loading.PrecisionPlan(
-        torch.float16, torch.float32, torch.float16, True)
+        torch.float16, torch.float32, torch.float16, True
+    )
     assert loading.precision_plan("bf16").autocast_dtype is None
 
 
-@pytest.mark.parametrize("choice, optimizer_class", [
-    ("adamw", torch.optim.AdamW),
-    ("adamw_8bit", bnb.optim.AdamW8bit),
-    ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
-    ("paged_adamw_32bit", bnb.optim.PagedAdamW32bit),
-])
+@pytest.mark.parametrize(
+    "choice, optimizer_class",
+    [
+        ("adamw", torch.optim.AdamW),
+        ("adamw_8bit", bnb.optim.AdamW8bit),
+        ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
+        ("paged_adamw_32bit", bnb.optim.PagedAdamW32bit),
+    ],
+)
 def test_optimizer_choice(make_spec, choice, optimizer_class):
     spec = make_spec("lora", memory={"optimizer": choice}, training={"learning_rate": 3e-4})
     optimizer = loading.build_optimizer(spec, [torch.nn.Parameter(torch.zeros(4))], CPU)
@@ -90,6 +101,6 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     total = 100
     factors = [loading.lr_factor(step, total) for step in range(total)]
     assert factors[0] == pytest.approx(1 / 3) and factors[2] == 1.0  # 3 warmup steps
-    assert all(later <= earlier for earlier, later in zip(factors[2:], factors[3:]))
+    assert all(later <= earlier for earlier, later in zip(factors[2:], factors[3:], strict=False))
     assert factors[-1] == pytest.approx(0.1, abs=0.01)
     assert loading.lr_factor(0, 1) == 1.0  # a one-step job trains at the peak LR

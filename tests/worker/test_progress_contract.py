@@ -26,8 +26,18 @@ def test_declared_progress_is_the_worker_report():
 
 
 def test_a_report_as_the_worker_sends_it_validates_strictly():
-    report = Progress(step=3, total_steps=10, epoch=0.3, loss=1.5, learning_rate=2e-4, tokens_per_second=812.5,
-                      eta_seconds=4.2, memory_allocated_bytes=None, memory_reserved_bytes=None, memory_peak_bytes=None)
+    report = Progress(
+        step=3,
+        total_steps=10,
+        epoch=0.3,
+        loss=1.5,
+        learning_rate=2e-4,
+        tokens_per_second=812.5,
+        eta_seconds=4.2,
+        memory_allocated_bytes=None,
+        memory_reserved_bytes=None,
+        memory_peak_bytes=None,
+    )
     stored = {**dataclasses.asdict(report), **_resident_memory()}  # as worker/job_process.py sends it
     assert DeclaredProgress.model_validate(stored, strict=True).model_dump() == stored | {"eval_loss": None}
     with pytest.raises(ValidationError):  # a field the worker added without the contract

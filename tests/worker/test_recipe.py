@@ -20,23 +20,30 @@ def write_jsonl(path, rows: list):
 
 def run(spec, base, dataset, output_dir, **callbacks) -> tuple[TrainResult, list[Progress]]:
     reports: list[Progress] = []
-    result = train(spec, base_model_dir=base, dataset_path=dataset, output_dir=output_dir,
-                   on_progress=reports.append, **callbacks)
+    result = train(
+        spec, base_model_dir=base, dataset_path=dataset, output_dir=output_dir, on_progress=reports.append, **callbacks
+    )
     return result, reports
 
 
-def test_qlora_with_paged_adamw_8bit_saves_an_adapter_that_changes_the_model(make_spec, tiny_llama, demo_dataset,
-                                                                            tmp_path):
+def test_qlora_with_paged_adamw_8bit_saves_an_adapter_that_changes_the_model(
+    make_spec, tiny_llama, demo_dataset, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    spec = make_spec("qlora", training={"max_steps": 3, "learning_rate": 1e-2},
-                     memory={"optimizer": "paged_adamw_8bit"})
+    spec = make_spec(
+        "qlora", training={"max_steps": 3, "learning_rate": 1e-2}, memory={"optimizer": "paged_adamw_8bit"}
+    )
     result, reports = run(spec, tiny_llama, demo_dataset, tmp_path)
 
     assert result.steps == 3 and math.isfinite(result.final_loss)
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json",
-            "summary.json"} <= set(result.artifacts)
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "tokenizer/tokenizer.json",
+        "summary.json",
+    } <= set(result.artifacts)
     assert all((tmp_path / artifact).is_file() for artifact in result.artifacts)
     assert not [path for path in tmp_path.rglob("*") if path.suffix in {".bin", ".pt", ".pkl"}]  # no pickles
     adapter_config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
@@ -51,16 +58,23 @@ def test_qlora_with_paged_adamw_8bit_saves_an_adapter_that_changes_the_model(mak
     assert not torch.allclose(before, after, atol=1e-4)
 
 
-@pytest.mark.parametrize("method, memory, lora", [
-    ("lora", {}, None),
-    ("lora", {"precision": "fp16-mixed", "optimizer": "adamw_8bit"}, {"use_dora": True, "use_rslora": True, "r": 4}),
-    ("lora", {"precision": "bf16", "gradient_checkpointing": False}, {"target_modules": ["q_proj", "v_proj"]}),
-    ("qlora", {"optimizer": "paged_adamw_32bit", "fused_loss": True}, None),
-    ("full", {}, None),
-    ("full", {"precision": "bf16", "optimizer": "adamw_8bit"}, None),
-    ("full", {"precision": "fp32", "gradient_checkpointing": False}, None),
-    ("freeze", {}, None),
-])
+@pytest.mark.parametrize(
+    "method, memory, lora",
+    [
+        ("lora", {}, None),
+        (
+            "lora",
+            {"precision": "fp16-mixed", "optimizer": "adamw_8bit"},
+            {"use_dora": True, "use_rslora": True, "r": 4},
+        ),
+        ("lora", {"precision": "bf16", "gradient_checkpointing": False}, {"target_modules": ["q_proj", "v_proj"]}),
+        ("qlora", {"optimizer": "paged_adamw_32bit", "fused_loss": True}, None),
+        ("full", {}, None),
+        ("full", {"precision": "bf16", "optimizer": "adamw_8bit"}, None),
+        ("full", {"precision": "fp32", "gradient_checkpointing": False}, None),
+        ("freeze", {}, None),
+    ],
+)
 def test_every_method_trains(make_spec, tiny_llama, demo_dataset, tmp_path, method, memory, lora):
     spec = make_spec(method, memory=memory, **({"lora": lora} if lora else {}))
     result, reports = run(spec, tiny_llama, demo_dataset, tmp_path)
@@ -94,8 +108,11 @@ def test_freeze_more_layers_than_the_model_has(make_spec, tiny_llama, demo_datas
 
 
 def test_loss_falls_on_a_memorisable_dataset(make_spec, tiny_llama, memorise_dataset, tmp_path):
-    spec = make_spec("full", training={"max_steps": 30, "micro_batch_size": 8, "learning_rate": 1e-2},
-                     memory={"gradient_checkpointing": False})
+    spec = make_spec(
+        "full",
+        training={"max_steps": 30, "micro_batch_size": 8, "learning_rate": 1e-2},
+        memory={"gradient_checkpointing": False},
+    )
     result, reports = run(spec, tiny_llama, memorise_dataset, tmp_path)
     assert reports[0].loss > 6  # about ln(vocab): the random model knows nothing
     assert result.final_loss < reports[0].loss / 4
@@ -119,8 +136,9 @@ def test_gradient_accumulation_matches_one_big_batch(make_spec, tiny_llama, demo
     1 x 4 (same examples: the shuffle does not depend on the micro-batch size)."""
     fp32 = {"precision": "fp32", "gradient_checkpointing": False}
     one_batch = make_spec("full", training={"max_steps": 1, "micro_batch_size": 4}, memory=fp32)
-    accumulated = make_spec("full", training={"max_steps": 1, "micro_batch_size": 2,
-                                              "gradient_accumulation_steps": 2}, memory=fp32)
+    accumulated = make_spec(
+        "full", training={"max_steps": 1, "micro_batch_size": 2, "gradient_accumulation_steps": 2}, memory=fp32
+    )
     big, _ = run(one_batch, tiny_llama, demo_dataset, tmp_path / "big")
     small, _ = run(accumulated, tiny_llama, demo_dataset, tmp_path / "small")
     assert small.final_loss == pytest.approx(big.final_loss, rel=1e-5)
@@ -175,8 +193,12 @@ def test_malformed_dataset_fails_before_any_model_load(make_spec, tmp_path):
     dataset = write_jsonl(tmp_path / "bad.jsonl", rows)
     # The base model does not exist: reaching the loader would fail differently.
     with pytest.raises(InvalidDataset) as caught:
-        train(make_spec("qlora"), base_model_dir=tmp_path / "no-such-model", dataset_path=dataset,
-              output_dir=tmp_path / "out")
+        train(
+            make_spec("qlora"),
+            base_model_dir=tmp_path / "no-such-model",
+            dataset_path=dataset,
+            output_dir=tmp_path / "out",
+        )
     assert caught.value.line == 6
 
 

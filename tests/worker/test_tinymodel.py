@@ -45,9 +45,11 @@ def test_tokenizer_round_trips(arch, tiny_llama, tiny_qwen2):
 def test_llama_chat_template(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                    "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of France is Paris.<|eot_id|>")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of France is Paris.<|eot_id|>"
+    )
     prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") and text.startswith(prompt)
     # Header tokens are single special tokens, as in Llama 3.
@@ -65,7 +67,7 @@ def test_qwen2_chat_template_is_chatml(tiny_qwen2):
 def test_generation_marks_cover_the_assistant_answer(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     encoded = tokenizer.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
-    answer = [token for token, flag in zip(encoded["input_ids"], encoded["assistant_masks"]) if flag]
+    answer = [token for token, flag in zip(encoded["input_ids"], encoded["assistant_masks"], strict=False) if flag]
     assert tokenizer.decode(answer) == "The capital of France is Paris.<|eot_id|>"
 
 
@@ -76,7 +78,12 @@ def test_model_loads_and_runs(arch, model_class, tiny_llama, tiny_qwen2):
     assert type(model).__name__ == model_class
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
     config = model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.num_key_value_heads, config.intermediate_size) == (64, 2, 4, 2, 128)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+    ) == (64, 2, 4, 2, 128)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, config.vocab_size) and torch.isfinite(logits).all()

@@ -11,10 +11,16 @@ from service.datasets import Example, Message
 from service.errors import InvalidDataset
 from worker.training import data
 
-TWO_TURNS = Example(line=1, messages=(
-    Message("system", "Be brief."), Message("user", "What is 2 plus 2?"), Message("assistant", "4."),
-    Message("user", "And 3 plus 3?"), Message("assistant", "6."),
-))
+TWO_TURNS = Example(
+    line=1,
+    messages=(
+        Message("system", "Be brief."),
+        Message("user", "What is 2 plus 2?"),
+        Message("assistant", "4."),
+        Message("user", "And 3 plus 3?"),
+        Message("assistant", "6."),
+    ),
+)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -30,9 +36,14 @@ def test_only_assistant_turns_are_learned(tokenizer):
     tokenized = data.tokenize_example(tokenizer, TWO_TURNS, max_seq_length=512)
     eot = "<|eot_id|>" if tokenizer.bos_token else "<|im_end|>\n"
     assert learned_text(tokenizer, tokenized) == f"4.{eot}6.{eot}"
-    assert tokenized.input_ids == tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in TWO_TURNS.messages], tokenize=True, return_dict=True,
-    )["input_ids"]
+    assert (
+        tokenized.input_ids
+        == tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in TWO_TURNS.messages],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
 
 
 def test_prefix_rendering_matches_generation_marks(tokenizer):
@@ -45,7 +56,8 @@ def test_prefix_rendering_matches_generation_marks(tokenizer):
 def test_template_without_marks_falls_back_to_prefixes(tiny_llama):
     tokenizer = data.load_tokenizer(tiny_llama)
     tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace(
-        "{%- endgeneration %}", "")
+        "{%- endgeneration %}", ""
+    )
     tokenized = data.tokenize_example(tokenizer, TWO_TURNS, max_seq_length=512)
     assert learned_text(tokenizer, tokenized) == "4.<|eot_id|>6.<|eot_id|>"
 
@@ -91,8 +103,8 @@ def test_collate_pads_right_per_batch(tiny_llama):
     batch = data.collate([short, long], tokenizer.pad_token_id, torch.device("cpu"))
     assert batch["input_ids"].shape == (2, len(long.input_ids))
     assert batch["attention_mask"][0].sum() == len(short.input_ids)
-    assert (batch["input_ids"][0, len(short.input_ids):] == tokenizer.pad_token_id).all()
-    assert (batch["labels"][0, len(short.input_ids):] == data.IGNORE_INDEX).all()
+    assert (batch["input_ids"][0, len(short.input_ids) :] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, len(short.input_ids) :] == data.IGNORE_INDEX).all()
 
 
 def test_micro_batches_are_seeded_epochs():

@@ -24,22 +24,39 @@ def run(spec, base, dataset, out):
     return result, reports
 
 
-@pytest.mark.parametrize("method, memory, fields", [
-    ("lora", {"optimizer": "adamw_4bit"}, {}),
-    ("qlora", {"optimizer": "adamw_4bit", "precision": "fp16-mixed"}, {"quantization": {"quant_type": "fp4"}}),
-    ("qlora", {"optimizer": "adamw_8bit"}, {"quantization": {"bits": 8}}),
-    ("qlora", {}, {"quantization": {"bits": 8}, "lora": {"loraplus_lr_ratio": 16}}),
-    ("lora", {"fused_loss": False}, {"lora": {"init": "pissa"}, "training": {"packing": True}}),
-    ("freeze", {"optimizer": "paged_adamw_8bit"}, {"freeze": {"trainable_modules": ["mlp", "lm_head"]}}),
-    ("full", {"optimizer": "galore_adamw", "precision": "bf16"}, {"galore": {"rank": 8, "update_proj_gap": 1}}),
-    ("freeze", {"optimizer": "galore_adamw"}, {"galore": {"proj_type": "full", "rank": 4}}),
-    pytest.param("full", {"optimizer": "galore_adamw_8bit"}, {}, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="galore-torch's GaLoreAdamW8bit synchronizes CUDA: needs CUDA")),
-    pytest.param("lora", {"optimizer": "cpu_offload"}, {}, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason=NEEDS_CUDA)),
-    pytest.param("full", {"optimizer": "cpu_offload"}, {"training": {"gradient_accumulation_steps": 2}},
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)),
-])
+@pytest.mark.parametrize(
+    "method, memory, fields",
+    [
+        ("lora", {"optimizer": "adamw_4bit"}, {}),
+        ("qlora", {"optimizer": "adamw_4bit", "precision": "fp16-mixed"}, {"quantization": {"quant_type": "fp4"}}),
+        ("qlora", {"optimizer": "adamw_8bit"}, {"quantization": {"bits": 8}}),
+        ("qlora", {}, {"quantization": {"bits": 8}, "lora": {"loraplus_lr_ratio": 16}}),
+        ("lora", {"fused_loss": False}, {"lora": {"init": "pissa"}, "training": {"packing": True}}),
+        ("freeze", {"optimizer": "paged_adamw_8bit"}, {"freeze": {"trainable_modules": ["mlp", "lm_head"]}}),
+        ("full", {"optimizer": "galore_adamw", "precision": "bf16"}, {"galore": {"rank": 8, "update_proj_gap": 1}}),
+        ("freeze", {"optimizer": "galore_adamw"}, {"galore": {"proj_type": "full", "rank": 4}}),
+        pytest.param(
+            "full",
+            {"optimizer": "galore_adamw_8bit"},
+            {},
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="galore-torch's GaLoreAdamW8bit synchronizes CUDA: needs CUDA"
+            ),
+        ),
+        pytest.param(
+            "lora",
+            {"optimizer": "cpu_offload"},
+            {},
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA),
+        ),
+        pytest.param(
+            "full",
+            {"optimizer": "cpu_offload"},
+            {"training": {"gradient_accumulation_steps": 2}},
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA),
+        ),
+    ],
+)
 def test_new_options_train(make_spec, tiny_llama, demo_dataset, tmp_path, method, memory, fields):
     training = fields.pop("training", {})
     spec = make_spec(method, memory=memory, training=training, **fields)
@@ -52,8 +69,9 @@ def test_new_options_train(make_spec, tiny_llama, demo_dataset, tmp_path, method
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA worker runs these optimizers")
 @pytest.mark.parametrize("method, optimizer", [("lora", "cpu_offload"), ("full", "galore_adamw_8bit")])
-def test_cuda_only_optimizers_are_refused_on_a_cpu_worker_before_loading(make_spec, demo_dataset, tmp_path,
-                                                                         method, optimizer):
+def test_cuda_only_optimizers_are_refused_on_a_cpu_worker_before_loading(
+    make_spec, demo_dataset, tmp_path, method, optimizer
+):
     spec = make_spec(method, memory={"optimizer": optimizer})
     with pytest.raises(UnsupportedOnDevice, match="is not supported on a cpu worker") as caught:  # no model exists
         train(spec, base_model_dir=tmp_path / "no-model", dataset_path=demo_dataset, output_dir=tmp_path / "out")
@@ -67,7 +85,14 @@ def test_galore_projects_the_decoder_layers_2d_weights_only(make_spec, tiny_llam
     names = {id(p): name for name, p in model.named_parameters()}
     assert projected["rank"] == 8 and projected["update_proj_gap"] == 200 and "rank" not in plain
     assert {names[id(p)].split(".")[-2] for p in projected["params"]} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert all(p.ndim == 2 and ".layers." in names[id(p)] for p in projected["params"])
     assert {names[id(p)] for p in plain["params"]} >= {"model.embed_tokens.weight", "model.norm.weight"}
 
@@ -79,8 +104,9 @@ def test_galore_projection_keeps_only_its_rank_r_matrix(make_spec, proj_type, ke
     spec = make_spec("full", memory={"optimizer": "galore_adamw"})
     weight = torch.nn.Parameter(torch.randn(64, 128))
     options = GaloreOptions(rank=4, proj_type=proj_type)
-    optimizer = loading.build_optimizer(spec, loading.galore_groups([("model.layers.0.mlp.up_proj.weight", weight)],
-                                                                    1e-3, options), torch.device("cpu"))
+    optimizer = loading.build_optimizer(
+        spec, loading.galore_groups([("model.layers.0.mlp.up_proj.weight", weight)], 1e-3, options), torch.device("cpu")
+    )
     weight.grad = torch.randn_like(weight)
     optimizer.step()
     matrix = optimizer.state[weight]["projector"].ortho_matrix
@@ -165,14 +191,17 @@ def test_merge_adapter_saves_a_bf16_model(make_spec, tiny_llama, demo_dataset, t
     assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert not any("lora" in name for name in merged)
     base = load_file(tiny_llama / "model.safetensors")
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # loads as a plain model
     # ... and serves alone: its own tokenizer and chat template, listed as artifacts.
     from transformers import AutoTokenizer
 
     assert "model/tokenizer.json" in result.artifacts
-    assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template == \
-        AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "model").chat_template
+        == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    )
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == spec.base_model

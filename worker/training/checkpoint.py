@@ -105,14 +105,20 @@ class Checkpoints:
         temp.mkdir(parents=True)
         save_tree(temp, "trainable", {name: p for name, p in model.named_parameters() if p.requires_grad})
         save_tree(temp, "optimizer", optimizer.state_dict())
-        save_tree(temp, "trainer", {
-            "run": dataclasses.asdict(state),
-            "data_position": {"epoch": state.micro_steps // self.micro_batches_per_epoch,
-                              "micro_batch": state.micro_steps % self.micro_batches_per_epoch},
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
-        })
+        save_tree(
+            temp,
+            "trainer",
+            {
+                "run": dataclasses.asdict(state),
+                "data_position": {
+                    "epoch": state.micro_steps // self.micro_batches_per_epoch,
+                    "micro_batch": state.micro_steps % self.micro_batches_per_epoch,
+                },
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+            },
+        )
         _write_synced(temp / CHECKPOINT_METRICS_FILE, json.dumps(self._metrics(state)) + "\n")
         export_adapter(model, temp / CHECKPOINT_ADAPTER_DIR)
         _write_synced(temp / MARKER, json.dumps({"step": state.step, "spec_sha256": self.fingerprint}) + "\n")
@@ -125,8 +131,11 @@ class Checkpoints:
     def _metrics(self, state: RunState) -> dict[str, float | int]:
         """What the checkpoint is listed with: the step's train loss, and where in the data it stands."""
         last = state.loss_curve[-1] if state.loss_curve else {}
-        metrics = {"step": state.step, "epoch": state.micro_steps / self.micro_batches_per_epoch,
-                   "tokens_seen": state.tokens_seen}
+        metrics = {
+            "step": state.step,
+            "epoch": state.micro_steps / self.micro_batches_per_epoch,
+            "tokens_seen": state.tokens_seen,
+        }
         if "loss" in last:
             metrics["train_loss"] = last["loss"]
         return metrics
@@ -138,13 +147,16 @@ class Checkpoints:
         """Complete checkpoints, oldest first. A temp dir or a step dir without COMPLETE never counts."""
         if not self.root.is_dir():
             return []
-        found = [(int(match[1]), path) for path in self.root.iterdir()
-                 if (match := _STEP_DIR.match(path.name)) and (path / MARKER).is_file()]
+        found = [
+            (int(match[1]), path)
+            for path in self.root.iterdir()
+            if (match := _STEP_DIR.match(path.name)) and (path / MARKER).is_file()
+        ]
         return [path for _, path in sorted(found)]
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; delete the rest, including temp dirs of killed runs."""
-        kept = set(self._complete()[-self.keep:])
+        kept = set(self._complete()[-self.keep :])
         for path in self.root.iterdir():
             if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
@@ -173,12 +185,19 @@ def export_adapter(model, target: Path) -> None:
 
 def spec_fingerprint(spec: JobSpec) -> str:
     """What decides the training trajectory; the checkpoint cadence and metadata do not."""
-    relevant = spec.model_dump(mode="json", exclude={"metadata": True, "resources": True, "training": {
-        "checkpoint_every_steps", "checkpoint_every_epoch", "keep_checkpoints"}})
+    relevant = spec.model_dump(
+        mode="json",
+        exclude={
+            "metadata": True,
+            "resources": True,
+            "training": {"checkpoint_every_steps", "checkpoint_every_epoch", "keep_checkpoints"},
+        },
+    )
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 # --- trees of tensors and plain values: tensors to safetensors, the structure to JSON ---------------------
+
 
 def save_tree(directory: Path, name: str, tree: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
@@ -281,6 +300,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # --- what goes into a checkpoint ----------------------------------------------------------------------------
 
+
 def _load_trainable(model, saved: dict[str, torch.Tensor]) -> None:
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if trainable.keys() != saved.keys():
@@ -338,6 +358,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- durability: a COMPLETE marker must never be on disk before the files it vouches for ------------------
+
 
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as file:

@@ -82,7 +82,7 @@ def tokenize_example(tokenizer, example: Example, max_seq_length: int) -> Tokeni
         conversation = [{"role": message.role, "content": message.content} for message in example.messages]
         input_ids, mask = assistant_token_mask(tokenizer, conversation)
     input_ids, mask = input_ids[:max_seq_length], mask[:max_seq_length]
-    labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, mask)]
+    labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, mask, strict=False)]
     return TokenizedExample(input_ids=input_ids, labels=labels)
 
 
@@ -99,8 +99,9 @@ def assistant_token_mask(tokenizer, conversation: list[dict], *, use_generation_
     if use_generation_tags is None:
         use_generation_tags = bool(_GENERATION_TAG.search(tokenizer.chat_template or ""))
     if use_generation_tags:
-        encoded = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+        encoded = tokenizer.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         return list(encoded["input_ids"]), [bool(flag) for flag in encoded["assistant_masks"]]
     return _mask_by_prefixes(tokenizer, conversation)
 
@@ -117,8 +118,10 @@ def _mask_by_prefixes(tokenizer, conversation: list[dict]) -> tuple[list[int], l
         before = render(conversation[:index], add_generation_prompt=True)
         through = render(conversation[: index + 1])
         if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError("the chat template is not prefix-stable, so assistant turns cannot be located; "
-                             "mark them with {% generation %} in the template")
+            raise ValueError(
+                "the chat template is not prefix-stable, so assistant turns cannot be located; "
+                "mark them with {% generation %} in the template"
+            )
         spans.append((len(before), len(through)))
     # The template writes BOS itself where the model wants one, so the tokenizer must not add another.
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -145,15 +148,17 @@ def micro_batches_per_epoch(dataset_size: int, micro_batch_size: int) -> int:
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in this micro-batch (not to max_seq_length: no wasted compute)."""
     length = max(len(example.input_ids) for example in batch)
-    return {"input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
-            "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
-            "attention_mask": _right_padded([[1] * len(e.input_ids) for e in batch], length, 0, device)}
+    return {
+        "input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
+        "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
+        "attention_mask": _right_padded([[1] * len(e.input_ids) for e in batch], length, 0, device),
+    }
 
 
 def _right_padded(rows: Sequence[Sequence[int]], length: int, fill: int, device: torch.device) -> torch.Tensor:
     out = torch.full((len(rows), length), fill, dtype=torch.long)
     for index, row in enumerate(rows):
-        out[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+        out[index, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out.to(device)
 
 
@@ -207,8 +212,7 @@ def pack_examples(dataset: Sequence[TokenizedExample], max_seq_length: int, seed
             # The first token of an example is never a target of the previous one.
             labels += [IGNORE_INDEX] + example.labels[1:]
             positions += list(range(len(example.input_ids)))
-        packed.append(PackedExample(input_ids=input_ids, labels=labels, position_ids=positions,
-                                    examples=len(members)))
+        packed.append(PackedExample(input_ids=input_ids, labels=labels, position_ids=positions, examples=len(members)))
     return packed
 
 
@@ -218,9 +222,11 @@ def collate_packed(batch: Sequence[PackedExample], pad_token_id: int, device: to
     length = max(len(example.input_ids) for example in batch)
     # the padding is a segment of its own, positions 0.. (so it never looks like a continuation of the last one)
     positions = [list(e.position_ids) + list(range(length - len(e.input_ids))) for e in batch]
-    return {"input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
-            "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
-            "position_ids": _right_padded(positions, length, 0, device)}
+    return {
+        "input_ids": _right_padded([e.input_ids for e in batch], length, pad_token_id, device),
+        "labels": _right_padded([e.labels for e in batch], length, IGNORE_INDEX, device),
+        "position_ids": _right_padded(positions, length, 0, device),
+    }
 
 
 def collate_any(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:

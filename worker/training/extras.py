@@ -4,8 +4,8 @@ conversion, the merged model)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -21,8 +21,16 @@ def eval_due(step: int, total_steps: int) -> bool:
 
 
 @torch.no_grad()
-def eval_loss(model, examples: Sequence[data.TokenizedExample], *, micro_batch_size: int, pad_token_id: int,
-              device: torch.device, autocast, fused: bool) -> float | None:
+def eval_loss(
+    model,
+    examples: Sequence[data.TokenizedExample],
+    *,
+    micro_batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast,
+    fused: bool,
+) -> float | None:
     """Mean per-token loss over the held-out examples (dropout off), None when there are none."""
     if not examples:
         return None
@@ -31,7 +39,7 @@ def eval_loss(model, examples: Sequence[data.TokenizedExample], *, micro_batch_s
     total, tokens = 0.0, 0
     try:
         for start in range(0, len(examples), micro_batch_size):
-            batch_examples = examples[start:start + micro_batch_size]
+            batch_examples = examples[start : start + micro_batch_size]
             batch = data.collate_any(batch_examples, pad_token_id, device)
             with autocast if autocast is not None else contextlib.nullcontext():
                 total += loss_sum(model, batch, fused=fused).item()
@@ -68,8 +76,9 @@ def save_merged(spec: JobSpec, base_model_dir: Path, output_dir: Path, save_dir)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16, device_map={"": "cpu"},
-                                                use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_model_dir, dtype=torch.bfloat16, device_map={"": "cpu"}, use_safetensors=True
+    )
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     return save_dir(merged, output_dir, "model")
 
@@ -81,5 +90,6 @@ def save_tokenizer_beside_model(tokenizer, output_dir: Path, written: list[str])
     if not any(name.startswith("model/") for name in written):
         return []
     tokenizer.save_pretrained(target)
-    return sorted({path.relative_to(output_dir).as_posix() for path in target.rglob("*") if path.is_file()}
-                  - set(written))
+    return sorted(
+        {path.relative_to(output_dir).as_posix() for path in target.rglob("*") if path.is_file()} - set(written)
+    )

@@ -35,8 +35,11 @@ def install_projectors(optimizer) -> None:
             state = optimizer.state[parameter]
             if "projector" not in state:
                 state["projector"] = CompactGaLoreProjector(
-                    group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
-                    proj_type=group["proj_type"])
+                    group["rank"],
+                    update_proj_gap=group["update_proj_gap"],
+                    scale=group["scale"],
+                    proj_type=group["proj_type"],
+                )
 
 
 def after_load(optimizer) -> None:
@@ -48,6 +51,7 @@ def after_load(optimizer) -> None:
             if projector is None or projector.ortho_matrix is None:
                 continue
             matrix = projector.ortho_matrix
-            projector.ortho_matrix = ([m.to(parameter.device) for m in matrix] if isinstance(matrix, list)
-                                      else matrix.to(parameter.device))
+            projector.ortho_matrix = (
+                [m.to(parameter.device) for m in matrix] if isinstance(matrix, list) else matrix.to(parameter.device)
+            )
     install_projectors(optimizer)

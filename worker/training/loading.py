@@ -27,7 +27,8 @@ the GPU keeps only the params (and the states of tensors under 4096 elements). I
 backward produces them and are freed on the GPU (offload_gradients) when there is no gradient accumulation; with
 accumulation they stay on the GPU (the host copy would be overwritten, not summed). Clipping then runs on the
 host copies (clip_gradients). galore_adamw / galore_adamw_8bit = galore-torch's GaLoreAdamW(8bit), full and
-freeze only: the decoder layers' 2-D weights keep their states on a low-rank projection (galore_groups). LoRA+ (lora.loraplus_lr_ratio): lora_B (and DoRA magnitudes) form a second param
+freeze only: the decoder layers' 2-D weights keep their states on a low-rank projection (galore_groups).
+LoRA+ (lora.loraplus_lr_ratio): lora_B (and DoRA magnitudes) form a second param
 group at learning_rate x ratio, as peft.optimizers.create_loraplus_optimizer groups them.
 
 Learning-rate schedule: linear warmup over the first 3% of optimizer steps (at least one), then cosine decay
@@ -155,10 +156,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def _train_last_layers(model, trainable_layers: int, trained_dtype: torch.dtype) -> None:
     layers = decoder_layers(model)
     if trainable_layers > len(layers):
-        raise ValueError(f"freeze.trainable_layers is {trainable_layers} but the model has {len(layers)} "
-                         f"decoder layers")
+        raise ValueError(
+            f"freeze.trainable_layers is {trainable_layers} but the model has {len(layers)} decoder layers"
+        )
     model.requires_grad_(False)
-    for layer in layers[len(layers) - trainable_layers:]:
+    for layer in layers[len(layers) - trainable_layers :]:
         # Only the layers that train get fp32 master weights under mixed precision; the rest stay in half.
         layer.to(trained_dtype)
         layer.requires_grad_(True)
@@ -206,7 +208,7 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 CUDA_ONLY_OPTIMIZERS = {
     Optimizer.cpu_offload: "torchao CPUOffloadOptimizer offloads GPU optimizer states to the host, so it needs a "
-                           "CUDA device",
+    "CUDA device",
     Optimizer.galore_adamw_8bit: "galore-torch's GaLoreAdamW8bit synchronizes CUDA in every step",
 }
 
@@ -217,8 +219,10 @@ def check_device_support(spec: JobSpec, device: torch.device) -> None:
 
     reason = CUDA_ONLY_OPTIMIZERS.get(spec.memory.optimizer)
     if reason and device.type != "cuda":
-        raise UnsupportedOnDevice(f"optimizer {spec.memory.optimizer.value} is not supported on a "
-                                  f"{device.type} worker: {reason}", optimizer=spec.memory.optimizer.value)
+        raise UnsupportedOnDevice(
+            f"optimizer {spec.memory.optimizer.value} is not supported on a {device.type} worker: {reason}",
+            optimizer=spec.memory.optimizer.value,
+        )
 
 
 def parameter_groups(spec: JobSpec, model) -> list[dict]:
@@ -243,10 +247,15 @@ def galore_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, galore
     projected = [p for name, p in named if p.ndim == 2 and ".layers." in f".{name}"]
     ids = {id(p) for p in projected}
     plain = [p for _, p in named if id(p) not in ids]
-    options = {"rank": galore.rank, "update_proj_gap": galore.update_proj_gap, "scale": galore.scale,
-               "proj_type": galore.proj_type}
-    return [group for group in ({"params": projected, "lr": lr, **options}, {"params": plain, "lr": lr})
-            if group["params"]]
+    options = {
+        "rank": galore.rank,
+        "update_proj_gap": galore.update_proj_gap,
+        "scale": galore.scale,
+        "proj_type": galore.proj_type,
+    }
+    return [
+        group for group in ({"params": projected, "lr": lr, **options}, {"params": plain, "lr": lr}) if group["params"]
+    ]
 
 
 def build_optimizer(spec: JobSpec, parameters, device: torch.device):
@@ -267,8 +276,9 @@ def build_optimizer(spec: JobSpec, parameters, device: torch.device):
 
         # Host grads are overwritten by every micro-step's copy: free the GPU ones only without accumulation.
         offload_gradients = spec.training.gradient_accumulation_steps == 1
-        return CPUOffloadOptimizer(parameters, torch.optim.AdamW, offload_gradients=offload_gradients,
-                                   fused=True, **common)
+        return CPUOffloadOptimizer(
+            parameters, torch.optim.AdamW, offload_gradients=offload_gradients, fused=True, **common
+        )
     if choice.is_galore:
         check_device_support(spec, device)
         from galore_torch import GaLoreAdamW, GaLoreAdamW8bit

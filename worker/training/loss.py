@@ -18,11 +18,16 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, fused: bool) -> torch.Ten
     block-diagonal mask from the position restarts only without a KV cache, hence use_cache=False."""
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     if not fused:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch.get("position_ids"), use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).logits
         logits = logits[:, :-1].float()  # fp32 for a numerically sound log-softmax
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     return _fused_loss_sum(model, batch, targets)
 
 
@@ -32,8 +37,12 @@ def _fused_loss_sum(model, batch, targets) -> torch.Tensor:
     activation checkpointing, so at most one chunk of logits exists in forward and backward.
     Not applied: logit soft-capping or scaling that some architectures add after lm_head (Gemma 2, Cohere)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                      position_ids=batch.get("position_ids"), use_cache=False)
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
     hidden = hidden.last_hidden_state[:, :-1]
     learned = targets != IGNORE_INDEX
     hidden, targets = hidden[learned], targets[learned]

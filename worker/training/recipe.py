@@ -111,15 +111,23 @@ def train(
         optimizer = loading.build_optimizer(spec, loading.parameter_groups(spec, model), device)
         scheduler = loading.build_schedule(optimizer, total_steps)
         scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-        autocast = (torch.autocast(device.type, dtype=plan.autocast_dtype) if plan.autocast_dtype
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device.type, dtype=plan.autocast_dtype) if plan.autocast_dtype else contextlib.nullcontext()
+        )
         eval_losses: list[dict] = []
 
         def _eval(at_step: int) -> float | None:  # held-out loss at ~10 evenly spaced reports and the last one
             if not validation or not extras.eval_due(at_step, total_steps):
                 return None
-            value = extras.eval_loss(model, validation, micro_batch_size=micro_batch_size, device=device,
-                                     pad_token_id=tokenizer.pad_token_id, autocast=autocast, fused=fused_loss)
+            value = extras.eval_loss(
+                model,
+                validation,
+                micro_batch_size=micro_batch_size,
+                device=device,
+                pad_token_id=tokenizer.pad_token_id,
+                autocast=autocast,
+                fused=fused_loss,
+            )
             eval_losses.append({"step": at_step, "eval_loss": value})
             return value
 
@@ -138,8 +146,14 @@ def train(
         for step in range(resumed.step + 1, total_steps + 1):
             if should_drain():
                 if step - 1 > last_saved_step:
-                    state = checkpoint.RunState(step - 1, micro_steps, tokens_seen,
-                                                time.perf_counter() - train_start, loss_curve, losses_since_report)
+                    state = checkpoint.RunState(
+                        step - 1,
+                        micro_steps,
+                        tokens_seen,
+                        time.perf_counter() - train_start,
+                        loss_curve,
+                        losses_since_report,
+                    )
                     on_checkpoint(step - 1, checkpoints.save(state, model, optimizer, scheduler, scaler))
                 raise JobDrained(f"drained after step {step - 1}")
             window = [next(stream) for _ in range(accumulation)]
@@ -174,25 +188,28 @@ def train(
             losses_since_report.append(step_loss_value)
             if step % spec.training.logging_steps == 0 or step == total_steps:
                 train_seconds = time.perf_counter() - train_start
-                on_progress(Progress(
-                    step=step,
-                    total_steps=total_steps,
-                    epoch=micro_steps / micro_per_epoch,
-                    loss=sum(losses_since_report) / len(losses_since_report),
-                    learning_rate=learning_rate,
-                    tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
-                    eta_seconds=(total_steps - step) * train_seconds / step,
-                    memory_allocated_bytes=memory.allocated_bytes(),
-                    memory_reserved_bytes=memory.reserved_bytes(),
-                    memory_peak_bytes=memory.peak_bytes(),
-                    eval_loss=_eval(step),
-                    tokens_seen=tokens_seen,
-                ))
+                on_progress(
+                    Progress(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=micro_steps / micro_per_epoch,
+                        loss=sum(losses_since_report) / len(losses_since_report),
+                        learning_rate=learning_rate,
+                        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
+                        eta_seconds=(total_steps - step) * train_seconds / step,
+                        memory_allocated_bytes=memory.allocated_bytes(),
+                        memory_reserved_bytes=memory.reserved_bytes(),
+                        memory_peak_bytes=memory.peak_bytes(),
+                        eval_loss=_eval(step),
+                        tokens_seen=tokens_seen,
+                    )
+                )
                 losses_since_report.clear()
             epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
             if checkpoints.due(step, total_steps, epoch_ended):
-                state = checkpoint.RunState(step, micro_steps, tokens_seen, time.perf_counter() - train_start,
-                                            loss_curve, losses_since_report)
+                state = checkpoint.RunState(
+                    step, micro_steps, tokens_seen, time.perf_counter() - train_start, loss_curve, losses_since_report
+                )
                 on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
                 last_saved_step = step
         train_seconds = time.perf_counter() - train_start
@@ -206,8 +223,10 @@ def train(
     except torch.OutOfMemoryError as exc:
         peak = memory.peak_bytes()
         peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
-        raise TrainingOutOfMemory(f"ran out of {device.type} memory at step {step}{peak_text}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}") from exc
+        raise TrainingOutOfMemory(
+            f"ran out of {device.type} memory at step {step}{peak_text}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
+        ) from exc
 
     tokens_per_second = tokens_seen / max(train_seconds, 1e-9)
     summary = {
@@ -271,5 +290,9 @@ def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
