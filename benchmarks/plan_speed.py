@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from domain.spec import JobSpec  # noqa: E402
 from planner import core, plan  # noqa: E402
 from planner.catalog import find_model  # noqa: E402
-from planner.spec import JobSpec  # noqa: E402
 
 BUDGET_MS = 5.0
 GIB = 2**30

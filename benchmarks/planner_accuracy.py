@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from domain.spec import JobSpec  # noqa: E402
 from planner.catalog import find_model  # noqa: E402
 from planner.core import HF_TRAINER, WORKER, _phases, build_setup, estimate  # noqa: E402
 from planner.shapes import ModelShape  # noqa: E402
-from planner.spec import JobSpec  # noqa: E402
 
 DOC = ROOT / "docs" / "planner-accuracy.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"

@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from planner_accuracy import _arch_table, load_rows, refbench_spec  # noqa: E402
 
+from domain.spec import JobSpec  # noqa: E402
 from planner import plan  # noqa: E402
 from planner.catalog import find_model  # noqa: E402
 from planner.core import HF_TRAINER, WORKER  # noqa: E402
 from planner.scope import PlanRefused  # noqa: E402
 from planner.shapes import ModelShape  # noqa: E402
-from planner.spec import JobSpec  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "planner" / "golden_predictions.json"
 GIB = 2**30

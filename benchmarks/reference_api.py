@@ -16,8 +16,8 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from sqlalchemy import create_engine, text
 
+from domain.spec import JobSpec
 from planner import ModelShape, plan
-from planner.spec import JobSpec
 
 engine = create_engine(os.environ["BENCH_DATABASE_URL"], pool_size=40, max_overflow=0)
 app = FastAPI()

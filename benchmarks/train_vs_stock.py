@@ -66,9 +66,9 @@ def worker_spec(case, base: str, optimizer: str, steps: int) -> dict:
 
 def predict(optimizer: str) -> list[dict]:
     """Planner predictions (NOT measurements) of both recipes' peaks."""
+    from domain.spec import JobSpec
     from planner.catalog import find_model
     from planner.core import HF_TRAINER, WORKER, evaluate
-    from planner.spec import JobSpec
 
     rows = []
     for case in CASES:
@@ -96,8 +96,8 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from vram_harness import NvmlSampler
 
+    from domain.spec import JobSpec
     from ftjobs.tinymodel import build_tiny_tokenizer
-    from planner.spec import JobSpec
     from worker.training import train
 
     name, arch, _, bs, seq, *_ = case

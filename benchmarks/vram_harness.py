@@ -255,9 +255,9 @@ class NvmlSampler(threading.Thread):
 def run_case(c: dict) -> dict:
     import torch
 
+    from domain.spec import JobSpec
     from planner import plan
     from planner.catalog import find_model
-    from planner.spec import JobSpec
     from worker.training.recipe import train  # imported lazily: the worker stack needs torch and a GPU
 
     spec = JobSpec.model_validate(c["spec"])

@@ -276,7 +276,7 @@ def _ensure_local_admin_key(settings) -> None:
 
 def _keys_create(args) -> int:
     from service.db import transaction
-    from service.errors import ProblemError
+    from service.errors import ProblemError, to_problem
     from service.tenancy.keys import create_key
     from service.tenancy.repository import get_tenant_by_name
 
@@ -293,7 +293,7 @@ def _keys_create(args) -> int:
             )
             webhook_secret = get_tenant_by_name(session, args.tenant).webhook_secret if args.webhook_url else None
     except ProblemError as exc:  # a webhook URL that is not one
-        return _problem(args, exc.to_problem())
+        return _problem(args, to_problem(exc))
     if args.json:
         print(
             json.dumps(
@@ -344,14 +344,14 @@ def _keys_list(args) -> int:
 
 def _keys_revoke(args) -> int:
     from service.db import transaction
-    from service.errors import ProblemError
+    from service.errors import ProblemError, to_problem
     from service.tenancy.keys import revoke_key
 
     try:
         with transaction() as session:
             revoke_key(session, args.key_id)
     except ProblemError as exc:
-        return _problem(args, exc.to_problem())
+        return _problem(args, to_problem(exc))
     print(json.dumps({"id": args.key_id, "revoked": True}) if args.json else f"revoked {args.key_id}")
     return 0
 
@@ -379,9 +379,9 @@ def _db(args) -> None:
 
 
 def _plan(args) -> int:
+    from domain.spec import JobSpec
     from ftjobs.commands.jobs import read_spec
-    from planner.spec import JobSpec
-    from service.errors import ProblemError
+    from service.errors import ProblemError, to_problem
     from service.planning import plan_spec
 
     try:
@@ -391,7 +391,7 @@ def _plan(args) -> int:
     except ValidationError as exc:
         return _problem(args, {"code": "invalid_spec", "detail": _one_line(exc)})
     except ProblemError as exc:
-        return _problem(args, exc.to_problem())
+        return _problem(args, to_problem(exc))
     print(result.model_dump_json(indent=2))
     return 0
 

@@ -7,7 +7,8 @@ Pure Python (stdlib + pydantic): never imports torch, transformers, fastapi, sql
     p = plan(spec, find_model("Qwen/Qwen2.5-7B"), gpu_memory_bytes=80 * 2**30)
 """
 
-from planner.core import Plan, Suggestion, plan
+from planner.core import Plan, Suggestion
+from planner.plan import plan
 from planner.shapes import ModelShape
 
 __all__ = ["ModelShape", "Plan", "Suggestion", "plan"]

@@ -1,4 +1,4 @@
-"""plan(spec, shape, gpu_memory_bytes) -> Plan: the predicted peak GPU memory of the worker's training process.
+"""The predicted peak GPU memory of the worker's training process (planner/plan.py wraps it in a Plan).
 
 The peak is the largest of four phases of a training step (steady state: optimizer states exist):
   forward_loss   the loss forward: every layer's saved tensors + logits in bf16 and fp32 + log_softmax
@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from domain.spec import JobSpec
 from planner import fsdp
 from planner import terms as t
-from planner.scope import check_scope, target_matches
+from planner.scope import target_matches
 from planner.shapes import ModelShape
-from planner.spec import JobSpec
 
 # ---- fitted constants (calibration/h100-hf-trainer.jsonl, 15 rows; benchmarks/planner_accuracy.py) -------
 # Small allocations outside the terms: cuBLAS/cuBLASLt workspaces, rotary tables, final norm, labels.
@@ -445,76 +445,6 @@ def evaluate(spec: JobSpec, shape: ModelShape, gpu_memory_bytes: int | None, rec
     )
 
 
-def plan(
-    spec: JobSpec,
-    shape: ModelShape,
-    gpu_memory_bytes: int | None = None,
-    *,
-    recipe: Recipe = WORKER,
-    suggest: bool = True,
-    max_num_gpus: int = 1,
-) -> Plan:
-    """Predict the peak (one rank's when sharded) and, when it does not fit, offer cheaper specs that do; when
-    none does, name the smallest GPU and GPU count that would. Refuses (scope.PlanRefused) a spec it cannot plan
-    on this model. gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known
-    (fits None, and micro_batch_size "auto" resolves to 1). max_num_gpus: the most GPUs one worker has
-    (sharding suggestions go up to it)."""
-    check_scope(spec, shape)
-    o = evaluate(spec, shape, gpu_memory_bytes, recipe)
-    result = Plan(
-        peak_vram_bytes=o.peak,
-        breakdown=o.breakdown,
-        peak_phase=o.phase,
-        paged_optimizer_bytes=o.paged,
-        gpu_memory_bytes=o.gpu,
-        safety_margin_bytes=o.margin,
-        fits=o.fits,
-        headroom_bytes=o.headroom,
-        micro_batch_size=o.micro_batch,
-        num_gpus=o.num_gpus,
-        sharding=spec.resources.effective_sharding.value if spec.resources.effective_sharding else None,
-        host_breakdown=o.host or {},
-        host_memory_bytes=sum((o.host or {}).values()) * o.num_gpus,
-    )
-    if result.sharding:
-        result.sharded_terms = [
-            k for k in fsdp.sharded_term_names(build_setup(spec, shape, 1, recipe)) if k in o.breakdown
-        ]
-    if o.fits is False:
-        result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
-        if suggest:
-            from planner.suggest import smallest_fit, suggestions  # late: suggest.py imports this module
-
-            result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe, max_num_gpus)
-            if not result.suggestions:
-                result.min_gpu_memory_bytes, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
-                result.reasons.append(_nothing_fits_reason(result, max_num_gpus))
-    return result
-
-
-def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase: str) -> list[str]:
-    top = sorted(breakdown.items(), key=lambda kv: -kv[1])[:3]
-    parts = ", ".join(f"{k} {v / t.GIB:.1f} GiB" for k, v in top)
-    return [
-        f"predicted peak {peak / t.GIB:.1f} GiB (at {phase}) + safety margin {margin / t.GIB:.1f} GiB "
-        f"exceeds the GPU's {gpu / t.GIB:.1f} GiB by {(peak + margin - gpu) / t.GIB:.1f} GiB",
-        f"largest terms: {parts}",
-    ]
-
-
-def _nothing_fits_reason(result: Plan, max_num_gpus: int) -> str:
-    gpu = result.gpu_memory_bytes / t.GIB
-    text = (
-        f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
-        f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB"
-    )
-    if result.min_num_gpus:
-        text += f", or {result.min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
-    else:
-        text += f"; even 8 GPUs of {gpu:.1f} GiB with zero3 do not fit it"
-    return text
-
-
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON merge-patch."""
     if not isinstance(patch, dict):
@@ -532,4 +462,4 @@ def apply_patch(spec: JobSpec, patch: dict) -> JobSpec:
     return JobSpec.model_validate(merge_patch(json.loads(spec.model_dump_json()), patch))
 
 
-__all__ = ["HF_TRAINER", "WORKER", "Plan", "Recipe", "Suggestion", "apply_patch", "estimate", "plan"]
+__all__ = ["HF_TRAINER", "WORKER", "Plan", "Recipe", "Suggestion", "apply_patch", "estimate", "evaluate"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from domain.spec import JobSpec
 from planner.shapes import Linear, ModelShape
-from planner.spec import JobSpec
 
 
 @dataclass(frozen=True, slots=True)

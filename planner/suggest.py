@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from domain.spec import JobSpec
 from planner.core import Outcome, Recipe, Suggestion, apply_patch, evaluate
 from planner.shapes import ModelShape
-from planner.spec import JobSpec
 
 # Expected throughput cost (fraction of tokens/s lost), cheapest first.
 COST_FUSED_LOSS = 0.0  # the chunked lm_head + loss recomputes one small matmul per chunk: about free
@@ -29,7 +29,7 @@ COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
 COST_SHARD_PER_DOUBLING = 0.3
 COST_ZERO3_EXTRA = 0.05
 COST_OFFLOAD = {"optimizer": 0.6, "params": 1.2}  # NOT MEASURED: PCIe traffic of the states / params every step
-# Optimizers FSDP2 cannot step (planner/spec.py JobSpec._sharding_problems): a sharding patch swaps them for adamw.
+# Optimizers FSDP2 cannot step (domain/spec.py JobSpec._sharding_problems): a sharding patch swaps them for adamw.
 _UNSHARDABLE_OPTIMIZERS = (
     "adamw_8bit",
     "paged_adamw_8bit",

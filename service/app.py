@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from domain.errors import DomainError
 from service import metrics
 from service.api import checkpoints, docs, files, health, jobs, openai, plans, webhooks
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
@@ -32,6 +33,8 @@ from service.errors import (
     RouteNotFound,
     UnsupportedMediaType,
     UploadTooLarge,
+    http_status,
+    to_problem,
 )
 from service.idempotency.layer import IdempotencyLayer, declare_in_openapi
 from service.logs import configure_logging
@@ -57,23 +60,23 @@ class OpenAIErrorResponse(ProblemResponse):
     media_type = "application/json"
 
 
-def problem_response(error: ProblemError, request: Request, headers: dict[str, str] | None = None) -> Response:
+def problem_response(error: DomainError, request: Request, headers: dict[str, str] | None = None) -> Response:
     """problem+json; OpenAI's error envelope on the OpenAI routes; both in one body on /v1/files, which native
     clients and the OpenAI SDK share (the envelope as the problem's `error` member)."""
-    return error_response(error, request.url.path, {**(error.headers or {}), **(headers or {})})
+    return error_response(error, request.url.path, {**(getattr(error, "headers", None) or {}), **(headers or {})})
 
 
-def error_response(error: ProblemError, path: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(error: DomainError, path: str, headers: dict[str, str] | None = None) -> Response:
     if path.startswith(openai.PREFIX):
-        return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=error.status, headers=headers)
-    body = error.to_problem(instance=path)
+        return OpenAIErrorResponse(openai_error(error).model_dump(), status_code=http_status(error), headers=headers)
+    body = to_problem(error, instance=path)
     if path.startswith(files.router.prefix):
         body["error"] = openai_error(error).error.model_dump()
-    return ProblemResponse(body, status_code=error.status, headers=headers)
+    return ProblemResponse(body, status_code=http_status(error), headers=headers)
 
 
-async def _on_problem(request: Request, error: ProblemError) -> Response:
-    if error.status >= 500:
+async def _on_problem(request: Request, error: DomainError) -> Response:
+    if http_status(error) >= 500:
         log.error("request failed: %s", error.detail)
     return problem_response(error, request)
 
@@ -251,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
     app.include_router(health.router, responses=problems(500))
     docs.install(app)  # /docs and /redoc from local assets
-    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(DomainError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)

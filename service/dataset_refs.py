@@ -10,9 +10,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from planner.spec import DatasetFormat, DatasetRef
-from service.datasets import validate_dataset
-from service.errors import DatasetNotFound, DatasetPathEscapes, DatasetTooLarge
+from domain.datasets import validate_dataset
+from domain.errors import DatasetNotFound, DatasetTooLarge
+from domain.spec import DatasetFormat, DatasetRef
+from service.errors import DatasetPathEscapes
 from service.jobs import repository
 from service.settings import Settings
 from service.storage import Storage, data_storage, job_storage, local_copy

@@ -1,38 +1,56 @@
-"""One error hierarchy. Each error carries its HTTP status and a stable machine-readable code.
+"""The API's errors: each carries its HTTP status and a stable machine-readable code.
 
-The API renders every one of them as RFC 9457 problem+json; the worker stores `code` and the message on
-the failed job. `retryable` says whether running the same job again could help.
+The API renders every one of them, and every domain error (domain/errors.py: dataset and training outcomes, which
+carry no HTTP status), as RFC 9457 problem+json; http_status() gives a domain error its status here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from domain.errors import (
+    DatasetNotFound,
+    DatasetTooLarge,
+    DomainError,
+    InvalidDataset,
+    JobCancelled,
+    UnsupportedOnDevice,
+)
 
-class ProblemError(Exception):
+
+class ProblemError(DomainError):
     status: int = 500
-    code: str = "internal_error"
-    title: str = "Internal error"
-    retryable: bool = False
     headers: dict[str, str] | None = None
 
-    def __init__(self, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.extra = extra
 
-    def to_problem(self, instance: str | None = None) -> dict[str, Any]:
-        body = {
-            "type": f"https://ftjobs.dev/problems/{self.code}",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "code": self.code,
-        }
-        if instance:
-            body["instance"] = instance
-        body.update(self.extra)
-        return body
+# The status of each domain error that can reach a response.
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    InvalidDataset: 422,
+    DatasetNotFound: 422,
+    DatasetTooLarge: 422,
+    UnsupportedOnDevice: 422,
+    JobCancelled: 409,
+}
+
+
+def http_status(error: DomainError) -> int:
+    if isinstance(error, ProblemError):
+        return error.status
+    return next((status for cls, status in DOMAIN_STATUS.items() if isinstance(error, cls)), 500)
+
+
+def to_problem(error: DomainError, instance: str | None = None) -> dict[str, Any]:
+    body = {
+        "type": f"https://ftjobs.dev/problems/{error.code}",
+        "title": error.title,
+        "status": http_status(error),
+        "detail": error.detail,
+        "code": error.code,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(error.extra)
+    return body
 
 
 class Unauthenticated(ProblemError):
@@ -84,28 +102,12 @@ class BaseModelNotAllowed(ProblemError):
     status, code, title = 422, "base_model_not_allowed", "The base model is outside the allowed model roots"
 
 
-class InvalidDataset(ProblemError):
-    status, code, title = 422, "invalid_dataset", "The dataset is malformed"
-
-    def __init__(self, detail: str, *, line: int | None = None, **extra: Any) -> None:
-        super().__init__(detail if line is None else f"line {line}: {detail}", line=line, **extra)
-        self.line = line
-
-
-class DatasetNotFound(ProblemError):
-    status, code, title = 422, "dataset_not_found", "The dataset cannot be found"
-
-
 class DatasetPathEscapes(ProblemError):
     status, code, title = 422, "dataset_path_escapes_root", "The dataset path leaves the data root"
 
 
 class UploadTooLarge(ProblemError):
     status, code, title = 413, "upload_too_large", "The upload exceeds the size limit"
-
-
-class DatasetTooLarge(ProblemError):
-    status, code, title = 422, "dataset_too_large", "The dataset exceeds the size or row limit"
 
 
 class DatabaseUnavailable(ProblemError):
@@ -197,35 +199,3 @@ class TooManyStreams(ProblemError):
     status, code, retryable = 503, "too_many_streams", True
     title = "This API process serves its maximum of event streams"
     headers = {"Retry-After": "5"}
-
-
-# Worker-side outcomes, stored on the failed job as error.code.
-class TrainingOutOfMemory(ProblemError):
-    code, title, retryable = "out_of_memory", "The job ran out of GPU memory", False
-
-
-class TrainingCrashed(ProblemError):
-    code, title, retryable = "training_crashed", "The training process died", True
-
-
-class JobCancelled(ProblemError):
-    status, code, title = 409, "cancelled", "The job was cancelled"
-
-
-class JobDrained(ProblemError):
-    """The worker is shutting down: the job stopped at a step boundary after its checkpoint, to run elsewhere."""
-
-    code, title, retryable = "drained", "The job was handed back to the queue", True
-
-
-class LeaseLost(ProblemError):
-    """This attempt's lease expired and a newer attempt may own the job: stop without writing anything."""
-
-    code, title, retryable = "lease_lost", "The attempt lost its lease", True
-
-
-class UnsupportedOnDevice(ProblemError):
-    """The spec asks for something this worker's device cannot run (a CUDA-only optimizer on a CPU worker).
-    Raised before any model is loaded."""
-
-    status, code, title, retryable = 422, "unsupported_on_device", "This worker's device cannot run the spec", False

@@ -10,9 +10,9 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from planner.spec import DatasetFormat
+from domain.datasets import validate_dataset
+from domain.spec import DatasetFormat
 from service.dataset_refs import upload_key
-from service.datasets import validate_dataset
 from service.errors import FileInUse, FileNotFound, InvalidCursor, UploadTooLarge
 from service.jobs import repository
 from service.jobs.service import ID_PATTERN, new_id

@@ -28,8 +28,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from service.errors import DoesNotFit, ProblemError
-from service.jobs.states import JobStatus
+from domain.errors import DomainError
+from domain.states import JobStatus
+from service.errors import DoesNotFit, http_status
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,8 @@ class SubmissionRoute(APIRoute):
             except RequestValidationError:
                 JOB_SUBMISSIONS.labels("invalid").inc()
                 raise
-            except ProblemError as error:
-                if 400 <= error.status < 500:  # a server-side failure (queue down) is not the submitter's doing
+            except DomainError as error:
+                if 400 <= http_status(error) < 500:  # a server-side failure (queue down) is not the submitter's doing
                     JOB_SUBMISSIONS.labels("invalid").inc()
                 raise
             if response.status_code < 300:

@@ -26,9 +26,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.spec import MAX_SEED, DatasetRef, JobSpec
-from service.errors import InvalidCursor, InvalidSpec, ProblemError
-from service.jobs.states import JobStatus
+from domain.errors import DomainError
+from domain.spec import MAX_SEED, DatasetRef, JobSpec
+from domain.states import JobStatus
+from service.errors import InvalidCursor, InvalidSpec, http_status
 from service.models import Job, JobCheckpoint
 from service.schemas_openai import (
     CheckpointMetricsOut,
@@ -284,13 +285,14 @@ def checkpoint_cursor(after: str | None) -> int | None:
 # --- errors ------------------------------------------------------------------------------------------------
 
 
-def openai_error(error: ProblemError) -> OpenAIError:
+def openai_error(error: DomainError) -> OpenAIError:
     """The problem in OpenAI's envelope: its detail as the message, its stable code as the code."""
-    if error.status == 401:
+    status = http_status(error)
+    if status == 401:
         kind = "authentication_error"
-    elif error.status == 429:
+    elif status == 429:
         kind = "rate_limit_error"
-    elif error.status >= 500:
+    elif status >= 500:
         kind = "server_error"
     else:
         kind = "invalid_request_error"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from domain.spec import JobSpec
 from planner import Plan, plan
 from planner.scope import PlanRefused
-from planner.spec import JobSpec
 from service.base_models import locate_for_planning
 from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong
 from service.gpus import live_gpus

@@ -1,4 +1,4 @@
-"""Response bodies. Request bodies are the JobSpec itself (planner/spec.py)."""
+"""Response bodies. Request bodies are the JobSpec itself (domain/spec.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchema
 from pydantic_core import core_schema
 from sqlalchemy import Row
 
+from domain.spec import DatasetFormat, JobSpec
+from domain.states import JobStatus
 from planner import Plan
-from planner.spec import DatasetFormat, JobSpec
-from service.jobs.states import JobStatus
 from service.models import Job, JobAttempt, JobCheckpoint, JobEvent, UploadedFile
 
 

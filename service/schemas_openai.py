@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from planner.spec import MAX_SEED
+from domain.spec import MAX_SEED
 
 
 class _Request(BaseModel):

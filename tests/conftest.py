@@ -223,7 +223,7 @@ def worker(database, redis_client) -> Iterator[WorkerProcess]:
 @pytest.fixture()
 def store_queued_job(database, settings, admin_key):
     """Store a job exactly as POST /v1/jobs does, but send no message: the test decides when (and how often)."""
-    from planner.spec import JobSpec
+    from domain.spec import JobSpec
     from service.db import transaction
     from service.jobs.service import submit_job
 

@@ -20,9 +20,9 @@ import logging
 
 from celery import Celery, signals
 
+from service.broker import celery_config
 from service.db import in_transaction
 from service.jobs import repository
-from service.queue import celery_config
 from service.settings import get_settings
 from worker import metrics as worker_metrics
 from worker.execution import requeue_orphans

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.spec import CHECKPOINT_METRICS_FILE
+from domain import messages
+from domain.spec import CHECKPOINT_METRICS_FILE
+from domain.states import JobStatus
 from service.db import in_transaction, transaction
 from service.errors import StorageUnavailable
 from service.jobs import attempts, repository
 from service.jobs.attempts import Fence
-from service.jobs.states import JobStatus
 from service.queue import enqueue_job
 from service.settings import Settings
 from service.storage import job_storage, local_copy
@@ -122,12 +123,7 @@ class AttemptRunner:
         try:
             dataset, validation = self._stage()
         except (StorageUnavailable, FileNotFoundError) as exc:
-            return {
-                "type": "error",
-                "code": "staging_failed",
-                "retryable": True,
-                "message": f"could not stage the job's files: {exc}",
-            }
+            return messages.error("staging_failed", f"could not stage the job's files: {exc}", retryable=True)
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(
@@ -193,7 +189,7 @@ class AttemptRunner:
                 return {"type": "drained", "detail": "the worker was told to stop at once"}
             if self.shutdown.drain.is_set() and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.settings.drain_seconds
-                link.send({"type": "drain"})
+                link.send(messages.drain())
             if drain_deadline is not None and time.monotonic() > drain_deadline:
                 _stop(process)
                 return {"type": "drained", "detail": f"no checkpoint within {self.settings.drain_seconds} s"}
@@ -201,7 +197,7 @@ class AttemptRunner:
                 message = link.receive()
                 if message is None:  # the child is gone without a last word
                     return {"type": "crashed"}
-                if message["type"] in ("result", "error"):
+                if message["type"] in messages.FINAL:
                     return message
                 self._on_message(message, link)
             elif not process.is_alive():
@@ -223,7 +219,7 @@ class AttemptRunner:
                 worker_metrics.job_progress(self.fence.job_id, data)
         elif kind == "checkpoint":
             if self._publish_checkpoint(data["step"], self.output_dir / data["path"]):
-                link.send({"type": "ack"})
+                link.send(messages.ack())
         else:  # "log" ({message, ...}) becomes a job event as it is
             self._write(lambda s: attempts.add_event(s, self.fence, kind, data))
 
@@ -350,7 +346,7 @@ class LeaseKeeper(threading.Thread):
                 self.lost.set()
                 self.process.kill()
                 return
-            self.link.send({"type": "lease", "deadline": sent_at + self.settings.lease_seconds})
+            self.link.send(messages.lease(sent_at + self.settings.lease_seconds))
 
     def stop(self) -> None:
         self._stopped.set()

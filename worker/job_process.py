@@ -1,12 +1,9 @@
 """The training child process: one per attempt, started with spawn so all its GPU memory dies with it.
 
 It never touches the database or the shared storage: the parent (worker/execution.py) is the only writer, and
-every write it makes is fenced by the attempt. The two talk over one duplex pipe of plain dicts:
-  child -> parent  {"type": "progress" | "checkpoint" | "log" | "result" | "error", ...}
-  parent -> child  {"type": "lease", "deadline": monotonic seconds}   the lease was renewed until then
-                   {"type": "drain"}                                  checkpoint at the next step, then stop
-                   {"type": "ack"}                                    the last checkpoint is in storage
-A checkpoint message waits for its ack, so the local copy cannot be pruned while the parent uploads it.
+every write it makes is fenced by the attempt. The two talk over one duplex pipe of plain dicts
+(domain/messages.py). A checkpoint message waits for its ack, so the local copy cannot be pruned while the
+parent uploads it.
 
 The child stops by itself, writing nothing more, once its lease deadline passes without a renewal: a worker
 that was paused (SIGSTOP) or cut off from the database past its lease may already have been replaced, and
@@ -23,6 +20,9 @@ import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+from domain import messages
+from domain.errors import DomainError, LeaseLost
 
 
 class ParentLink:
@@ -43,7 +43,7 @@ class ParentLink:
         return self.drain_requested
 
     def checkpoint_saved(self, step: int, path: str) -> None:
-        self.send({"type": "checkpoint", "step": step, "path": path})
+        self.send(messages.checkpoint(step, path))
         while not self._handle(self.conn.recv()):
             pass
 
@@ -62,8 +62,6 @@ class ParentLink:
     def _check_lease(self) -> None:
         self._read_pending()  # renewals queue up in the pipe while the model loads
         if time.monotonic() > self.lease_deadline:
-            from service.errors import LeaseLost
-
             raise LeaseLost("the lease ran out without a renewal; a newer attempt may own the job")
 
 
@@ -91,9 +89,9 @@ def job_process_main(
     try:
         result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
-        conn.send({"type": "error", **_describe(exc)})
+        conn.send(_describe(exc))
         raise
-    conn.send({"type": "result", **result})
+    conn.send(messages.result(**result))
 
 
 def _train(
@@ -104,7 +102,7 @@ def _train(
     link: ParentLink,
     validation_path: str | None,
 ) -> dict:
-    from planner.spec import JobSpec
+    from domain.spec import JobSpec
     from worker.gpus import process_used_bytes
     from worker.training.recipe import train
 
@@ -114,11 +112,11 @@ def _train(
         dataset_path=Path(dataset_path),
         output_dir=Path(output_dir),
         validation_path=Path(validation_path) if validation_path else None,
-        on_progress=lambda p: link.send({"type": "progress", **dataclasses.asdict(p), **_resident_memory()}),
+        on_progress=lambda p: link.send(messages.progress(p, **_resident_memory())),
         should_stop=link.should_stop,
         should_drain=link.should_drain,
         on_checkpoint=link.checkpoint_saved,
-        on_resume=lambda step: link.send({"type": "log", "message": f"resumed from step {step}", "step": step}),
+        on_resume=lambda step: link.send(messages.log(f"resumed from step {step}", step=step)),
     )
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
@@ -154,8 +152,6 @@ def _resident_memory() -> dict:
 
 
 def _describe(exc: BaseException) -> dict:
-    from service.errors import ProblemError
-
-    if isinstance(exc, ProblemError):
-        return {"code": exc.code, "message": exc.detail, "retryable": exc.retryable}
-    return {"code": "training_error", "message": f"{type(exc).__name__}: {exc}", "retryable": False}
+    if isinstance(exc, DomainError):
+        return messages.error(exc.code, exc.detail, exc.retryable)
+    return messages.error("training_error", f"{type(exc).__name__}: {exc}", retryable=False)

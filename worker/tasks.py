@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from service.queue import RUN_JOB_TASK, enqueue_job
+from service.broker import RUN_JOB_TASK
+from service.queue import enqueue_job
 from service.settings import get_settings
 from worker.celery_app import app
 from worker.execution import execute_job

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from domain.spec import DatasetFormat
 from ftjobs.client import File
 from ftjobs.commands.common import SUCCEEDED, client_of, emit, table, when
-from planner.spec import DatasetFormat
 
 
 def register(commands, parent: argparse.ArgumentParser) -> None:

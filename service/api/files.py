@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from planner.spec import DatasetFormat
+from domain.spec import DatasetFormat
 from service import files
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.downloads import stored_file_response

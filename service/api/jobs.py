@@ -14,14 +14,14 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy import Row
 
-from planner.spec import JobSpec
+from domain.spec import JobSpec
+from domain.states import JobStatus
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
 from service.api.streams import EVENT_STREAM, event_stream, wants_stream
 from service.archives import archive_bytes, archive_chunks, artifact_members
 from service.errors import ArtifactNotFound
 from service.jobs import service
-from service.jobs.states import JobStatus
 from service.metrics import SubmissionRoute
 from service.models import Job
 from service.queue import enqueue_job

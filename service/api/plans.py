@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from domain.spec import JobSpec
 from planner import Plan
-from planner.spec import JobSpec
 from service.api.deps import AuthenticatedDbDep, SettingsDep
 from service.api.problems import problems
 from service.planning import plan_for

@@ -15,8 +15,9 @@ import logging
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from domain.errors import DomainError
 from service.api.deps import CallerDatabase
-from service.errors import ProblemError, TooManyStreams
+from service.errors import TooManyStreams, http_status
 from service.jobs import service
 from service.schemas import EventOut
 from service.settings import Settings
@@ -77,8 +78,10 @@ async def _next_page(db: CallerDatabase, settings: Settings, job_id: str, after_
     while True:
         try:
             return await db.read_rows(service.events_since, job_id, after_seq, PAGE_EVENTS)
-        except ProblemError as error:
-            if error.status != 503:  # a passing state (database busy or lost) waits; anything else ends the stream
+        except DomainError as error:
+            if (
+                http_status(error) != 503
+            ):  # a passing state (database busy or lost) waits; anything else ends the stream
                 raise
             log.warning("event stream of %s: %s; polling again", job_id, error.detail)
             await asyncio.sleep(settings.sse_poll_seconds)

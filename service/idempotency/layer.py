@@ -36,13 +36,13 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
+from domain.errors import DomainError
 from service.db import Database
 from service.errors import (
     BodyTooLarge,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidIdempotencyKey,
-    ProblemError,
     Unauthenticated,
     UploadTooLarge,
 )
@@ -94,7 +94,7 @@ class IdempotencyLayer:
         *,
         upload_limit_bytes: int,
         json_limit_bytes: int,
-        render_error: Callable[[ProblemError, str, dict | None], Response],
+        render_error: Callable[[DomainError, str, dict | None], Response],
     ) -> None:
         # render_error: the app's own (service/app.py error_response), so a refusal here has the body any error
         # on that route has: problem+json, or OpenAI's envelope on the OpenAI routes.
@@ -118,7 +118,7 @@ class IdempotencyLayer:
         with tempfile.SpooledTemporaryFile(SPOOL_MEMORY_BYTES) as body:
             try:
                 digest = await self._spool(scope, receive, body, headers.get(b"content-type", b""))
-            except ProblemError as error:
+            except DomainError as error:
                 return await self._problem(error, scope, receive, send)
             if digest is None:
                 return  # the client hung up before its body was sent
@@ -133,7 +133,7 @@ class IdempotencyLayer:
             )
         except Unauthenticated:  # an unknown or revoked key: the route says so, as it would without the header
             return await self.app(scope, _replay_body(body, receive), send)
-        except ProblemError as error:
+        except DomainError as error:
             return await self._problem(error, scope, receive, send)
         if held is not None:
             return await self._answer_again(held, fingerprint, scope, receive, send)
@@ -226,8 +226,8 @@ class IdempotencyLayer:
         await send({"type": "http.response.start", "status": held.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": held.response_body})
 
-    async def _problem(self, error: ProblemError, scope, receive, send) -> None:
-        await self.render_error(error, scope["path"], error.headers)(scope, receive, send)
+    async def _problem(self, error: DomainError, scope, receive, send) -> None:
+        await self.render_error(error, scope["path"], getattr(error, "headers", None))(scope, receive, send)
 
 
 def _valid_key(raw: bytes) -> str:

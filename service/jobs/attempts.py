@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from domain.states import JobStatus
 from service.jobs import repository
-from service.jobs.states import JobStatus
 from service.models import Job, JobAttempt, JobCheckpoint, utcnow
 
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)

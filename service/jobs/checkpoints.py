@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from planner.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, Method
+from domain.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, Method
 from service.errors import CheckpointNotFound
 from service.jobs import attempts
 from service.jobs.service import load_job

@@ -22,11 +22,11 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from domain.states import JobStatus
 from service.db import in_transaction
 from service.gpus import gpu_expiry
 from service.idempotency import repository as idempotency
 from service.jobs import attempts, repository
-from service.jobs.states import JobStatus
 from service.queue import enqueue_job, pending_job_ids
 from service.settings import Settings
 

@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
 
-from service.jobs.states import ALLOWED_FROM, JobStatus
+from domain.states import ALLOWED_FROM, JobStatus
 from service.models import DatasetValidation, Job, JobAttempt, JobEvent, RegisteredGpu, Tenant, UploadedFile, utcnow
 from service.webhooks import repository as webhooks
 

@@ -8,8 +8,9 @@ import secrets
 from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
+from domain.spec import JobSpec
+from domain.states import JobStatus
 from planner import Plan
-from planner.spec import JobSpec
 from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
 from service.errors import (
@@ -24,7 +25,6 @@ from service.errors import (
     UnsupportedSharding,
 )
 from service.jobs import repository
-from service.jobs.states import JobStatus
 from service.models import Job, utcnow
 from service.planning import plan_spec
 from service.settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from service.jobs.states import TERMINAL, JobStatus
+from domain.states import TERMINAL, JobStatus
 from service.models import ApiKey, Job, Tenant, utcnow
 
 

@@ -85,7 +85,7 @@ def test_job_fields_are_typed(schema):
     assert {"$ref": "#/components/schemas/Progress"} in job["progress"]["anyOf"]
     assert job["attempts"]["items"] == {"$ref": "#/components/schemas/AttemptOut"}
     assert job["created_at"]["format"] == "date-time"
-    from service.jobs.states import JobStatus
+    from domain.states import JobStatus
 
     assert schema["components"]["schemas"]["JobStatus"]["enum"] == [status.value for status in JobStatus]
 
@@ -162,8 +162,8 @@ def test_docs_pages_use_only_local_assets(api, page):
 def test_a_job_serves_its_spec_and_plan_as_the_declared_models(api, tiny_model, data_root):
     """spec and plan are served as stored, unvalidated: what was stored is exactly the JobSpec and the Plan
     the planner returns for it, so the declared models are what a client reads."""
+    from domain.spec import JobSpec
     from planner import Plan
-    from planner.spec import JobSpec
 
     (data_root / "contract.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 2)
     spec = {

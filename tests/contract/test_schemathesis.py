@@ -22,7 +22,7 @@ OPERATIONS_WITH_INPUT = 8
 
 
 def test_schemathesis_finds_nothing(uvicorn_api, make_key, settings, tiny_model, data_root):
-    from planner.spec import JobSpec
+    from domain.spec import JobSpec
     from service.db import transaction
     from service.jobs.service import submit_job
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from domain.spec import JobSpec
 from planner import plan
 from planner.catalog import find_model
-from planner.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_harness_cases_are_valid_worker_specs():
     methods = {c["spec"]["method"] for c in harness.CASES}
     assert methods == {"qlora", "lora", "full", "freeze"}
     assert any(c["spec"].get("lora", {}).get("use_dora") for c in harness.CASES)
-    from planner.spec import Optimizer
+    from domain.spec import Optimizer
 
     assert {c["spec"]["memory"]["optimizer"] for c in harness.CASES} == {o.value for o in Optimizer}
     assert {c["spec"]["memory"]["fused_loss"] for c in harness.CASES} == {True, False}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from domain.spec import JobSpec
 from planner import ModelShape, Plan, Suggestion, plan
 from planner.catalog import find_model, model_ids
 from planner.core import HF_TRAINER, WORKER, apply_patch, estimate, merge_patch, safety_margin
-from planner.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30

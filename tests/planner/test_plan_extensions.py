@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from domain.spec import JobSpec
 from planner import plan
 from planner import terms as t
 from planner.catalog import find_model
 from planner.core import HF_TRAINER, WORKER, apply_patch, build_setup, estimate, freeze_module_tensors
-from planner.spec import JobSpec
 
 Q05 = find_model("Qwen/Qwen2.5-0.5B")  # hidden 896, q 896, kv 128, intermediate 4864, 24 layers, tied, qkv bias
 

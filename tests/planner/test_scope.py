@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from domain.spec import JobSpec
 from planner import ModelShape, plan
 from planner.catalog import find_model, model_ids
 from planner.scope import PlanRefused
 from planner.shapes import UnsupportedArchitecture, UnsupportedQuantization
-from planner.spec import JobSpec
 
 GIB = 2**30
 LLAMA = {

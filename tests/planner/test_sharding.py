@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
+from domain.spec import JobSpec
 from planner import ModelShape, plan
 from planner.catalog import find_model
 from planner.core import WORKER, _phases_with_host, build_setup
 from planner.fsdp import NCCL_BYTES
-from planner.spec import JobSpec
 
 GIB = 2**30
 SHAPE = ModelShape.from_config(

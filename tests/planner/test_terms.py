@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from domain.spec import JobSpec
 from planner import terms as t
 from planner.catalog import find_model
 from planner.core import HF_TRAINER, WORKER, build_setup
 from planner.shapes import ModelShape
-from planner.spec import JobSpec
 
 Q05 = find_model("Qwen/Qwen2.5-0.5B")
 UNPADDED = replace(WORKER, padded_batches=False)  # every sequence at full length: no attention mask

@@ -1,4 +1,4 @@
-"""service.datasets: every format parses into normalised examples; the first bad row names its line."""
+"""domain.datasets: every format parses into normalised examples; the first bad row names its line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from service.datasets import Message, iter_examples, validate_dataset
-from service.errors import DatasetNotFound, InvalidDataset
+from domain.datasets import Message, iter_examples, validate_dataset
+from domain.errors import DatasetNotFound, InvalidDataset
+from service.errors import to_problem
 
 
 def write_jsonl(path, rows) -> str:
@@ -125,7 +126,7 @@ def test_first_malformed_row_is_reported_with_its_line(tmp_path, fmt, rows, line
         validate_dataset(path, fmt)
     assert caught.value.line == line
     assert reason in str(caught.value)
-    assert caught.value.to_problem()["line"] == line
+    assert to_problem(caught.value)["line"] == line
 
 
 def test_blank_lines_count_towards_line_numbers(tmp_path):
@@ -166,7 +167,7 @@ def test_module_stays_pure_python():
     import sys
 
     code = (
-        "import sys, service.datasets; heavy = {'torch', 'transformers', 'numpy'} & set(sys.modules); "
+        "import sys, domain.datasets; heavy = {'torch', 'transformers', 'numpy'} & set(sys.modules); "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

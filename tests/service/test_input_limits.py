@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
+from domain.states import JobStatus
 from service.db import transaction
 from service.jobs import repository
-from service.jobs.states import JobStatus
 
 ROW = {"instruction": "Say hi.", "output": "Hi!"}
 

@@ -12,12 +12,12 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
+from domain.states import JobStatus
 from service.db import get_engine, transaction
 from service.gpus import live_gpus
 from service.jobs import attempts, repository
 from service.jobs.attempts import Fence
 from service.jobs.reconcile import reconcile
-from service.jobs.states import JobStatus
 from service.models import Job, RegisteredGpu, utcnow
 from service.queue import enqueue_job, pending_job_ids
 from service.settings import Settings

@@ -51,7 +51,7 @@ def client(database, settings):
 @pytest.fixture(scope="module")
 def alpha_job(keys, settings, tiny_model, dataset) -> str:
     """A queued job of tenant alpha with one artifact on disk, stored without a queue message."""
-    from planner.spec import JobSpec
+    from domain.spec import JobSpec
     from service.jobs.service import submit_job
 
     with transaction() as session:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from domain.spec import JobSpec
 from ftjobs.tinymodel import DEMO_INSTRUCTIONS, build_tiny_model
-from planner.spec import JobSpec
 
 
 @pytest.fixture(scope="session")

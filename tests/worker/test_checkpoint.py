@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from planner.spec import GaloreOptions
+from domain.spec import GaloreOptions
 from worker.training import checkpoint, loading, train
 
 

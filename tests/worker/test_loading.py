@@ -7,7 +7,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from planner.spec import Precision
+from domain.spec import Precision
 from worker.training import loading
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.errors import InvalidDataset, JobCancelled
+from domain.errors import InvalidDataset, JobCancelled
 from worker.training import Progress, TrainResult, train
 
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from service.datasets import Example, Message
-from service.errors import InvalidDataset
+from domain.datasets import Example, Message
+from domain.errors import InvalidDataset
 from worker.training import data
 
 TWO_TURNS = Example(

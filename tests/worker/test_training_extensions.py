@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from planner.spec import GaloreOptions
-from service.errors import UnsupportedOnDevice
+from domain.errors import UnsupportedOnDevice
+from domain.spec import GaloreOptions
 from worker.training import data, loading, train
 from worker.training.loss import loss_sum
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from planner.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec
+from domain.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec
 
 MARKER = "COMPLETE"
 TEMP_PREFIX = ".tmp-"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from service.datasets import Example
-from service.errors import InvalidDataset
+from domain.datasets import Example
+from domain.errors import InvalidDataset
 
 IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")

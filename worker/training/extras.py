@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from planner.spec import JobSpec, Method
+from domain.spec import JobSpec, Method
 from worker.training import data
 from worker.training.loss import loss_sum
 

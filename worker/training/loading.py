@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from planner.spec import JobSpec, Method, Optimizer, Precision
+from domain.spec import JobSpec, Method, Optimizer, Precision
 
 WARMUP_FRACTION = 0.03
 FINAL_LR_FRACTION = 0.1
@@ -215,7 +215,7 @@ CUDA_ONLY_OPTIMIZERS = {
 
 def check_device_support(spec: JobSpec, device: torch.device) -> None:
     """Refuse, before any model load, what this device cannot run."""
-    from service.errors import UnsupportedOnDevice
+    from domain.errors import UnsupportedOnDevice
 
     reason = CUDA_ONLY_OPTIMIZERS.get(spec.memory.optimizer)
     if reason and device.type != "cuda":

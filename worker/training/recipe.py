@@ -24,30 +24,13 @@ from pathlib import Path
 
 import torch
 
-from planner.spec import JobSpec, Method
-from service.datasets import iter_examples
-from service.errors import JobCancelled, JobDrained, TrainingOutOfMemory
+from domain.datasets import iter_examples
+from domain.errors import JobCancelled, JobDrained, TrainingOutOfMemory
+from domain.messages import Progress
+from domain.spec import JobSpec, Method
 from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Reported every spec.training.logging_steps optimizer steps, and at the last step."""
-
-    step: int  # optimizer steps completed
-    total_steps: int
-    epoch: float  # fractional epochs consumed
-    loss: float  # mean per-token loss over the steps since the previous report
-    learning_rate: float  # the LR this step used
-    tokens_per_second: float  # non-padding tokens through the model per second of training so far
-    eta_seconds: float | None
-    memory_allocated_bytes: int | None  # None on the CPU
-    memory_reserved_bytes: int | None
-    memory_peak_bytes: int | None  # peak reserved since the job started
-    eval_loss: float | None = None  # per-token loss on training.validation_fraction's held-out examples
-    tokens_seen: int | None = None  # tokens through the model so far, padding excluded (OpenAI's trained_tokens)
 
 
 @dataclass(frozen=True)

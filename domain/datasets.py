@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.spec import DatasetFormat
-from service.errors import DatasetNotFound, DatasetTooLarge, InvalidDataset
+from domain.errors import DatasetNotFound, DatasetTooLarge, InvalidDataset
+from domain.spec import DatasetFormat
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
