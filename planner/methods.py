@@ -1,0 +1,35 @@
+"""The method registry, planner side: one entry per spec Method with its capability flags. The memory terms test
+these flags, never a method's name. The worker's side (load, trainable parameters, artifacts, checkpoint keys) is
+worker/training/methods.py; a test keeps both registries covering the enum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from domain.spec import Method
+
+
+@dataclass(frozen=True, slots=True)
+class MethodTraits:
+    adapters: bool  # LoRA/DoRA adapters train; the base is frozen
+    quantized: bool  # the base's projections are stored quantized (bitsandbytes)
+    trains: Literal["all", "selected", "none"]  # which of the base's own weights train
+    trains_head: bool  # embeddings and lm_head train
+    loads_trained_dtype: bool  # the whole model loads in the precision's trained dtype (else the frozen one)
+
+
+METHODS: dict[Method, MethodTraits] = {
+    Method.qlora: MethodTraits(
+        adapters=True, quantized=True, trains="none", trains_head=False, loads_trained_dtype=False
+    ),
+    Method.lora: MethodTraits(
+        adapters=True, quantized=False, trains="none", trains_head=False, loads_trained_dtype=False
+    ),
+    Method.full: MethodTraits(
+        adapters=False, quantized=False, trains="all", trains_head=True, loads_trained_dtype=True
+    ),
+    Method.freeze: MethodTraits(
+        adapters=False, quantized=False, trains="selected", trains_head=False, loads_trained_dtype=False
+    ),
+}
