@@ -122,6 +122,14 @@ class Plan(BaseModel):
     min_num_gpus: int | None = Field(
         None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
     )
+    assumptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="What the figures assume of the process: the allocator setting (PYTORCH_CUDA_ALLOC_CONF) "
+        "and the torch version the constants were calibrated with (calibrated_torch)",
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="Why the prediction may not hold for this process (e.g. its allocator)"
+    )
 
 
 # ---- setup ------------------------------------------------------------------------------------------------

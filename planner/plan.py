@@ -4,7 +4,7 @@ reasons and the cheaper specs that do (planner/suggest.py)."""
 from __future__ import annotations
 
 from domain.spec import JobSpec
-from planner import fsdp
+from planner import fsdp, policy
 from planner import terms as t
 from planner.core import WORKER, Plan, Recipe, build_setup, evaluate
 from planner.scope import check_scope
@@ -20,12 +20,14 @@ def plan(
     recipe: Recipe = WORKER,
     suggest: bool = True,
     max_num_gpus: int = 1,
+    allocator_conf: str | None = None,
 ) -> Plan:
     """Predict the peak (one rank's when sharded) and, when it does not fit, offer cheaper specs that do; when
     none does, name the smallest GPU and GPU count that would. Refuses (scope.PlanRefused) a spec it cannot plan
     on this model. gpu_memory_bytes None: spec.resources.gpu_memory_gib is used when set, else no GPU is known
     (fits None, and micro_batch_size "auto" resolves to 1). max_num_gpus: the most GPUs one worker has
-    (sharding suggestions go up to it)."""
+    (sharding suggestions go up to it). allocator_conf: PYTORCH_CUDA_ALLOC_CONF as the training process will see
+    it, when the caller knows it (None: the worker's own setting)."""
     check_scope(spec, shape)
     o = evaluate(spec, shape, gpu_memory_bytes, recipe)
     result = Plan(
@@ -42,6 +44,8 @@ def plan(
         sharding=spec.resources.effective_sharding.value if spec.resources.effective_sharding else None,
         host_breakdown=o.host or {},
         host_memory_bytes=sum((o.host or {}).values()) * o.num_gpus,
+        assumptions=_assumptions(recipe),
+        warnings=_warnings(allocator_conf),
     )
     if result.sharding:
         result.sharded_terms = [
@@ -55,6 +59,20 @@ def plan(
                 result.min_gpu_memory_bytes, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
                 result.reasons.append(_nothing_fits_reason(result, max_num_gpus))
     return result
+
+
+def _assumptions(recipe: Recipe) -> dict[str, str]:
+    out = {policy.ALLOCATOR_ENV: policy.ALLOCATOR_CONF} if recipe == WORKER else {}
+    return out | {"calibrated_torch": policy.CALIBRATED_STACK["torch"]}
+
+
+def _warnings(allocator_conf: str | None) -> list[str]:
+    if allocator_conf is None or allocator_conf == policy.ALLOCATOR_CONF:
+        return []
+    return [
+        f"{policy.ALLOCATOR_ENV} is {allocator_conf!r}, not the worker's {policy.ALLOCATOR_CONF!r}: the allocator "
+        "fragmentation constants were fitted with expandable_segments:True, so the predicted peak may be off"
+    ]
 
 
 def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase: str) -> list[str]:
