@@ -22,7 +22,7 @@ from planner import terms as t
 from planner.methods import METHODS
 from planner.optimizers import OPTIMIZERS
 from planner.scope import target_matches
-from planner.shapes import ModelShape
+from planner.shapes import Linear, ModelShape
 
 # ---- fitted constants (calibration/h100-hf-trainer.jsonl, 15 rows; benchmarks/planner_accuracy.py) -------
 # Small allocations outside the terms: cuBLAS/cuBLASLt workspaces, rotary tables, final norm, labels.
@@ -117,10 +117,10 @@ class Plan(BaseModel):
     reasons: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(default_factory=list)
     min_gpu_memory_bytes: int | None = Field(
-        None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)"
+        default=None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)"
     )
     min_num_gpus: int | None = Field(
-        None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
+        default=None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
     )
     assumptions: dict[str, str] = Field(
         default_factory=dict,
@@ -133,7 +133,7 @@ class Plan(BaseModel):
 
 
 # ---- setup ------------------------------------------------------------------------------------------------
-def _adapted(shape: ModelShape, targets: Any) -> tuple:
+def _adapted(shape: ModelShape, targets: Any) -> tuple[Linear, ...]:
     if targets == "all-linear":  # peft all-linear: every nn.Linear but the output layer
         return shape.linears
     return tuple(lin for lin in shape.linears if any(target_matches(t, lin, shape.num_layers) for t in targets))
@@ -142,7 +142,7 @@ def _adapted(shape: ModelShape, targets: Any) -> tuple:
 def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
     """(name, numel, layer index) of every parameter as transformers' llama/qwen2 modeling names it; a tied
     lm_head is listed too (named_parameters(remove_duplicate=False)) but shares the embedding's storage."""
-    out = [
+    out: list[tuple[str, int, int | None]] = [
         ("model.embed_tokens.weight", shape.embed_numel, None),
         ("model.norm.weight", shape.hidden_size, None),
         ("lm_head.weight", shape.embed_numel, None),
@@ -262,7 +262,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
 class _Fixed:
     """The terms that do not depend on the micro-batch (cached: auto and suggestions re-plan a lot)."""
 
-    static: dict
+    static: dict[str, int]
     paged: int
     grads: int
     head_grads: int  # lm_head / embedding grads: the first ones backward creates
@@ -271,7 +271,7 @@ class _Fixed:
     dequant: int
 
 
-_FIXED_CACHE: dict[tuple, _Fixed] = {}
+_FIXED_CACHE: dict[tuple[object, ...], _Fixed] = {}
 
 
 def _fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
@@ -321,7 +321,9 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
     return _phases_with_host(shape, s, recipe)[:2]
 
 
-def _phases_with_host(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int, dict]:
+def _phases_with_host(
+    shape: ModelShape, s: t.Setup, recipe: Recipe
+) -> tuple[dict[str, dict[str, int]], int, dict[str, int]]:
     """(every phase's terms, paged bytes, one rank's offloaded host terms)."""
     f = _fixed(shape, s, recipe)
     static = f.static
@@ -389,12 +391,14 @@ def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, al
 
 
 # ---- public entry point -------------------------------------------------------------------------------------
-def estimate(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER) -> tuple[str, dict, int]:
+def estimate(
+    spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER
+) -> tuple[str, dict[str, int], int]:
     """(peak phase, its breakdown, paged bytes) for a fixed micro-batch (one rank's, when sharded)."""
     return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)[:3]
 
 
-def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict, int, dict]:
+def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict[str, int], int, dict[str, int]]:
     phases, paged, host = _phases_with_host(shape, s, recipe)
     name = max(phases, key=lambda n: sum(phases[n].values()))
     breakdown = {k: int(v) for k, v in phases[name].items() if v}
@@ -413,10 +417,14 @@ def _auto_micro_batch(shape: ModelShape, s1: t.Setup, budget: int | None, recipe
     """Largest micro-batch whose peak fits the budget; 1 with no GPU known (nothing to size against).
     Memory grows with the micro-batch: double until it stops fitting, then bisect. `s1`: the setup at 1."""
 
-    def fits(mb: int) -> bool:
-        return _peak(shape, s1.with_tokens(s1.tokens * mb), recipe) <= budget
+    if budget is None:
+        return 1
+    limit = budget
 
-    if budget is None or not fits(1):
+    def fits(mb: int) -> bool:
+        return _peak(shape, s1.with_tokens(s1.tokens * mb), recipe) <= limit
+
+    if not fits(1):
         return 1
     lo = 1
     while lo < 4096 and fits(min(2 * lo, 4096)):
@@ -434,12 +442,12 @@ class Outcome:
 
     micro_batch: int
     phase: str
-    breakdown: dict
+    breakdown: dict[str, int]
     paged: int
     peak: int
     gpu: int | None
     margin: int
-    host: dict = None  # one rank's host-memory terms (offload); None: nothing offloaded
+    host: dict[str, int] | None = None  # one rank's host-memory terms (offload); None: nothing offloaded
     num_gpus: int = 1
 
     @property
@@ -481,7 +489,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-def apply_patch(spec: JobSpec, patch: dict) -> JobSpec:
+def apply_patch(spec: JobSpec, patch: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate(merge_patch(json.loads(spec.model_dump_json()), patch))
 
 

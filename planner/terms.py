@@ -71,7 +71,7 @@ class Setup:
     offload_gradients: bool = False  # cpu_offload without accumulation: GPU grads are freed after their D2H copy
     trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
-    trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
+    trained_tensors: tuple[tuple[int, int], ...] = ()  # freeze.trainable_modules: (numel, count) of each one
     galore_rank: int = 0  # galore optimizers: the projection rank (0: no GaLore)
     galore_proj_type: str = "std"
     num_gpus: int = 1  # ranks, one GPU each (resources.num_gpus)
@@ -86,7 +86,7 @@ class Setup:
         object.__setattr__(new, "tokens", tokens)
         return new
 
-    def fixed_key(self) -> tuple:
+    def fixed_key(self) -> tuple[object, ...]:
         """Every field but tokens: what the micro-batch-independent terms depend on."""
         return (
             self.method,
@@ -456,22 +456,18 @@ def loss_forward_bytes(shape: ModelShape, s: Setup) -> int:
     return lowp + 2 * logits_fp32_bytes(shape, s)
 
 
-# worker/training/loss.py: lm_head + cross-entropy run per chunk of positions (planner/policy.py says how many).
-FUSED_CHUNK_TOKENS = policy.FUSED_CHUNK_TOKENS
-
-
 def fused_loss_bytes(shape: ModelShape, s: Setup) -> int:
     """The worker's fused loss (worker/training/loss.py _fused_loss_sum): lm_head + cross-entropy per chunk
-    of 1024 positions under activation checkpointing, so one chunk's logits exist at a time: in its backward
-    3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are already freed:
-    calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one tokens x hidden
-    tensor the chunks keep for their recomputation."""
+    of policy.FUSED_CHUNK_TOKENS positions under activation checkpointing, so one chunk's logits exist at a time:
+    in its backward 3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are
+    already freed: calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one
+    tokens x hidden tensor the chunks keep for their recomputation."""
     return 3 * loss_block_bytes(shape, s) + s.tokens * shape.hidden_size * s.compute_bytes
 
 
 def loss_block_bytes(shape: ModelShape, s: Setup) -> int:
     """The largest fp32 tokens x vocab block of the loss: all the logits, or one chunk of the fused loss."""
-    tokens = min(FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
+    tokens = min(policy.FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
     return tokens * shape.vocab_size * 4
 
 
