@@ -51,13 +51,14 @@ def plan(
         result.sharded_terms = [
             k for k in fsdp.sharded_term_names(build_setup(spec, shape, 1, recipe)) if k in o.breakdown
         ]
-    if o.fits is False:
+    if o.fits is False and o.gpu is not None:  # fits is None without a GPU
         result.reasons = _reasons(o.breakdown, o.peak, o.gpu, o.margin, o.phase)
         if suggest:
             result.suggestions = suggestions(spec, shape, o.gpu, o.micro_batch, recipe, max_num_gpus)
             if not result.suggestions:
-                result.min_gpu_memory_bytes, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
-                result.reasons.append(_nothing_fits_reason(result, max_num_gpus))
+                need, result.min_num_gpus = smallest_fit(spec, shape, o.gpu, o.peak, recipe)
+                result.min_gpu_memory_bytes = need
+                result.reasons.append(_nothing_fits_reason(o.gpu, need, result.min_num_gpus, max_num_gpus))
     return result
 
 
@@ -85,14 +86,14 @@ def _reasons(breakdown: dict[str, int], peak: int, gpu: int, margin: int, phase:
     ]
 
 
-def _nothing_fits_reason(result: Plan, max_num_gpus: int) -> str:
-    gpu = result.gpu_memory_bytes / t.GIB
+def _nothing_fits_reason(gpu_bytes: int, need: int, min_num_gpus: int | None, max_num_gpus: int) -> str:
+    gpu = gpu_bytes / t.GIB
     text = (
         f"no single change or combination fits on {max_num_gpus} GPU(s) of {gpu:.1f} GiB: as specified the job "
-        f"needs a GPU of at least {result.min_gpu_memory_bytes / t.GIB:.0f} GiB"
+        f"needs a GPU of at least {need / t.GIB:.0f} GiB"
     )
-    if result.min_num_gpus:
-        text += f", or {result.min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
+    if min_num_gpus:
+        text += f", or {min_num_gpus} GPUs of {gpu:.1f} GiB with zero3 sharding"
     else:
         text += f"; even 8 GPUs of {gpu:.1f} GiB with zero3 do not fit it"
     return text

@@ -197,10 +197,15 @@ def suggestions(
     return found or _combined(spec, shape, gpu, candidates, recipe)
 
 
-def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, recipe: Recipe) -> list[Suggestion]:
+Step = tuple[str, dict[str, Any]]  # (description, patch)
+
+
+def _combined(
+    spec: JobSpec, shape: ModelShape, gpu: int, candidates: list[Candidate], recipe: Recipe
+) -> list[Suggestion]:
     """Add patches in cost order until the spec fits, then drop the ones it does not need; offer that one.
     A switch to GaLore is left out: it would replace the cheaper optimizer steps and then bar method→lora."""
-    steps: list[tuple[str, dict]] = []
+    steps: list[Step] = []
     for _, description, patch in candidates:
         if _turns_on_galore(spec, patch):
             continue
@@ -235,7 +240,9 @@ def _turns_on_galore(spec: JobSpec, patch: dict[str, Any]) -> bool:
     return target is not None and OPTIMIZERS[Optimizer(target)].galore and not OPTIMIZERS[spec.memory.optimizer].galore
 
 
-def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, recipe: Recipe) -> Suggestion:
+def _prune(
+    spec: JobSpec, shape: ModelShape, gpu: int, steps: list[Step], result: Outcome, recipe: Recipe
+) -> Suggestion:
     """Drop, most expensive first, every earlier step the combination still fits without."""
     for step in reversed(steps[:-1]):
         fewer = [s for s in steps if s is not step]
@@ -245,25 +252,27 @@ def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, reci
     return _suggestion("; ".join(d for d, _ in steps), _merge_all(steps), result)
 
 
-def _leaves(patch: dict, prefix: str = "") -> set[str]:
-    out = set()
+def _leaves(patch: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
     for key, value in patch.items():
         out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
     return out
 
 
-def _merge_all(steps: list) -> dict:
+def _merge_all(steps: list[Step]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for _, patch in steps:
         merged = _merge(merged, patch)
     return merged
 
 
-def _suggestion(description: str, patch: dict, result: Outcome) -> Suggestion:
+def _suggestion(description: str, patch: dict[str, Any], result: Outcome) -> Suggestion:
+    if result.headroom is None:  # every suggestion is planned against the GPU it should fit on
+        raise ValueError("a suggestion is planned against a known GPU")
     return Suggestion(description=description, patch=patch, peak_vram_bytes=result.peak, headroom_bytes=result.headroom)
 
 
-def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict, recipe: Recipe) -> Outcome | None:
+def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict[str, Any], recipe: Recipe) -> Outcome | None:
     try:
         patched = apply_patch(spec, patch)
     except ValueError:  # the patch makes an invalid spec (e.g. options of another method)
@@ -271,7 +280,7 @@ def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict, recipe: Recipe
     return evaluate(patched, shape, gpu, recipe)
 
 
-def _merge(a: dict, b: dict) -> dict:
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for key, value in b.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
