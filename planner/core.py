@@ -17,10 +17,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from domain.spec import JobSpec
-from planner import fsdp
+from planner import fsdp, policy
 from planner import terms as t
+from planner.methods import METHODS
+from planner.optimizers import OPTIMIZERS
 from planner.scope import target_matches
-from planner.shapes import ModelShape
+from planner.shapes import Linear, ModelShape
 
 # ---- fitted constants (calibration/h100-hf-trainer.jsonl, 15 rows; benchmarks/planner_accuracy.py) -------
 # Small allocations outside the terms: cuBLAS/cuBLASLt workspaces, rotary tables, final norm, labels.
@@ -63,11 +65,15 @@ class Recipe:
     padded_batches: bool = True  # worker data.collate right-pads: a micro-batch > 1 may carry a mask
     foreach_adamw: bool = False  # HF "adamw_torch" = torch AdamW foreach; the worker uses fused=True
     embedding_fp32_states: bool = False  # HF Trainer: bnb 8-bit optimizers keep nn.Embedding states in fp32
-    expandable_segments: bool = True  # the worker sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-    fused_loss_default: bool = True  # memory.fused_loss None: the worker's chunked loss runs on every device
+    expandable_segments: bool = True  # the allocator setting the process runs with
+    fused_loss_default: bool = True  # memory.fused_loss None: whether the chunked loss runs
 
 
-WORKER = Recipe()
+# The worker: its allocator setting and fused-loss default are planner/policy.py's, as the worker applies them.
+WORKER = Recipe(
+    expandable_segments=policy.expandable_segments(policy.ALLOCATOR_CONF),
+    fused_loss_default=policy.FUSED_LOSS_DEFAULT,
+)
 # refbench.py: random tokens of exactly `seq`, no padding -> no attention mask.
 HF_TRAINER = Recipe(
     kbit_upcast=True,
@@ -111,15 +117,23 @@ class Plan(BaseModel):
     reasons: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(default_factory=list)
     min_gpu_memory_bytes: int | None = Field(
-        None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)"
+        default=None, description="When nothing fits: the smallest GPU this spec fits on as it is (peak + margin)"
     )
     min_num_gpus: int | None = Field(
-        None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
+        default=None, description="When nothing fits: the fewest GPUs of this size (<= 8, zero3) the spec fits on"
+    )
+    assumptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="What the figures assume of the process: the allocator setting (PYTORCH_CUDA_ALLOC_CONF) "
+        "and the torch version the constants were calibrated with (calibrated_torch)",
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="Why the prediction may not hold for this process (e.g. its allocator)"
     )
 
 
 # ---- setup ------------------------------------------------------------------------------------------------
-def _adapted(shape: ModelShape, targets: Any) -> tuple:
+def _adapted(shape: ModelShape, targets: Any) -> tuple[Linear, ...]:
     if targets == "all-linear":  # peft all-linear: every nn.Linear but the output layer
         return shape.linears
     return tuple(lin for lin in shape.linears if any(target_matches(t, lin, shape.num_layers) for t in targets))
@@ -128,7 +142,7 @@ def _adapted(shape: ModelShape, targets: Any) -> tuple:
 def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
     """(name, numel, layer index) of every parameter as transformers' llama/qwen2 modeling names it; a tied
     lm_head is listed too (named_parameters(remove_duplicate=False)) but shares the embedding's storage."""
-    out = [
+    out: list[tuple[str, int, int | None]] = [
         ("model.embed_tokens.weight", shape.embed_numel, None),
         ("model.norm.weight", shape.hidden_size, None),
         ("lm_head.weight", shape.embed_numel, None),
@@ -149,7 +163,7 @@ def _parameter_names(shape: ModelShape) -> list[tuple[str, int, int | None]]:
 
 
 def freeze_module_tensors(shape: ModelShape, names: list[str]) -> tuple[tuple[tuple[int, int], ...], int | None, int]:
-    """freeze.trainable_modules, matched as worker loading.module_name_matches does: ((numel, count) of the
+    """freeze.trainable_modules, matched as the worker matches them (policy.module_name_matches): ((numel, count) of the
     trainable tensors, the first decoder layer holding one (0 when the embeddings train: autograd records from
     the first layer; None when none does), how many layers hold one)."""
     counts: dict[int, int] = {}
@@ -157,7 +171,7 @@ def freeze_module_tensors(shape: ModelShape, names: list[str]) -> tuple[tuple[tu
     embedding = False
     tied_seen = False
     for name, numel, layer in _parameter_names(shape):
-        if not any(f".{module}." in f".{name}." for module in names):
+        if not any(policy.module_name_matches(name, module) for module in names):
             continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             embedding = embedding or name == "model.embed_tokens.weight" or shape.tie_word_embeddings
@@ -172,25 +186,32 @@ def freeze_module_tensors(shape: ModelShape, names: list[str]) -> tuple[tuple[tu
     return tuple(sorted(counts.items())), first, len(layers)
 
 
+def _trainable_layers(spec: JobSpec, shape: ModelShape) -> int:
+    """Decoder layers whose own weights train: all (full), freeze's last N, none (adapters)."""
+    trains = METHODS[spec.method].trains
+    if trains == "all":
+        return shape.num_layers
+    if trains == "selected" and spec.freeze_options:
+        return min(shape.num_layers, spec.freeze_options.trainable_layers)
+    return 0
+
+
 def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe) -> t.Setup:
-    """worker/training/loading.py precision plan: frozen weights in the precision's half dtype (fp32 for
-    fp32), trained weights (full, freeze's last layers) fp32 under -mixed and fp32, autocast for -mixed."""
-    method = spec.method.value
-    precision = spec.memory.precision.value
-    autocast = precision in ("bf16-mixed", "fp16-mixed")
-    trained = 2 if precision == "bf16" else 4
-    frozen = 4 if precision == "fp32" else 2
+    """worker/training/loading.py precision plan (planner/policy.py PRECISIONS): frozen weights in the precision's
+    frozen dtype, trained weights (full, freeze's last layers) in its trained dtype, autocast for -mixed."""
+    traits = METHODS[spec.method]
+    precision = policy.PRECISIONS[spec.memory.precision]
+    autocast, trained, frozen = precision.autocast, precision.trained_bytes, precision.frozen_bytes
     lora = spec.lora_options
     quant = spec.quantization_options
-    upcast = method == "qlora" and recipe.kbit_upcast
-    head = trained if method == "full" else (4 if upcast else frozen)
-    compute = 2 if autocast else (trained if method == "full" else frozen)
-    trainable_layers = {
-        "full": shape.num_layers,
-        "freeze": min(shape.num_layers, spec.freeze_options.trainable_layers if spec.freeze_options else 0),
-    }.get(method, 0)
+    upcast = traits.quantized and recipe.kbit_upcast
+    whole = trained if traits.loads_trained_dtype else frozen  # the dtype the model loads in
+    head = 4 if upcast and not traits.loads_trained_dtype else whole
+    compute = policy.DTYPE_BYTES[precision.autocast_dtype] if precision.autocast_dtype else whole
+    trainable_layers = _trainable_layers(spec, shape)
     modules = spec.freeze_options.trainable_modules if spec.freeze_options else None
-    trained_tensors, first_grad_layer = (), None
+    trained_tensors: tuple[tuple[int, int], ...] = ()
+    first_grad_layer = None
     if modules:
         trained_tensors, first_grad_layer, trainable_layers = freeze_module_tensors(shape, modules)
         if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
@@ -198,7 +219,8 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
     fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
     sharding = spec.resources.effective_sharding
     return t.Setup(
-        method=method,
+        method=spec.method.value,
+        traits=traits,
         tokens=micro_batch * spec.training.max_seq_length,
         seq=spec.training.max_seq_length,
         padded_batches=recipe.padded_batches,
@@ -207,10 +229,10 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         head_bytes=head,
         autocast=autocast,
         compute_bytes=compute,
-        residual_bytes=4 if ((method == "full" and trained == 4) or upcast or compute == 4) else 2,
+        residual_bytes=4 if ((traits.loads_trained_dtype and trained == 4) or upcast or compute == 4) else 2,
         mlp_bytes=4 if (upcast or compute == 4) else 2,
         # sharded: FSDP2's MixedPrecisionPolicy all-gathers the half dtype, so no matmul casts a weight
-        autocast_fp32_params=autocast and trained == 4 and method in ("full", "freeze") and sharding is None,
+        autocast_fp32_params=autocast and trained == 4 and traits.trains_base and sharding is None,
         adapted=_adapted(shape, lora.target_modules) if lora else (),
         lora_r=lora.r if lora else 0,
         lora_dropout=bool(lora and lora.dropout > 0),
@@ -219,12 +241,13 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         gradient_checkpointing=spec.memory.gradient_checkpointing,
         fused_loss=fused_loss,
         optimizer=spec.memory.optimizer.value,
+        optimizer_traits=OPTIMIZERS[spec.memory.optimizer],
         galore_rank=spec.galore_options.rank if spec.galore_options else 0,
         galore_proj_type=spec.galore_options.proj_type if spec.galore_options else "std",
         quant_double=bool(quant and quant.double_quant),
         quant_bits=quant.bits if quant else 4,
         packing=spec.training.packing,
-        offload_gradients=spec.training.gradient_accumulation_steps == 1,
+        offload_gradients=policy.offload_gradients(spec),
         trained_numel=sum(n * c for n, c in trained_tensors),
         first_grad_layer=first_grad_layer,
         trained_tensors=trained_tensors,
@@ -239,7 +262,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
 class _Fixed:
     """The terms that do not depend on the micro-batch (cached: auto and suggestions re-plan a lot)."""
 
-    static: dict
+    static: dict[str, int]
     paged: int
     grads: int
     head_grads: int  # lm_head / embedding grads: the first ones backward creates
@@ -248,7 +271,7 @@ class _Fixed:
     dequant: int
 
 
-_FIXED_CACHE: dict[tuple, _Fixed] = {}
+_FIXED_CACHE: dict[tuple[object, ...], _Fixed] = {}
 
 
 def _fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
@@ -265,7 +288,7 @@ def _fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
 def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
     """Only micro-batch-independent fields of `s` are read."""
     tensors = t.trainable_tensors(shape, s)
-    embed_fp32 = shape.embed_numel if (recipe.embedding_fp32_states and s.method == "full") else 0
+    embed_fp32 = shape.embed_numel if (recipe.embedding_fp32_states and s.traits.trains_head) else 0
     if s.galore_rank:
         states, paged = t.galore_state_bytes(shape, tensors, s), 0
     else:
@@ -274,14 +297,14 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
         t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s) + t.expert_weight_bytes(shape, s)
     )
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
-    if s.method == "full" and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
+    if s.traits.loads_trained_dtype and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
         static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
     static |= {
         "trainable_params": t.adapter_weight_bytes(tensors, s),
         "optimizer_states": states,
         "misc_workspaces": MISC_BYTES,
     }
-    head = (shape.embed_numel + shape.lm_head_numel) * s.trained_bytes if s.method == "full" else 0
+    head = (shape.embed_numel + shape.lm_head_numel) * s.trained_bytes if s.traits.trains_head else 0
     return _Fixed(
         static,
         paged,
@@ -298,12 +321,14 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
     return _phases_with_host(shape, s, recipe)[:2]
 
 
-def _phases_with_host(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, dict[str, int]], int, dict]:
+def _phases_with_host(
+    shape: ModelShape, s: t.Setup, recipe: Recipe
+) -> tuple[dict[str, dict[str, int]], int, dict[str, int]]:
     """(every phase's terms, paged bytes, one rank's offloaded host terms)."""
     f = _fixed(shape, s, recipe)
     static = f.static
     saved = t.saved_activation_bytes(shape, s)
-    layer = t.layer_activation_bytes(shape, s, trainable=s.method in ("full", "freeze"))
+    layer = t.layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
     dropout_copies = t.adapter_activation_bytes_per_token(s) * s.tokens * t.grad_layers(shape, s)
     lm_cast = t.lm_head_cast_bytes(shape, s)
     acts = (
@@ -366,12 +391,14 @@ def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, al
 
 
 # ---- public entry point -------------------------------------------------------------------------------------
-def estimate(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER) -> tuple[str, dict, int]:
+def estimate(
+    spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe = WORKER
+) -> tuple[str, dict[str, int], int]:
     """(peak phase, its breakdown, paged bytes) for a fixed micro-batch (one rank's, when sharded)."""
     return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)[:3]
 
 
-def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict, int, dict]:
+def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict[str, int], int, dict[str, int]]:
     phases, paged, host = _phases_with_host(shape, s, recipe)
     name = max(phases, key=lambda n: sum(phases[n].values()))
     breakdown = {k: int(v) for k, v in phases[name].items() if v}
@@ -390,10 +417,14 @@ def _auto_micro_batch(shape: ModelShape, s1: t.Setup, budget: int | None, recipe
     """Largest micro-batch whose peak fits the budget; 1 with no GPU known (nothing to size against).
     Memory grows with the micro-batch: double until it stops fitting, then bisect. `s1`: the setup at 1."""
 
-    def fits(mb: int) -> bool:
-        return _peak(shape, s1.with_tokens(s1.tokens * mb), recipe) <= budget
+    if budget is None:
+        return 1
+    limit = budget
 
-    if budget is None or not fits(1):
+    def fits(mb: int) -> bool:
+        return _peak(shape, s1.with_tokens(s1.tokens * mb), recipe) <= limit
+
+    if not fits(1):
         return 1
     lo = 1
     while lo < 4096 and fits(min(2 * lo, 4096)):
@@ -411,12 +442,12 @@ class Outcome:
 
     micro_batch: int
     phase: str
-    breakdown: dict
+    breakdown: dict[str, int]
     paged: int
     peak: int
     gpu: int | None
     margin: int
-    host: dict = None  # one rank's host-memory terms (offload); None: nothing offloaded
+    host: dict[str, int] | None = None  # one rank's host-memory terms (offload); None: nothing offloaded
     num_gpus: int = 1
 
     @property
@@ -458,7 +489,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-def apply_patch(spec: JobSpec, patch: dict) -> JobSpec:
+def apply_patch(spec: JobSpec, patch: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate(merge_patch(json.loads(spec.model_dump_json()), patch))
 
 

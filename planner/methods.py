@@ -18,6 +18,11 @@ class MethodTraits:
     trains_head: bool  # embeddings and lm_head train
     loads_trained_dtype: bool  # the whole model loads in the precision's trained dtype (else the frozen one)
 
+    @property
+    def trains_base(self) -> bool:
+        """Some of the base model's own weights train (full, freeze): their layers save their matmul inputs."""
+        return self.trains != "none"
+
 
 METHODS: dict[Method, MethodTraits] = {
     Method.qlora: MethodTraits(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.spec import JobSpec
+from domain.spec import JobSpec, Optimizer
 from planner.core import Outcome, Recipe, Suggestion, apply_patch, evaluate
+from planner.methods import METHODS
+from planner.optimizers import OPTIMIZERS
 from planner.shapes import ModelShape
 
 # Expected throughput cost (fraction of tokens/s lost), cheapest first.
@@ -29,33 +31,35 @@ COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
 COST_SHARD_PER_DOUBLING = 0.3
 COST_ZERO3_EXTRA = 0.05
 COST_OFFLOAD = {"optimizer": 0.6, "params": 1.2}  # NOT MEASURED: PCIe traffic of the states / params every step
-# Optimizers FSDP2 cannot step (domain/spec.py JobSpec._sharding_problems): a sharding patch swaps them for adamw.
-_UNSHARDABLE_OPTIMIZERS = (
-    "adamw_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-    "cpu_offload",
-    "galore_adamw",
-    "galore_adamw_8bit",
-)
+# Switching to an optimizer from its entry's alternatives: (cost, what the description adds after the name).
+_OPTIMIZER_SWITCHES: dict[Optimizer, tuple[float, str]] = {
+    Optimizer.adamw_8bit: (COST_ADAMW_8BIT, ""),
+    Optimizer.galore_adamw_8bit: (COST_ADAMW_8BIT, " (CUDA workers)"),
+    Optimizer.paged_adamw_8bit: (COST_PAGED, " (states in unified memory)"),
+    Optimizer.galore_adamw: (COST_GALORE, " (Adam states on rank-128 projections of the layers' weights)"),
+}
+
+Candidate = tuple[float, str, dict[str, Any]]
 
 
 def sharding_patch(spec: JobSpec, num_gpus: int, sharding: str) -> dict[str, Any] | None:
     """resources.num_gpus/sharding, with the optimizer swapped for adamw where FSDP2 cannot step it; None where the
     spec cannot shard at all (qlora with 8-bit weights)."""
-    if spec.method.value == "qlora" and spec.quantization_options.bits == 8:
+    quant = spec.quantization_options
+    if METHODS[spec.method].quantized and quant is not None and quant.bits == 8:
         return None
     patch: dict[str, Any] = {"resources": {"num_gpus": num_gpus, "sharding": sharding}}
-    if spec.memory.optimizer.value in _UNSHARDABLE_OPTIMIZERS:
+    if not OPTIMIZERS[spec.memory.optimizer].shards:  # domain/spec.py JobSpec._sharding_problems
         patch["memory"] = {"optimizer": "adamw"}
         if spec.galore is not None:
             patch["galore"] = None
     return patch
 
 
-def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[tuple[float, str, dict[str, Any]]]:
+def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[Candidate]:
     """More GPUs of one worker (2, 4, 8 up to what a worker has), zero2 and zero3; offload when already sharded."""
-    out, res = [], spec.resources
+    res = spec.resources
+    out: list[Candidate] = []
     current = res.effective_sharding.value if res.effective_sharding else None
     for n in (2, 4, 8):
         for sharding in ("zero2", "zero3"):
@@ -76,10 +80,10 @@ def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[tuple[float, 
     return out
 
 
-def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[float, str, dict[str, Any]]]:
-    mem, out = spec.memory, _sharding_candidates(spec, max_num_gpus)
-    galore_off = {"galore": None} if spec.galore is not None else {}  # its options need a galore optimizer
-    if mem.fused_loss is False:  # None (the default) is already on for the worker
+def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[Candidate]:
+    """Every single patch worth re-planning, cheapest first (sorted is stable: equal costs keep this order)."""
+    out = _sharding_candidates(spec, max_num_gpus)
+    if spec.memory.fused_loss is False:  # None (the default) is already on for the worker
         out.append(
             (
                 COST_FUSED_LOSS,
@@ -87,36 +91,8 @@ def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[flo
                 {"memory": {"fused_loss": True}},
             )
         )
-    if mem.optimizer.value in ("adamw", "paged_adamw_32bit"):
-        out.append(
-            (COST_ADAMW_8BIT, f"optimizer {mem.optimizer.value}→adamw_8bit", {"memory": {"optimizer": "adamw_8bit"}})
-        )
-    if mem.optimizer.value == "galore_adamw":
-        out.append(
-            (
-                COST_ADAMW_8BIT,
-                "optimizer galore_adamw→galore_adamw_8bit (CUDA workers)",
-                {"memory": {"optimizer": "galore_adamw_8bit"}},
-            )
-        )
-    if mem.optimizer.value != "paged_adamw_8bit":
-        out.append(
-            (
-                COST_PAGED,
-                f"optimizer {mem.optimizer.value}→paged_adamw_8bit (states in unified memory)",
-                {"memory": {"optimizer": "paged_adamw_8bit"}, **galore_off},
-            )
-        )
-    if spec.method.value in ("full", "freeze") and not mem.optimizer.is_galore:
-        out.append(
-            (
-                COST_GALORE,
-                f"optimizer {mem.optimizer.value}→galore_adamw (Adam states on rank-128 "
-                "projections of the layers' weights)",
-                {"memory": {"optimizer": "galore_adamw"}},
-            )
-        )
-    if spec.method.value == "full" and mem.precision.value == "bf16-mixed":
+    out += _optimizer_candidates(spec)
+    if METHODS[spec.method].trains == "all" and spec.memory.precision.value == "bf16-mixed":
         out.append(
             (
                 COST_BF16_PRECISION,
@@ -124,42 +100,82 @@ def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[tuple[flo
                 {"memory": {"precision": "bf16"}},
             )
         )
-    if spec.training.micro_batch_size != "auto":
-        for smaller in (d for d in range(mb - 1, 0, -1) if mb % d == 0):
-            factor = mb // smaller
-            out.append(
-                (
-                    COST_PER_HALVING * factor.bit_length(),
-                    f"micro_batch_size {mb}→{smaller} with gradient_accumulation_steps ×{factor} "
-                    "(same effective batch)",
-                    {
-                        "training": {
-                            "micro_batch_size": smaller,
-                            "gradient_accumulation_steps": spec.training.gradient_accumulation_steps * factor,
-                        }
-                    },
-                )
-            )
-    if not mem.gradient_checkpointing:
+    out += _micro_batch_candidates(spec, mb)
+    if not spec.memory.gradient_checkpointing:
         out.append((COST_CHECKPOINTING, "gradient_checkpointing on", {"memory": {"gradient_checkpointing": True}}))
-    if spec.method.value == "lora":
-        out.append((COST_QLORA, "method lora→qlora (NF4 base weights)", {"method": "qlora"}))
-    if spec.method.value in ("full", "freeze"):
-        patch = {"method": "lora", "freeze": None}
-        if mem.optimizer.is_galore:
-            patch |= {"memory": {"optimizer": "adamw"}, **galore_off}
-        out.append((COST_LORA, f"method {spec.method.value}→lora", patch))
-    seq = spec.training.max_seq_length
-    for shorter in (seq // 2, seq // 4, seq // 8):
-        if shorter >= 256:
-            out.append(
-                (
-                    COST_SHORTER_SEQ + seq / shorter / 100,
-                    f"max_seq_length {seq}→{shorter} (changes the job)",
-                    {"training": {"max_seq_length": shorter}},
-                )
-            )
+    out += _method_candidates(spec)
+    out += _sequence_candidates(spec)
     return sorted(out, key=lambda c: c[0])
+
+
+def _galore_off(spec: JobSpec) -> dict[str, Any]:
+    """The galore section goes with a switch away from a GaLore optimizer: its options need one."""
+    return {"galore": None} if spec.galore is not None else {}
+
+
+def _optimizer_candidates(spec: JobSpec) -> list[Candidate]:
+    """The current optimizer's registry alternatives; GaLore ones only where base weights train (it projects
+    them)."""
+    current = spec.memory.optimizer
+    out: list[Candidate] = []
+    for target in OPTIMIZERS[current].alternatives:
+        if OPTIMIZERS[target].galore and not METHODS[spec.method].trains_base:
+            continue
+        cost, detail = _OPTIMIZER_SWITCHES[target]
+        patch: dict[str, Any] = {"memory": {"optimizer": target.value}}
+        if not OPTIMIZERS[target].galore:
+            patch |= _galore_off(spec)
+        out.append((cost, f"optimizer {current.value}→{target.value}{detail}", patch))
+    return out
+
+
+def _micro_batch_candidates(spec: JobSpec, mb: int) -> list[Candidate]:
+    """Each divisor of the micro-batch, with the accumulation that keeps the effective batch."""
+    if spec.training.micro_batch_size == "auto":
+        return []
+    out: list[Candidate] = []
+    for smaller in (d for d in range(mb - 1, 0, -1) if mb % d == 0):
+        factor = mb // smaller
+        out.append(
+            (
+                COST_PER_HALVING * factor.bit_length(),
+                f"micro_batch_size {mb}→{smaller} with gradient_accumulation_steps ×{factor} (same effective batch)",
+                {
+                    "training": {
+                        "micro_batch_size": smaller,
+                        "gradient_accumulation_steps": spec.training.gradient_accumulation_steps * factor,
+                    }
+                },
+            )
+        )
+    return out
+
+
+def _method_candidates(spec: JobSpec) -> list[Candidate]:
+    """Cheaper methods: unquantized adapters → a quantized base; trained base weights → LoRA adapters."""
+    traits = METHODS[spec.method]
+    out: list[Candidate] = []
+    if traits.adapters and not traits.quantized:
+        out.append((COST_QLORA, f"method {spec.method.value}→qlora (NF4 base weights)", {"method": "qlora"}))
+    if traits.trains_base:
+        patch: dict[str, Any] = {"method": "lora", "freeze": None}
+        if OPTIMIZERS[spec.memory.optimizer].galore:
+            patch |= {"memory": {"optimizer": "adamw"}, **_galore_off(spec)}
+        out.append((COST_LORA, f"method {spec.method.value}→lora", patch))
+    return out
+
+
+def _sequence_candidates(spec: JobSpec) -> list[Candidate]:
+    seq = spec.training.max_seq_length
+    return [
+        (
+            COST_SHORTER_SEQ + seq / shorter / 100,
+            f"max_seq_length {seq}→{shorter} (changes the job)",
+            {"training": {"max_seq_length": shorter}},
+        )
+        for shorter in (seq // 2, seq // 4, seq // 8)
+        if shorter >= 256
+    ]
 
 
 def suggestions(
@@ -181,10 +197,15 @@ def suggestions(
     return found or _combined(spec, shape, gpu, candidates, recipe)
 
 
-def _combined(spec: JobSpec, shape: ModelShape, gpu: int, candidates: list, recipe: Recipe) -> list[Suggestion]:
+Step = tuple[str, dict[str, Any]]  # (description, patch)
+
+
+def _combined(
+    spec: JobSpec, shape: ModelShape, gpu: int, candidates: list[Candidate], recipe: Recipe
+) -> list[Suggestion]:
     """Add patches in cost order until the spec fits, then drop the ones it does not need; offer that one.
     A switch to GaLore is left out: it would replace the cheaper optimizer steps and then bar method→lora."""
-    steps: list[tuple[str, dict]] = []
+    steps: list[Step] = []
     for _, description, patch in candidates:
         if _turns_on_galore(spec, patch):
             continue
@@ -214,13 +235,14 @@ def smallest_fit(spec: JobSpec, shape: ModelShape, gpu: int, peak: int, recipe: 
     return need, None
 
 
-def _turns_on_galore(spec: JobSpec, patch: dict) -> bool:
-    return (
-        str(patch.get("memory", {}).get("optimizer", "")).startswith("galore") and not spec.memory.optimizer.is_galore
-    )
+def _turns_on_galore(spec: JobSpec, patch: dict[str, Any]) -> bool:
+    target = patch.get("memory", {}).get("optimizer")
+    return target is not None and OPTIMIZERS[Optimizer(target)].galore and not OPTIMIZERS[spec.memory.optimizer].galore
 
 
-def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, recipe: Recipe) -> Suggestion:
+def _prune(
+    spec: JobSpec, shape: ModelShape, gpu: int, steps: list[Step], result: Outcome, recipe: Recipe
+) -> Suggestion:
     """Drop, most expensive first, every earlier step the combination still fits without."""
     for step in reversed(steps[:-1]):
         fewer = [s for s in steps if s is not step]
@@ -230,25 +252,27 @@ def _prune(spec: JobSpec, shape: ModelShape, gpu: int, steps: list, result, reci
     return _suggestion("; ".join(d for d, _ in steps), _merge_all(steps), result)
 
 
-def _leaves(patch: dict, prefix: str = "") -> set[str]:
-    out = set()
+def _leaves(patch: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
     for key, value in patch.items():
         out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
     return out
 
 
-def _merge_all(steps: list) -> dict:
+def _merge_all(steps: list[Step]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for _, patch in steps:
         merged = _merge(merged, patch)
     return merged
 
 
-def _suggestion(description: str, patch: dict, result: Outcome) -> Suggestion:
+def _suggestion(description: str, patch: dict[str, Any], result: Outcome) -> Suggestion:
+    if result.headroom is None:  # every suggestion is planned against the GPU it should fit on
+        raise ValueError("a suggestion is planned against a known GPU")
     return Suggestion(description=description, patch=patch, peak_vram_bytes=result.peak, headroom_bytes=result.headroom)
 
 
-def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict, recipe: Recipe) -> Outcome | None:
+def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict[str, Any], recipe: Recipe) -> Outcome | None:
     try:
         patched = apply_patch(spec, patch)
     except ValueError:  # the patch makes an invalid spec (e.g. options of another method)
@@ -256,7 +280,7 @@ def _try(spec: JobSpec, shape: ModelShape, gpu: int, patch: dict, recipe: Recipe
     return evaluate(patched, shape, gpu, recipe)
 
 
-def _merge(a: dict, b: dict) -> dict:
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for key, value in b.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner import policy
+from planner.methods import MethodTraits
+
+# trainable_numel is re-exported: fsdp.py and the tests read t.trainable_numel
+from planner.optimizers import AO_OFFLOAD_MIN_SIZE, OptimizerTraits, Tensors
+from planner.optimizers import trainable_numel as trainable_numel
 from planner.shapes import Linear, ModelShape
+
+# peft keeps LoRA/DoRA adapters in fp32 whatever the precision (planner/policy.py)
+ADAPTER_BYTES = policy.DTYPE_BYTES[policy.ADAPTER_DTYPE]
 
 GIB = 1 << 30
 
@@ -21,13 +30,6 @@ NF4_BLOCKSIZE = 64
 # blocks of 256 with one fp32 absmax each, plus a 256-entry fp32 code table (QuantState.state2).
 NF4_DQ_BLOCKSIZE = 256
 NF4_DQ_CODE_BYTES = 256 * 4
-# bitsandbytes optim/optimizer.py Optimizer2State.init_state: 8-bit states use blocksize 256 with an fp32
-# absmax per block, and params with numel < min_8bit_size (4096) keep fp32 states.
-BNB_8BIT_BLOCKSIZE = 256
-BNB_MIN_8BIT_SIZE = 4096
-# bitsandbytes optim/optimizer.py Optimizer8bit.get_state_buffer: paged optimizers page only buffers with
-# numel >= 1e5 (F.get_paged = cudaMallocManaged); smaller ones are ordinary torch tensors.
-BNB_PAGED_MIN_NUMEL = 100_000
 # CUDA context: nvml_used - peak_reserved is exactly 794,820,608 bytes in all 15 calibration rows
 # (H100, driver 580, torch 2.11.0+cu130). Paged (managed) optimizer states do not show in it: the six
 # paged_adamw_8bit qlora rows have the same gap as the adamw rows.
@@ -35,22 +37,14 @@ CUDA_CONTEXT_BYTES = 794_820_608
 # bitsandbytes 0.50.2 Linear8bitLt / Int8Params (LLM.int8, quantization.bits=8): int8 weight CB plus one fp32
 # absmax per output row (SCB: int8_vectorwise_quant over dim=1).
 INT8_ROW_SCALE_BYTES = 4
-# torchao 0.18 optim/adam.py _AdamBase._new_buffer: states of tensors with numel >= 4096 and numel % block_size
-# == 0 are OptimState4bit (subclass_4bit.py: uint8 codes packing two 4-bit codes, one fp32 scale per block of
-# block_size=128, a 16-entry fp32 qmap); other tensors get zeros_like(param).
-AO_4BIT_BLOCKSIZE = 128
-AO_MIN_QUANT_SIZE = 4096
-AO_QMAP_BYTES = 16 * 4
-# torchao 0.18 optim/cpu_offload.py CPUOffloadOptimizer(minimal_size=4096): smaller tensors stay on the GPU with a
-# GPU optimizer; larger ones get a pinned host copy + host grad, and their AdamW states live on the host.
-AO_OFFLOAD_MIN_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Setup:
     """The numeric facts of one planned run, resolved from the spec and the recipe."""
 
-    method: str  # qlora | lora | full | freeze
+    method: str  # qlora | lora | full | freeze: for reading only; the terms test `traits`
+    traits: MethodTraits  # planner/methods.py METHODS[method]
     tokens: int  # micro_batch_size * max_seq_length: every sequence at the length limit (the worst case)
     seq: int  # max_seq_length
     padded_batches: bool  # micro-batches may be right-padded: an attention mask exists when tokens > seq
@@ -70,13 +64,14 @@ class Setup:
     gradient_checkpointing: bool
     fused_loss: bool
     optimizer: str
+    optimizer_traits: OptimizerTraits  # planner/optimizers.py OPTIMIZERS[optimizer]
     quant_double: bool
     quant_bits: int = 4  # qlora: 4 (NF4/FP4, same storage) or 8 (LLM.int8)
     packing: bool = False  # training.packing: rows of packed examples carry a block-diagonal mask (sdpa)
     offload_gradients: bool = False  # cpu_offload without accumulation: GPU grads are freed after their D2H copy
     trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
-    trained_tensors: tuple = ()  # freeze.trainable_modules: (numel, count) of every trainable tensor
+    trained_tensors: tuple[tuple[int, int], ...] = ()  # freeze.trainable_modules: (numel, count) of each one
     galore_rank: int = 0  # galore optimizers: the projection rank (0: no GaLore)
     galore_proj_type: str = "std"
     num_gpus: int = 1  # ranks, one GPU each (resources.num_gpus)
@@ -91,10 +86,11 @@ class Setup:
         object.__setattr__(new, "tokens", tokens)
         return new
 
-    def fixed_key(self) -> tuple:
+    def fixed_key(self) -> tuple[object, ...]:
         """Every field but tokens: what the micro-batch-independent terms depend on."""
         return (
             self.method,
+            self.traits,
             self.seq,
             self.padded_batches,
             self.trained_bytes,
@@ -113,6 +109,7 @@ class Setup:
             self.gradient_checkpointing,
             self.fused_loss,
             self.optimizer,
+            self.optimizer_traits,
             self.quant_double,
             self.quant_bits,
             self.packing,
@@ -144,9 +141,9 @@ def nf4_constants_bytes(numel: int, double_quant: bool) -> int:
 
 def layer_linear_weight_bytes(shape: ModelShape, s: Setup) -> int:
     """The seven projections of every decoder layer, as stored (NF4-packed for qlora)."""
-    if s.method == "qlora" and s.quant_bits == 8:  # int8: one byte per weight
+    if s.traits.quantized and s.quant_bits == 8:  # int8: one byte per weight
         return shape.num_layers * shape.layer_linear_numel
-    if s.method == "qlora":  # NF4 and FP4 pack the same: two codes per byte
+    if s.traits.quantized:  # NF4 and FP4 pack the same: two codes per byte
         return shape.num_layers * sum(nf4_packed_bytes(lin.weight_numel) for lin in shape.linears)
     if s.trained_tensors:  # freeze.trainable_modules: everything frozen, the matched tensors in the trained dtype
         return shape.layer_linear_numel * shape.num_layers * s.frozen_bytes
@@ -155,7 +152,7 @@ def layer_linear_weight_bytes(shape: ModelShape, s: Setup) -> int:
 
 
 def quant_constant_bytes(shape: ModelShape, s: Setup) -> int:
-    if s.method != "qlora":
+    if not s.traits.quantized:
         return 0
     if s.quant_bits == 8:  # SCB: one fp32 scale per output row
         return shape.num_layers * sum(lin.out_features * INT8_ROW_SCALE_BYTES for lin in shape.linears)
@@ -190,10 +187,10 @@ def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
 
 
 # ---- trainable parameters and what the optimizer keeps -------------------------------------------------
-def trainable_tensors(shape: ModelShape, s: Setup) -> list[tuple[int, int]]:
+def trainable_tensors(shape: ModelShape, s: Setup) -> Tensors:
     """(numel, count) of every trainable tensor: the optimizer keeps state per tensor."""
-    if s.method in ("lora", "qlora"):
-        out = []
+    if s.traits.adapters:
+        out: Tensors = []
         for lin in s.adapted:
             out += [(s.lora_r * lin.in_features, shape.num_layers), (lin.out_features * s.lora_r, shape.num_layers)]
             if s.dora:  # peft DoraLinearLayer.weight: one magnitude per output feature
@@ -207,86 +204,56 @@ def trainable_tensors(shape: ModelShape, s: Setup) -> list[tuple[int, int]]:
     if shape.num_experts:  # MoE: the router and both 3-D expert tensors train, all experts (each keeps states)
         layer += [(shape.router_numel, s.trainable_layers)]
         layer += [(numel, s.trainable_layers) for _, numel in shape.expert_tensors]
-    if s.method == "freeze":  # embeddings, lm_head and the final norm stay frozen
+    if not s.traits.trains_head:  # freeze: embeddings, lm_head and the final norm stay frozen
         return layer
     head = [(shape.embed_numel, 2 if shape.lm_head_numel else 1), (shape.hidden_size, 1)]
     return layer + head
 
 
-def trainable_numel(tensors: list[tuple[int, int]]) -> int:
-    return sum(n * c for n, c in tensors)
-
-
-def adapter_weight_bytes(tensors: list[tuple[int, int]], s: Setup) -> int:
+def adapter_weight_bytes(tensors: Tensors, s: Setup) -> int:
     """peft keeps LoRA A/B (and DoRA magnitudes) in fp32: LoraConfig autocast_adapter_dtype=True."""
-    if s.method not in ("lora", "qlora"):
+    if not s.traits.adapters:
         return 0
-    return trainable_numel(tensors) * 4
+    return trainable_numel(tensors) * ADAPTER_BYTES
 
 
 def trainable_param_bytes(s: Setup) -> int:
     """Bytes per trainable element: fp32 adapters, else the param dtype."""
-    return 4 if s.method in ("lora", "qlora") else s.trained_bytes
+    return ADAPTER_BYTES if s.traits.adapters else s.trained_bytes
 
 
-def gradient_bytes(tensors: list[tuple[int, int]], s: Setup) -> int:
+def gradient_bytes(tensors: Tensors, s: Setup) -> int:
     """One .grad per trainable param, in the param's dtype (autocast grads are cast back to it).
     cpu_offload with offload_gradients: a tensor's GPU grad is freed once its async copy to the host is done
     (post-accumulate-grad hook), so only the small kept tensors' grads stay, plus the largest one in flight."""
-    if s.optimizer == "cpu_offload" and s.offload_gradients:
+    if s.optimizer_traits.host_step and s.offload_gradients:
         kept = sum(n * c for n, c in tensors if n < AO_OFFLOAD_MIN_SIZE)
         largest = max((n for n, _ in tensors if n >= AO_OFFLOAD_MIN_SIZE), default=0)
         return (kept + largest) * trainable_param_bytes(s)
     return trainable_numel(tensors) * trainable_param_bytes(s)
 
 
-def ao_4bit_state_bytes(numel: int, param_bytes: int) -> int:
-    """One torchao AdamW4bit state of one tensor: packed 4-bit codes + fp32 scale per 128 + qmap, or a
-    zeros_like(param) for small / non-multiple-of-128 tensors."""
-    if numel >= AO_MIN_QUANT_SIZE and numel % AO_4BIT_BLOCKSIZE == 0:
-        return numel // 2 + numel // AO_4BIT_BLOCKSIZE * 4 + AO_QMAP_BYTES
-    return numel * param_bytes
-
-
-def optimizer_state_bytes(tensors: list[tuple[int, int]], s: Setup, embed_numel_fp32: int = 0) -> tuple[int, int]:
+def optimizer_state_bytes(tensors: Tensors, s: Setup, embed_numel_fp32: int = 0) -> tuple[int, int]:
     """(device bytes, paged bytes) of the optimizer states. Paged bytes live in CUDA unified memory:
     they show in neither torch's reserved memory nor NVML's per-process figure (calibration qlora rows).
     `embed_numel_fp32`: HF Trainer registers nn.Embedding weights for 32-bit states (trainer.py
     register_module_override) - the calibration recipe, not the worker."""
-    pb = trainable_param_bytes(s)
     if s.galore_rank:
         raise ValueError("GaLore states depend on the weights' shapes: use galore_state_bytes")
-    if s.optimizer == "adamw":  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(param)
-        return trainable_numel(tensors) * 2 * pb, 0
-    if s.optimizer == "adamw_4bit":  # exp_avg and exp_avg_sq, each 4-bit
-        return sum(2 * ao_4bit_state_bytes(n, pb) * c for n, c in tensors), 0
-    if s.optimizer == "cpu_offload":  # only the tensors below minimal_size keep GPU states (torch AdamW)
-        return sum(n * c for n, c in tensors if n < AO_OFFLOAD_MIN_SIZE) * 2 * pb, 0
-    device = paged = 0
-    paged_opt = s.optimizer.startswith("paged")
-    for numel, count in tensors:
-        fp32 = s.optimizer == "paged_adamw_32bit" or numel < BNB_MIN_8BIT_SIZE or numel == embed_numel_fp32
-        size = numel * 8 if fp32 else 2 * numel + 2 * -(-numel // BNB_8BIT_BLOCKSIZE) * 4
-        if paged_opt and numel >= BNB_PAGED_MIN_NUMEL:
-            paged += size * count
-        else:
-            device += size * count
-    return device, paged
+    return s.optimizer_traits.state_bytes(tensors, trainable_param_bytes(s), embed_numel_fp32)
 
 
-def galore_state_bytes(shape: ModelShape, tensors: list[tuple[int, int]], s: Setup) -> int:
+def galore_state_bytes(shape: ModelShape, tensors: Tensors, s: Setup) -> int:
     """galore-torch: a trained [out, in] weight of a decoder layer keeps Adam's two states on its projected
     gradient and keeps its projection matrix (in the param dtype; the worker copies it out of the SVD's factor,
     worker/training/galore.py). Every other trained tensor (norms, biases, embeddings) keeps plain states.
     GaLoreAdamW's states are zeros_like(the projected grad), in the param dtype; GaLoreAdamW8bit's are
-    bitsandbytes' 8-bit blockwise ones. freeze.trainable_modules gives no shapes: its tensors are counted
-    unprojected (an overestimate)."""
+    bitsandbytes' 8-bit blockwise ones (the entry's state_bytes). freeze.trainable_modules gives no shapes: its
+    tensors are counted unprojected (an overestimate)."""
     pb = trainable_param_bytes(s)
 
     def states(numel: int) -> int:
-        if s.optimizer == "galore_adamw" or numel < BNB_MIN_8BIT_SIZE:
-            return 2 * numel * (pb if s.optimizer == "galore_adamw" else 4)
-        return 2 * numel + 2 * -(-numel // BNB_8BIT_BLOCKSIZE) * 4
+        return s.optimizer_traits.state_bytes([(numel, 1)], pb, 0)[0]
 
     layers = 0 if s.trained_tensors else s.trainable_layers
     projected = unprojected = 0
@@ -323,15 +290,15 @@ def galore_temp_bytes(shape: ModelShape, s: Setup) -> int:
     k = min(lin.in_features, lin.out_features)
     fp32_copy = lin.weight_numel * 4 if trainable_param_bytes(s) != 4 else 0  # an fp32 grad is used as it is
     svd = fp32_copy + (lin.out_features * k + k * lin.in_features + k) * 4
-    saved = lin.weight_numel * trainable_param_bytes(s) if s.optimizer == "galore_adamw_8bit" else 0
+    saved = lin.weight_numel * trainable_param_bytes(s) if s.optimizer_traits.clones_weight else 0
     return svd + saved
 
 
-def optimizer_temp_bytes(tensors: list[tuple[int, int]], s: Setup, foreach_adamw: bool) -> int:
+def optimizer_temp_bytes(tensors: Tensors, s: Setup, foreach_adamw: bool) -> int:
     """torch AdamW foreach (HF 'adamw_torch', the calibration) allocates exp_avg_sq.sqrt() for every param
     at once (torch/optim/adam.py _multi_tensor_adam: torch._foreach_sqrt). fused=True (the worker) and
     bitsandbytes update in place."""
-    if s.optimizer != "adamw" or not foreach_adamw:
+    if not (s.optimizer_traits.foreach_sqrt and foreach_adamw):
         return 0
     return trainable_numel(tensors) * trainable_param_bytes(s)
 
@@ -448,7 +415,7 @@ def grad_layers(shape: ModelShape, s: Setup) -> int:
     """Layers that record autograd state: all with adapters/full, the last N with freeze."""
     if s.first_grad_layer is not None:  # freeze.trainable_modules: from the first layer holding a match
         return shape.num_layers - s.first_grad_layer
-    return s.trainable_layers if s.method == "freeze" else shape.num_layers
+    return s.trainable_layers if s.traits.trains == "selected" else shape.num_layers
 
 
 def saved_activation_bytes(shape: ModelShape, s: Setup) -> int:
@@ -456,7 +423,7 @@ def saved_activation_bytes(shape: ModelShape, s: Setup) -> int:
     n = grad_layers(shape, s)
     if s.gradient_checkpointing:
         return n * checkpoint_bytes(shape, s)
-    return n * layer_activation_bytes(shape, s, trainable=s.method in ("full", "freeze"))
+    return n * layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
 
 
 # ---- logits and loss ---------------------------------------------------------------------------------
@@ -489,22 +456,18 @@ def loss_forward_bytes(shape: ModelShape, s: Setup) -> int:
     return lowp + 2 * logits_fp32_bytes(shape, s)
 
 
-# worker/training/loss.py FUSED_CHUNK_TOKENS: lm_head + cross-entropy run per chunk of positions.
-FUSED_CHUNK_TOKENS = 1024
-
-
 def fused_loss_bytes(shape: ModelShape, s: Setup) -> int:
     """The worker's fused loss (worker/training/loss.py _fused_loss_sum): lm_head + cross-entropy per chunk
-    of 1024 positions under activation checkpointing, so one chunk's logits exist at a time: in its backward
-    3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are already freed:
-    calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one tokens x hidden
-    tensor the chunks keep for their recomputation."""
+    of policy.FUSED_CHUNK_TOKENS positions under activation checkpointing, so one chunk's logits exist at a time:
+    in its backward 3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are
+    already freed: calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one
+    tokens x hidden tensor the chunks keep for their recomputation."""
     return 3 * loss_block_bytes(shape, s) + s.tokens * shape.hidden_size * s.compute_bytes
 
 
 def loss_block_bytes(shape: ModelShape, s: Setup) -> int:
     """The largest fp32 tokens x vocab block of the loss: all the logits, or one chunk of the fused loss."""
-    tokens = min(FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
+    tokens = min(policy.FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
     return tokens * shape.vocab_size * 4
 
 
@@ -521,12 +484,12 @@ def autocast_cache_bytes(shape: ModelShape, s: Setup) -> int:
     region exits (end of forward): all projections of the trainable layers, plus lm_head for full."""
     if not s.autocast_fp32_params:
         return 0
-    return 2 * (s.trainable_layers * shape.layer_linear_numel + (shape.embed_numel if s.method == "full" else 0))
+    return 2 * (s.trainable_layers * shape.layer_linear_numel + (shape.embed_numel if s.traits.trains_head else 0))
 
 
 def dequant_buffer_bytes(shape: ModelShape, s: Setup) -> int:
     """bnb MatMul4Bit: dequantize_4bit materialises one bf16 weight at a time (forward and backward)."""
-    return shape.largest_linear_numel * 2 if s.method == "qlora" else 0
+    return shape.largest_linear_numel * 2 if s.traits.quantized else 0
 
 
 # LLM.int8 (bits=8): MatMul8bitLt's backward dequantizes the int8 weight to fp16 for grad_input (CB * SCB / 127):

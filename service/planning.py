@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -46,7 +47,13 @@ def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_
     max_gpus = max_gpus_per_worker(session, settings)
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         try:
-            return plan(spec, located, capacity, max_num_gpus=max_gpus)
+            return plan(
+                spec,
+                located,
+                capacity,
+                max_num_gpus=max_gpus,
+                allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            )
         except PlanRefused as refused:
             raise _refusal(refused) from refused
 

@@ -321,3 +321,16 @@ def test_planner_imports_no_heavy_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- what the figures assume -----------------------------------------------------------------------------
+def test_plan_states_its_assumptions_and_warns_of_another_allocator_setting():
+    body = spec(method="lora")
+    default = plan(body, Q7B, 80 * GIB)
+    assert default.warnings == []
+    assert default.assumptions == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "calibrated_torch": "2.11.0"}
+    assert plan(body, Q7B, 80 * GIB, allocator_conf="expandable_segments:True").warnings == []
+    other = plan(body, Q7B, 80 * GIB, allocator_conf="max_split_size_mb:128")
+    assert len(other.warnings) == 1
+    assert "max_split_size_mb:128" in other.warnings[0] and "expandable_segments:True" in other.warnings[0]
+    assert other.peak_vram_bytes == default.peak_vram_bytes
