@@ -76,8 +76,7 @@ def job_process_main(
 ) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Must be set before torch initialises CUDA: expandable segments cut fragmentation for varying shapes.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    allocator_note = _configure_allocator()
     from service.logs import configure_logging
     from service.settings import get_settings
 
@@ -87,6 +86,8 @@ def job_process_main(
     transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
     link = ParentLink(conn, lease_deadline)
     try:
+        if allocator_note:
+            link.send(messages.log(allocator_note))
         result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
         conn.send(_describe(exc))
@@ -122,6 +123,20 @@ def _train(
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
     nvml_bytes = process_used_bytes(os.getpid())
     return {**dataclasses.asdict(result), "measured_peak_bytes": nvml_bytes or result.peak_memory_bytes}
+
+
+def _configure_allocator() -> str | None:
+    """Set the CUDA caching allocator the plan was calibrated with (before torch initialises CUDA). An operator's
+    own setting is kept; the note returned says the plan's memory prediction assumed the policy's."""
+    from planner import policy
+
+    configured = os.environ.setdefault(policy.ALLOCATOR_ENV, policy.ALLOCATOR_CONF)
+    if configured == policy.ALLOCATOR_CONF:
+        return None
+    return (
+        f"{policy.ALLOCATOR_ENV}={configured!r} is kept, but the plan assumed {policy.ALLOCATOR_CONF!r}: "
+        "its memory prediction may not hold"
+    )
 
 
 def _die_with_parent() -> None:

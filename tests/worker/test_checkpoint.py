@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from domain.spec import GaloreOptions
 from worker.training import checkpoint, loading, train
+from worker.training.optimizers import OPTIMIZERS
 
 
 class Killed(Exception):
@@ -74,7 +75,7 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(make_spec, tmp
         assert any(tensor.dtype == torch.uint8 for tensor in saved_tensors.values())
 
     restored_parameters, restored = optimizer_at([p.detach() for p in original_parameters])
-    checkpoint.load_optimizer(restored, checkpoint.load_tree(tmp_path, "optimizer"))
+    OPTIMIZERS[spec.memory.optimizer].load_state(restored, checkpoint.load_tree(tmp_path, "optimizer"))
     step(original_parameters, original, grads[2])
     step(restored_parameters, restored, grads[2])
     for expected, actual in zip(original_parameters, restored_parameters, strict=False):

@@ -77,7 +77,7 @@ class Checkpoints:
         complete = self._complete()
         return complete[-1] if complete else None
 
-    def resume(self, model, optimizer, scheduler, scaler, stream: Iterator) -> RunState:
+    def resume(self, strategy, scheduler, stream: Iterator) -> RunState:
         """Load the latest complete checkpoint into the freshly built objects; a RunState at step 0 if none."""
         directory = self.latest()
         if directory is None:
@@ -85,26 +85,25 @@ class Checkpoints:
         marker = json.loads((directory / MARKER).read_text())
         if marker["spec_sha256"] != self.fingerprint:
             raise ValueError(f"{directory} was written by a different job spec; delete {self.root} to start over")
-        _load_trainable(model, load_tree(directory, "trainable"))
-        load_optimizer(optimizer, load_tree(directory, "optimizer"))
+        strategy.load_trainable_state_dict(load_tree(directory, "trainable"))
+        strategy.load_optimizer_state_dict(load_tree(directory, "optimizer"))
         trainer = load_tree(directory, "trainer")
         scheduler.load_state_dict(trainer["scheduler"])
-        if scaler is not None and trainer["scaler"]:
-            scaler.load_state_dict(trainer["scaler"])
+        strategy.load_scaler_state_dict(trainer["scaler"])
         position = trainer["data_position"]
         for _ in range(position["epoch"] * self.micro_batches_per_epoch + position["micro_batch"]):
             next(stream)  # re-deals the same seeded shuffles, so the next micro-batch is the one that was due
         set_rng_state(trainer["rng"])  # last: nothing above may draw from the RNGs the loop goes on with
         return RunState(**trainer["run"])
 
-    def save(self, state: RunState, model, optimizer, scheduler, scaler) -> str:
+    def save(self, state: RunState, strategy, scheduler) -> str:
         """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir."""
         final = self.root / f"step-{state.step:06d}"
         temp = self.root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(parents=True)
-        save_tree(temp, "trainable", {name: p for name, p in model.named_parameters() if p.requires_grad})
-        save_tree(temp, "optimizer", optimizer.state_dict())
+        save_tree(temp, "trainable", strategy.trainable_state_dict())
+        save_tree(temp, "optimizer", strategy.optimizer_state_dict())
         save_tree(
             temp,
             "trainer",
@@ -115,12 +114,12 @@ class Checkpoints:
                     "micro_batch": state.micro_steps % self.micro_batches_per_epoch,
                 },
                 "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
+                "scaler": strategy.scaler_state_dict(),
                 "rng": rng_state(),
             },
         )
         _write_synced(temp / CHECKPOINT_METRICS_FILE, json.dumps(self._metrics(state)) + "\n")
-        export_adapter(model, temp / CHECKPOINT_ADAPTER_DIR)
+        export_adapter(strategy.model, temp / CHECKPOINT_ADAPTER_DIR)
         _write_synced(temp / MARKER, json.dumps({"step": state.step, "spec_sha256": self.fingerprint}) + "\n")
         shutil.rmtree(final, ignore_errors=True)  # only a leftover of an earlier attempt can be there
         temp.rename(final)
@@ -298,38 +297,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: _decode(item, tensors) for key, item in value.items()}
 
 
-# --- what goes into a checkpoint ----------------------------------------------------------------------------
-
-
-def _load_trainable(model, saved: dict[str, torch.Tensor]) -> None:
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if trainable.keys() != saved.keys():
-        raise ValueError("the checkpoint's trained parameters do not match the model's")
-    with torch.no_grad():
-        for name, parameter in trainable.items():
-            parameter.copy_(saved[name])
-
-
-def load_optimizer(optimizer, state_dict: dict) -> None:
-    if not getattr(optimizer, "is_paged", False):
-        optimizer.load_state_dict(state_dict)  # torch and bitsandbytes move the state to each parameter's device
-        if any("rank" in group for group in optimizer.param_groups):  # GaLore
-            from worker.training import galore
-
-            galore.after_load(optimizer)
-        return
-    # bitsandbytes would copy paged states into ordinary device memory, which cannot be evicted to the host
-    # under pressure: keep them on the host and copy each into a fresh paged buffer, as init_state makes them.
-    optimizer.load_state_dict(state_dict, move_to_device=False)
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            state = optimizer.state.get(parameter, {})
-            for key in ("state1", "state2"):
-                if key in state and state[key].device != parameter.device:
-                    buffer = optimizer.get_state_buffer(parameter, dtype=state[key].dtype)
-                    buffer.copy_(state[key])
-                    state[key] = buffer
-    # The rest (qmap, absmax) moves to the device in the optimizer's first step (bitsandbytes' to_gpu).
+# --- the RNG states a resumed run continues ----------------------------------------------------------------
 
 
 def rng_state() -> dict:

@@ -93,3 +93,10 @@ def save_tokenizer_beside_model(tokenizer, output_dir: Path, written: list[str])
     return sorted(
         {path.relative_to(output_dir).as_posix() for path in target.rglob("*") if path.is_file()} - set(written)
     )
+
+
+def save_dir(saveable, output_dir: Path, name: str) -> list[str]:
+    """save_pretrained into output_dir/name; the files written, relative to output_dir."""
+    target = output_dir / name
+    saveable.save_pretrained(target)  # transformers 5 and peft 0.21 write safetensors by default
+    return [path.relative_to(output_dir).as_posix() for path in sorted(target.rglob("*")) if path.is_file()]

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from planner import policy
 from worker.training.data import IGNORE_INDEX
 
-# Positions per chunk in the fused path: bounds the fp32 logits alive at once to chunk x vocab.
-FUSED_CHUNK_TOKENS = 1024
+# Positions per chunk in the fused path: the planner counts the fp32 logits of one chunk (policy).
+FUSED_CHUNK_TOKENS = policy.FUSED_CHUNK_TOKENS
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], *, fused: bool) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""The training recipe, top to bottom: validate data -> setup model -> setup optimizer -> train -> save.
+"""The training recipe, top to bottom: validate data -> setup_data -> setup_model -> setup_optimizer -> resume ->
+train_loop (train_step, report, save_checkpoint) -> save_artifacts -> finish (summary.json). The steps share one
+Run; backward, the optimizer step, clipping, state dicts and the artifacts go through its strategy
+(worker/training/strategy.py), the one place that knows how the model lies on the devices.
 
 `train` is what the job process calls. It raises:
   InvalidDataset       a malformed row (checked before any model is loaded) or nothing left to learn
@@ -8,7 +11,8 @@
   TrainingOutOfMemory  the accelerator ran out of memory (chained to torch's error)
   ValueError           a spec the planner should have resolved ("auto" batch size) or that cannot apply
                        to this model (more freeze layers than it has)
-The precision mapping, optimizers and LR schedule are documented in worker/training/loading.py; checkpoints,
+The precision mapping and LR schedule are documented in worker/training/loading.py, each optimizer and method in
+its registry (worker/training/optimizers.py, methods.py); checkpoints,
 and how a run resumes from the last one in output_dir/checkpoints, in worker/training/checkpoint.py.
 """
 
@@ -19,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,10 +31,12 @@ import torch
 from domain.datasets import iter_examples
 from domain.errors import JobCancelled, JobDrained, TrainingOutOfMemory
 from domain.messages import Progress
-from domain.spec import JobSpec, Method
+from domain.spec import JobSpec
+from planner import policy
 from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
+from worker.training.strategy import SingleDeviceStrategy
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,53 @@ class TrainResult:
     wall_seconds: float  # the whole call: validation, loading, training and saving
     peak_memory_bytes: int | None  # torch.cuda.max_memory_reserved on the GPU, None on the CPU
     artifacts: list[str]  # paths relative to output_dir, '/'-separated, sorted
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How the caller follows and steers the run (train's keyword arguments of the same names)."""
+
+    on_progress: Callable[[Progress], None]
+    should_stop: Callable[[], bool]
+    should_drain: Callable[[], bool]
+    on_checkpoint: Callable[[int, str], None]
+    on_resume: Callable[[int], None]
+
+
+@dataclass
+class TrainData:
+    tokenizer: object
+    dataset: list  # tokenized (and packed) training rows
+    validation: list
+    dropped_examples: int  # examples with no learned token left after truncation
+    source_examples: int  # training examples before packing
+    micro_batch_size: int
+    micro_per_epoch: int
+    total_steps: int
+    stream: object  # the endless seeded stream of micro-batches
+
+
+@dataclass
+class Run:
+    """Everything the steps of one run share; `state` is what a checkpoint saves and a resume restores."""
+
+    spec: JobSpec
+    device: torch.device
+    plan: loading.PrecisionPlan
+    memory: MemoryProbe
+    data: TrainData
+    strategy: SingleDeviceStrategy
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoints: checkpoint.Checkpoints
+    autocast: object
+    fused_loss: bool
+    state: checkpoint.RunState = field(default_factory=checkpoint.RunState)
+    step: int = 0  # the optimizer step being taken: what an out-of-memory error names
+    train_start: float = 0.0
+    train_seconds: float = 0.0
+    resumed_from_step: int = 0
+    last_saved_step: int = 0
+    eval_losses: list[dict] = field(default_factory=list)
 
 
 def train(
@@ -57,6 +110,7 @@ def train(
     on_resume: Callable[[int], None] = lambda step: None,
 ) -> TrainResult:
     wall_start = time.perf_counter()
+    hooks = Hooks(on_progress, should_stop, should_drain, on_checkpoint, on_resume)
     micro_batch_size = spec.training.micro_batch_size
     if not isinstance(micro_batch_size, int):
         raise ValueError("micro_batch_size 'auto' must be resolved to a number before training")
@@ -64,7 +118,6 @@ def train(
     examples = list(iter_examples(dataset_path, spec.dataset_format))
     held_out = list(iter_examples(validation_path, spec.dataset_format)) if validation_path else None
 
-    # --- setup ------------------------------------------------------------------------------------------
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # python, numpy and torch RNGs: LoRA init, dropout
@@ -72,200 +125,248 @@ def train(
     loading.check_device_support(spec, device)  # a CUDA-only optimizer on a CPU worker: refused before loading
     plan = loading.precision_plan(spec.memory.precision)
     memory = MemoryProbe(device)
-    tokenizer = data.load_tokenizer(base_model_dir)
-    dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, spec.training.max_seq_length)
-    if held_out is None:
-        dataset, validation = data.split_validation(dataset, spec.training.validation_fraction, spec.training.seed)
-    else:
-        validation, _ = data.tokenize_examples(tokenizer, held_out, spec.training.max_seq_length)
-    source_examples = len(dataset)
-    if spec.training.packing:
-        dataset = data.pack_examples(dataset, spec.training.max_seq_length, spec.training.seed)
-    fused_loss = spec.memory.fused_loss is not False  # None: the worker's chunked loss runs on every device
-    accumulation = spec.training.gradient_accumulation_steps
-    micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size)
-    total_steps = spec.training.max_steps or max(1, math.ceil(spec.training.epochs * micro_per_epoch / accumulation))
-    stream = data.micro_batches(dataset, micro_batch_size, spec.training.seed)
-
-    step = 0
+    train_data = setup_data(spec, Path(base_model_dir), examples, held_out, micro_batch_size)
+    output_dir = Path(output_dir)
+    run = None
     try:
-        model = loading.load_model(spec, Path(base_model_dir), device, plan)
-        parameters = loading.trainable_parameters(model)
-        optimizer = loading.build_optimizer(spec, loading.parameter_groups(spec, model), device)
-        scheduler = loading.build_schedule(optimizer, total_steps)
-        scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-        autocast = (
-            torch.autocast(device.type, dtype=plan.autocast_dtype) if plan.autocast_dtype else contextlib.nullcontext()
+        model = setup_model(spec, Path(base_model_dir), device, plan)
+        strategy, scheduler = setup_optimizer(spec, model, device, plan, train_data.total_steps)
+        run = Run(
+            spec,
+            device,
+            plan,
+            memory,
+            train_data,
+            strategy,
+            scheduler,
+            checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch),
+            autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
+            if plan.autocast_dtype
+            else contextlib.nullcontext(),
+            fused_loss=policy.fused_loss_enabled(spec),
         )
-        eval_losses: list[dict] = []
-
-        def _eval(at_step: int) -> float | None:  # held-out loss at ~10 evenly spaced reports and the last one
-            if not validation or not extras.eval_due(at_step, total_steps):
-                return None
-            value = extras.eval_loss(
-                model,
-                validation,
-                micro_batch_size=micro_batch_size,
-                device=device,
-                pad_token_id=tokenizer.pad_token_id,
-                autocast=autocast,
-                fused=fused_loss,
-            )
-            eval_losses.append({"step": at_step, "eval_loss": value})
-            return value
-
-        # --- train --------------------------------------------------------------------------------------
-        # A retried job (same output dir) carries on from its last complete checkpoint; a first run from 0.
-        checkpoints = checkpoint.Checkpoints(Path(output_dir) / "checkpoints", spec, micro_per_epoch)
-        resumed = checkpoints.resume(model, optimizer, scheduler, scaler, stream)
-        if resumed.step:
-            on_resume(resumed.step)
-        train_start = time.perf_counter() - resumed.train_seconds
-        tokens_seen = resumed.tokens_seen
-        micro_steps = resumed.micro_steps
-        loss_curve: list[dict] = resumed.loss_curve
-        losses_since_report: list[float] = resumed.losses_since_report
-        last_saved_step = resumed.step
-        for step in range(resumed.step + 1, total_steps + 1):
-            if should_drain():
-                if step - 1 > last_saved_step:
-                    state = checkpoint.RunState(
-                        step - 1,
-                        micro_steps,
-                        tokens_seen,
-                        time.perf_counter() - train_start,
-                        loss_curve,
-                        losses_since_report,
-                    )
-                    on_checkpoint(step - 1, checkpoints.save(state, model, optimizer, scheduler, scaler))
-                raise JobDrained(f"drained after step {step - 1}")
-            window = [next(stream) for _ in range(accumulation)]
-            # Normalise by the learned tokens of the whole step, so accumulation equals one big batch.
-            learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
-            step_loss = torch.zeros((), device=device)
-            for micro in window:
-                if should_stop():
-                    raise JobCancelled(f"cancelled at step {step - 1}")
-                batch = data.collate_any(micro, tokenizer.pad_token_id, device)
-                with autocast:
-                    loss = loss_sum(model, batch, fused=fused_loss) / learned_tokens
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
-                tokens_seen += sum(len(example.input_ids) for example in micro)  # host-side: no GPU sync
-                micro_steps += 1
-
-            if scaler:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            loading.clip_gradients(optimizer, parameters, loading.MAX_GRAD_NORM)
-            if scaler:
-                scaler.step(optimizer)  # skips the step if the scaled gradients overflowed
-                scaler.update()
-            else:
-                optimizer.step()
-            learning_rate = float(scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            step_loss_value = step_loss.item()
-            loss_curve.append({"step": step, "loss": step_loss_value, "learning_rate": learning_rate})
-            losses_since_report.append(step_loss_value)
-            if step % spec.training.logging_steps == 0 or step == total_steps:
-                train_seconds = time.perf_counter() - train_start
-                on_progress(
-                    Progress(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=micro_steps / micro_per_epoch,
-                        loss=sum(losses_since_report) / len(losses_since_report),
-                        learning_rate=learning_rate,
-                        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
-                        eta_seconds=(total_steps - step) * train_seconds / step,
-                        memory_allocated_bytes=memory.allocated_bytes(),
-                        memory_reserved_bytes=memory.reserved_bytes(),
-                        memory_peak_bytes=memory.peak_bytes(),
-                        eval_loss=_eval(step),
-                        tokens_seen=tokens_seen,
-                    )
-                )
-                losses_since_report.clear()
-            epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
-            if checkpoints.due(step, total_steps, epoch_ended):
-                state = checkpoint.RunState(
-                    step, micro_steps, tokens_seen, time.perf_counter() - train_start, loss_curve, losses_since_report
-                )
-                on_checkpoint(step, checkpoints.save(state, model, optimizer, scheduler, scaler))
-                last_saved_step = step
-        train_seconds = time.perf_counter() - train_start
-
-        # --- save ---------------------------------------------------------------------------------------
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        written = _save_model(spec, model, plan, output_dir) + _save_dir(tokenizer, output_dir, "tokenizer")
-        written += extras.save_merged(spec, Path(base_model_dir), output_dir, _save_dir)
-        written += extras.save_tokenizer_beside_model(tokenizer, output_dir, written)
+        resume(run, hooks)
+        train_loop(run, hooks)
+        written = save_artifacts(run, Path(base_model_dir), output_dir)
     except torch.OutOfMemoryError as exc:
-        peak = memory.peak_bytes()
-        peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
-        raise TrainingOutOfMemory(
-            f"ran out of {device.type} memory at step {step}{peak_text}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
-        ) from exc
+        raise _out_of_memory(exc, device, memory, run.step if run else 0) from exc
+    return finish(run, written, output_dir, wall_seconds=time.perf_counter() - wall_start)
 
-    tokens_per_second = tokens_seen / max(train_seconds, 1e-9)
-    summary = {
-        "method": spec.method.value,
-        "base_model": spec.base_model,
-        "device": str(device),
-        "precision": spec.memory.precision.value,
-        "optimizer": spec.memory.optimizer.value,
-        "steps": total_steps,
-        "micro_batch_size": micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "epochs": micro_steps / micro_per_epoch,
-        "examples": len(dataset),
-        "examples_dropped_no_learned_tokens": dropped_examples,
-        "trainable_parameters": sum(parameter.numel() for parameter in parameters),
-        "validation_examples": len(validation),
-        "eval_loss": eval_losses[-1]["eval_loss"] if eval_losses else None,
-        "eval_curve": eval_losses,
-        "packing": {"rows": len(dataset), "examples": source_examples} if spec.training.packing else None,
-        "final_loss": loss_curve[-1]["loss"],
-        "resumed_from_step": resumed.step,
-        "loss_curve": loss_curve,
-        "tokens": tokens_seen,
-        "tokens_per_second": tokens_per_second,
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "peak_memory_bytes": memory.peak_bytes(),
-        "artifacts": sorted(written),
-        "versions": _versions(),
-    }
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+def setup_data(spec: JobSpec, base_model_dir: Path, examples, held_out, micro_batch_size: int) -> TrainData:
+    training = spec.training
+    tokenizer = data.load_tokenizer(base_model_dir)
+    dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, training.max_seq_length)
+    if held_out is None:
+        dataset, validation = data.split_validation(dataset, training.validation_fraction, training.seed)
+    else:
+        validation, _ = data.tokenize_examples(tokenizer, held_out, training.max_seq_length)
+    source_examples = len(dataset)
+    if training.packing:
+        dataset = data.pack_examples(dataset, training.max_seq_length, training.seed)
+    micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size)
+    accumulation = training.gradient_accumulation_steps
+    total_steps = training.max_steps or max(1, math.ceil(training.epochs * micro_per_epoch / accumulation))
+    return TrainData(
+        tokenizer=tokenizer,
+        dataset=dataset,
+        validation=validation,
+        dropped_examples=dropped_examples,
+        source_examples=source_examples,
+        micro_batch_size=micro_batch_size,
+        micro_per_epoch=micro_per_epoch,
+        total_steps=total_steps,
+        stream=data.micro_batches(dataset, micro_batch_size, training.seed),
+    )
+
+
+def setup_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: loading.PrecisionPlan):
+    return loading.load_model(spec, base_model_dir, device, plan)
+
+
+def setup_optimizer(spec: JobSpec, model, device: torch.device, plan: loading.PrecisionPlan, total_steps: int):
+    optimizer = loading.build_optimizer(spec, loading.parameter_groups(spec, model), device)
+    scheduler = loading.build_schedule(optimizer, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
+    return SingleDeviceStrategy(spec, model, optimizer, scaler), scheduler
+
+
+def resume(run: Run, hooks: Hooks) -> None:
+    """A retried job (same output dir) carries on from its last complete checkpoint; a first run from 0."""
+    run.state = run.checkpoints.resume(run.strategy, run.scheduler, run.data.stream)
+    if run.state.step:
+        hooks.on_resume(run.state.step)
+    run.train_start = time.perf_counter() - run.state.train_seconds
+    run.resumed_from_step = run.last_saved_step = run.state.step
+
+
+# ---- train ------------------------------------------------------------------------------------------------------
+def train_loop(run: Run, hooks: Hooks) -> None:
+    total_steps = run.data.total_steps
+    micro_per_epoch = run.data.micro_per_epoch
+    accumulation = run.spec.training.gradient_accumulation_steps
+    for step in range(run.state.step + 1, total_steps + 1):
+        run.step = step
+        if hooks.should_drain():
+            if step - 1 > run.last_saved_step:
+                save_checkpoint(run, hooks)
+            raise JobDrained(f"drained after step {step - 1}")
+        learning_rate = train_step(run, step, hooks.should_stop)
+        report(run, step, learning_rate, hooks.on_progress)
+        micro_steps = run.state.micro_steps
+        epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
+        if run.checkpoints.due(step, total_steps, epoch_ended):
+            save_checkpoint(run, hooks)
+    run.train_seconds = time.perf_counter() - run.train_start
+
+
+def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
+    """One optimizer step over gradient_accumulation_steps micro-batches; the learning rate it used."""
+    state, stream = run.state, run.data.stream
+    window = [next(stream) for _ in range(run.spec.training.gradient_accumulation_steps)]
+    # Normalise by the learned tokens of the whole step, so accumulation equals one big batch.
+    learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
+    step_loss = torch.zeros((), device=run.device)
+    for micro in window:
+        if should_stop():
+            raise JobCancelled(f"cancelled at step {step - 1}")
+        batch = data.collate_any(micro, run.data.tokenizer.pad_token_id, run.device)
+        with run.autocast:
+            loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss) / learned_tokens
+        run.strategy.backward(loss)
+        step_loss += loss.detach()
+        state.tokens_seen += sum(len(example.input_ids) for example in micro)  # host-side: no GPU sync
+        state.micro_steps += 1
+
+    run.strategy.step(loading.MAX_GRAD_NORM)
+    learning_rate = float(run.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
+    run.scheduler.step()
+    run.strategy.zero_grad()
+
+    step_loss_value = step_loss.item()
+    state.loss_curve.append({"step": step, "loss": step_loss_value, "learning_rate": learning_rate})
+    state.losses_since_report.append(step_loss_value)
+    state.step = step
+    return learning_rate
+
+
+def report(run: Run, step: int, learning_rate: float, on_progress: Callable[[Progress], None]) -> None:
+    total_steps, state = run.data.total_steps, run.state
+    if step % run.spec.training.logging_steps != 0 and step != total_steps:
+        return
+    train_seconds = time.perf_counter() - run.train_start
+    on_progress(
+        Progress(
+            step=step,
+            total_steps=total_steps,
+            epoch=state.micro_steps / run.data.micro_per_epoch,
+            loss=sum(state.losses_since_report) / len(state.losses_since_report),
+            learning_rate=learning_rate,
+            tokens_per_second=state.tokens_seen / max(train_seconds, 1e-9),
+            eta_seconds=(total_steps - step) * train_seconds / step,
+            memory_allocated_bytes=run.memory.allocated_bytes(),
+            memory_reserved_bytes=run.memory.reserved_bytes(),
+            memory_peak_bytes=run.memory.peak_bytes(),
+            eval_loss=evaluate(run, step),
+            tokens_seen=state.tokens_seen,
+        )
+    )
+    state.losses_since_report.clear()
+
+
+def evaluate(run: Run, step: int) -> float | None:
+    """The held-out loss at ~10 evenly spaced reports and the last one."""
+    if not run.data.validation or not extras.eval_due(step, run.data.total_steps):
+        return None
+    value = extras.eval_loss(
+        run.strategy.model,
+        run.data.validation,
+        micro_batch_size=run.data.micro_batch_size,
+        device=run.device,
+        pad_token_id=run.data.tokenizer.pad_token_id,
+        autocast=run.autocast,
+        fused=run.fused_loss,
+    )
+    run.eval_losses.append({"step": step, "eval_loss": value})
+    return value
+
+
+# ---- save -------------------------------------------------------------------------------------------------------
+def save_checkpoint(run: Run, hooks: Hooks) -> None:
+    """A checkpoint of the last completed step (run.state.step)."""
+    run.state.train_seconds = time.perf_counter() - run.train_start
+    path = run.checkpoints.save(run.state, run.strategy, run.scheduler)
+    hooks.on_checkpoint(run.state.step, path)
+    run.last_saved_step = run.state.step
+
+
+def save_artifacts(run: Run, base_model_dir: Path, output_dir: Path) -> list[str]:
+    """adapter/ or model/ (the method's), tokenizer/, the merged model if asked; paths relative to output_dir."""
+    tokenizer = run.data.tokenizer
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = run.strategy.save_artifacts(run.plan, output_dir) + extras.save_dir(tokenizer, output_dir, "tokenizer")
+    written += extras.save_merged(run.spec, base_model_dir, output_dir, extras.save_dir)
+    written += extras.save_tokenizer_beside_model(tokenizer, output_dir, written)
+    return written
+
+
+def finish(run: Run, written: list[str], output_dir: Path, *, wall_seconds: float) -> TrainResult:
+    """summary.json, then the checkpoints go: the artifacts are saved, nothing is left to resume."""
+    summary = _summary(run, written, wall_seconds)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    checkpoints.remove_all()  # the artifacts are saved: nothing is left to resume, and they are not artifacts
+    run.checkpoints.remove_all()
     return TrainResult(
-        steps=total_steps,
+        steps=run.data.total_steps,
         final_loss=summary["final_loss"],
-        tokens_per_second=tokens_per_second,
-        wall_seconds=time.perf_counter() - wall_start,
+        tokens_per_second=summary["tokens_per_second"],
+        wall_seconds=wall_seconds,
         peak_memory_bytes=summary["peak_memory_bytes"],
         artifacts=sorted(written + ["summary.json"]),
     )
 
 
-def _save_model(spec: JobSpec, model, plan: loading.PrecisionPlan, output_dir: Path) -> list[str]:
-    """Adapters for lora/qlora (adapter/), the whole model for full/freeze (model/); safetensors only."""
-    if spec.method in (Method.lora, Method.qlora):
-        return extras.save_adapter(spec, model, output_dir, _save_dir)
-    if spec.method is Method.freeze:
-        # One dtype per checkpoint: the trained layers go back to the frozen layers' dtype.
-        model.to(plan.frozen_dtype)
-    return _save_dir(model, output_dir, "model")
+def _summary(run: Run, written: list[str], wall_seconds: float) -> dict:
+    spec, state, train_data = run.spec, run.state, run.data
+    return {
+        "method": spec.method.value,
+        "base_model": spec.base_model,
+        "device": str(run.device),
+        "precision": spec.memory.precision.value,
+        "optimizer": spec.memory.optimizer.value,
+        "steps": train_data.total_steps,
+        "micro_batch_size": train_data.micro_batch_size,
+        "gradient_accumulation_steps": spec.training.gradient_accumulation_steps,
+        "epochs": state.micro_steps / train_data.micro_per_epoch,
+        "examples": len(train_data.dataset),
+        "examples_dropped_no_learned_tokens": train_data.dropped_examples,
+        "trainable_parameters": sum(parameter.numel() for parameter in run.strategy.parameters),
+        "validation_examples": len(train_data.validation),
+        "eval_loss": run.eval_losses[-1]["eval_loss"] if run.eval_losses else None,
+        "eval_curve": run.eval_losses,
+        "packing": {"rows": len(train_data.dataset), "examples": train_data.source_examples}
+        if spec.training.packing
+        else None,
+        "final_loss": state.loss_curve[-1]["loss"],
+        "resumed_from_step": run.resumed_from_step,
+        "loss_curve": state.loss_curve,
+        "tokens": state.tokens_seen,
+        "tokens_per_second": state.tokens_seen / max(run.train_seconds, 1e-9),
+        "train_seconds": run.train_seconds,
+        "wall_seconds": wall_seconds,
+        "peak_memory_bytes": run.memory.peak_bytes(),
+        "artifacts": sorted(written),
+        "versions": _versions(),
+    }
 
 
-def _save_dir(saveable, output_dir: Path, name: str) -> list[str]:
-    target = output_dir / name
-    saveable.save_pretrained(target)  # transformers 5 and peft 0.21 write safetensors by default
-    return [path.relative_to(output_dir).as_posix() for path in sorted(target.rglob("*")) if path.is_file()]
+def _out_of_memory(exc: torch.OutOfMemoryError, device: torch.device, memory: MemoryProbe, step: int):
+    peak = memory.peak_bytes()
+    peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
+    return TrainingOutOfMemory(
+        f"ran out of {device.type} memory at step {step}{peak_text}: "
+        f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
+    )
 
 
 def _versions() -> dict[str, str]:
