@@ -174,7 +174,7 @@ def expert_weight_bytes(shape: ModelShape, s: Setup) -> int:
 
 def unquantized_weight_bytes(shape: ModelShape, s: Setup) -> int:
     """Embeddings, untied lm_head, norms and biases: never quantized (bnb skips lm_head and embeddings).
-    Freeze: the trained layers' norms are in the trained dtype (worker loading._train_last_layers)."""
+    Freeze: the trained layers' norms are in the trained dtype (worker/training/methods.py _train_last_layers)."""
     head = (shape.embed_numel + shape.lm_head_numel + shape.hidden_size) * s.head_bytes
     if s.trained_tensors:  # the rest frozen; the matched tensors' extra bytes (trained - frozen dtype)
         return (

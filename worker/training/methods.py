@@ -2,7 +2,7 @@
 trains (lora/qlora: peft adapters; freeze: chosen layers or modules; full: as loaded) and what its artifacts are
 (adapter/ or model/). The trainable parameters are whatever `prepare` leaves requires_grad; checkpoints save those
 (checkpoint.py), plus peft's adapter/ where planner/methods.py says the method trains adapters. The static facts
-are planner/methods.py; tests/worker/test_registries.py keeps both covering the enum."""
+are planner/methods.py; tests/worker/test_worker_registries.py keeps both covering the enum."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The optimizer registry, worker side: one entry per spec Optimizer saying how to build it, clip the gradients it
 reads, and load its checkpointed state. The static facts about each (CUDA-only, GaLore) are planner/optimizers.py;
-tests/worker/test_registries.py keeps both covering the enum. A new optimizer is one more entry here and there.
+tests/worker/test_worker_registries.py keeps both covering the enum. A new optimizer is one more entry here and there.
 
 All are AdamW with betas (0.9, 0.999) and no weight decay (see worker/training/loading.py for the why)."""
 
