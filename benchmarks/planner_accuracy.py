@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from domain.spec import JobSpec  # noqa: E402
 from planner.catalog import find_model  # noqa: E402
-from planner.core import HF_TRAINER, WORKER, _phases, build_setup, estimate  # noqa: E402
+from planner.core import HF_TRAINER, WORKER, Recipe, _phases, build_setup, estimate  # noqa: E402
 from planner.shapes import ModelShape  # noqa: E402
 
 DOC = ROOT / "docs" / "planner-accuracy.md"
@@ -99,18 +99,22 @@ def load_rows(paths: list[Path] | None = None) -> list[dict]:
     return rows
 
 
-def predict(row: dict, arch: dict) -> tuple[int, int, str]:
-    """(predicted nvml bytes, predicted peak allocated bytes, phase)."""
+def row_inputs(row: dict, arch: dict) -> tuple[JobSpec, ModelShape, Recipe]:
+    """What one calibration row is planned from: its spec, its model's shape, and the recipe it was measured with."""
     case = row["case"]
     if "spec" in case:  # vram_harness.py rows carry the worker's own spec and model id
         spec, shape = JobSpec.model_validate(case["spec"]), find_model(case["model"])
-        recipe = replace(WORKER, expandable_segments=case.get("expandable", True))
-    else:
-        spec = refbench_spec(case)
-        shape = ModelShape.from_config(dict(arch[case["arch"]]), name=case["arch"])
-        recipe = replace(
-            HF_TRAINER, kbit_upcast=not case.get("no_upcast"), expandable_segments=bool(case.get("expandable"))
-        )
+        return spec, shape, replace(WORKER, expandable_segments=case.get("expandable", True))
+    shape = ModelShape.from_config(dict(arch[case["arch"]]), name=case["arch"])
+    recipe = replace(
+        HF_TRAINER, kbit_upcast=not case.get("no_upcast"), expandable_segments=bool(case.get("expandable"))
+    )
+    return refbench_spec(case), shape, recipe
+
+
+def predict(row: dict, arch: dict) -> tuple[int, int, str]:
+    """(predicted nvml bytes, predicted peak allocated bytes, phase)."""
+    spec, shape, recipe = row_inputs(row, arch)
     mb = spec.training.micro_batch_size
     phase, breakdown, _ = estimate(spec, shape, mb, recipe)
     phases, _ = _phases(shape, build_setup(spec, shape, mb, recipe), recipe)

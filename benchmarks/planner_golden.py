@@ -17,21 +17,18 @@ import hashlib
 import itertools
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from planner_accuracy import _arch_table, load_rows, refbench_spec  # noqa: E402
+from planner_accuracy import _arch_table, load_rows, row_inputs  # noqa: E402
 
 from domain.spec import JobSpec  # noqa: E402
 from planner import plan  # noqa: E402
 from planner.catalog import find_model  # noqa: E402
-from planner.core import HF_TRAINER, WORKER  # noqa: E402
 from planner.scope import PlanRefused  # noqa: E402
-from planner.shapes import ModelShape  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "planner" / "golden_predictions.json"
 # The golden file records the figures; what a plan says of its assumptions and warnings is not a prediction.
@@ -60,18 +57,9 @@ def _canonical(value) -> str:
 def calibration_cases() -> dict[str, dict]:
     arch, out = _arch_table(), {}
     for row in load_rows():
-        case = row["case"]
-        if "spec" in case:
-            spec, shape = JobSpec.model_validate(case["spec"]), find_model(case["model"])
-            recipe = replace(WORKER, expandable_segments=case.get("expandable", True))
-        else:
-            spec = refbench_spec(case)
-            shape = ModelShape.from_config(dict(arch[case["arch"]]), name=case["arch"])
-            recipe = replace(
-                HF_TRAINER, kbit_upcast=not case.get("no_upcast"), expandable_segments=bool(case.get("expandable"))
-            )
+        spec, shape, recipe = row_inputs(row, arch)
         for gpu in GPUS:
-            out[f"{row['_file']}:{case['name']}:{gpu}"] = plan(spec, shape, gpu, recipe=recipe).model_dump(
+            out[f"{row['_file']}:{row['case']['name']}:{gpu}"] = plan(spec, shape, gpu, recipe=recipe).model_dump(
                 mode="json", exclude=FIGURES_ONLY
             )
     return out
