@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from domain.errors import DatasetNotFound, DatasetTooLarge, InvalidDataset
 from domain.spec import DatasetFormat
@@ -88,7 +89,8 @@ def _decode_json(raw: bytes, line: int) -> object | None:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        value: object = json.loads(text)
+        return value
     except json.JSONDecodeError as exc:
         raise InvalidDataset(f"not valid JSON: {exc.msg} (column {exc.colno})", line=line) from None
 
@@ -99,7 +101,17 @@ def _type_name(value: object) -> str:
     )
 
 
-def _string(row: dict, key: str, line: int, *, required: bool = True, allow_empty: bool = False) -> str | None:
+@overload
+def _string(
+    row: dict[str, object], key: str, line: int, *, required: Literal[True] = True, allow_empty: bool = False
+) -> str: ...
+@overload
+def _string(
+    row: dict[str, object], key: str, line: int, *, required: bool, allow_empty: bool = False
+) -> str | None: ...
+def _string(
+    row: dict[str, object], key: str, line: int, *, required: bool = True, allow_empty: bool = False
+) -> str | None:
     if key not in row or (row[key] is None and not required):
         if required:
             raise InvalidDataset(f"missing field '{key}'", line=line)
@@ -112,7 +124,7 @@ def _string(row: dict, key: str, line: int, *, required: bool = True, allow_empt
     return value
 
 
-def _parse_alpaca(row: dict, line: int) -> Example:
+def _parse_alpaca(row: dict[str, object], line: int) -> Example:
     instruction = _string(row, "instruction", line)
     extra_input = _string(row, "input", line, required=False, allow_empty=True)
     output = _string(row, "output", line)
@@ -125,7 +137,7 @@ def _parse_alpaca(row: dict, line: int) -> Example:
 
 
 def _parse_turns(
-    row: dict, line: int, *, list_key: str, role_key: str, content_key: str, role_names: dict[str, str]
+    row: dict[str, object], line: int, *, list_key: str, role_key: str, content_key: str, role_names: dict[str, str]
 ) -> Example:
     if list_key not in row:
         raise InvalidDataset(f"missing field '{list_key}'", line=line)
@@ -158,13 +170,13 @@ def _parse_turns(
     return Example(line=line, messages=tuple(messages))
 
 
-def _parse_sharegpt(row: dict, line: int) -> Example:
+def _parse_sharegpt(row: dict[str, object], line: int) -> Example:
     return _parse_turns(
         row, line, list_key="conversations", role_key="from", content_key="value", role_names=SHAREGPT_ROLES
     )
 
 
-def _parse_messages(row: dict, line: int) -> Example:
+def _parse_messages(row: dict[str, object], line: int) -> Example:
     return _parse_turns(
         row,
         line,
@@ -175,7 +187,7 @@ def _parse_messages(row: dict, line: int) -> Example:
     )
 
 
-def _parse_text(row: dict, line: int) -> Example:
+def _parse_text(row: dict[str, object], line: int) -> Example:
     return Example(line=line, text=_string(row, "text", line))
 
 

@@ -102,7 +102,7 @@ class LoraOptions(_Strict):
 
     @field_validator("target_modules")
     @classmethod
-    def _non_empty(cls, value):
+    def _non_empty(cls, value: Literal["all-linear"] | list[str]) -> Literal["all-linear"] | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("target_modules must name at least one module, or be 'all-linear'")
         return value
@@ -178,7 +178,7 @@ class TrainingOptions(_Strict):
 
     @field_validator("micro_batch_size")
     @classmethod
-    def _positive(cls, value):
+    def _positive(cls, value: int | Literal["auto"]) -> int | Literal["auto"]:
         if isinstance(value, int) and not 1 <= value <= 4096:
             raise ValueError("micro_batch_size must be between 1 and 4096, or 'auto'")
         return value
@@ -332,7 +332,8 @@ class JobSpec(_Strict):
                 f"optimizer {optimizer.value} projects whole weight matrices; FSDP2 holds row shards: "
                 "GaLore runs on one GPU only"
             )
-        if self.method is Method.qlora and self.quantization_options.bits == 8:
+        quantization = self.quantization_options  # set exactly when the method is qlora
+        if quantization is not None and quantization.bits == 8:
             problems.append(
                 "qlora with quantization.bits 8 (LLM.int8 Int8Params) does not shard: use bits 4 "
                 "(FSDP-QLoRA stores NF4 codes in bnb_4bit_quant_storage = the compute dtype)"

@@ -139,10 +139,12 @@ def nccl_bytes(s: t.Setup) -> int:
     return NCCL_BYTES if s.num_gpus > 1 else 0
 
 
-def shard_phase(shape: ModelShape, s: t.Setup, phase: str, terms: dict[str, int]) -> tuple[dict[str, int], dict]:
+def shard_phase(
+    shape: ModelShape, s: t.Setup, phase: str, terms: dict[str, int]
+) -> tuple[dict[str, int], dict[str, int]]:
     """One rank's terms at a phase from the single-GPU ones: (GPU terms, host terms). Activations, the loss and the
     mask are per rank as they are (each rank runs its own micro-batch)."""
-    out, host = dict(terms), {}
+    out, host = dict(terms), dict[str, int]()
     for name in SHARDED_STATIC + ("gradients",):
         if name in out:
             out[name] = shard_bytes(out[name], s.num_gpus)

@@ -37,6 +37,7 @@ def target_matches(target: str, lin: Linear, num_layers: int) -> bool:
     """peft's suffix match of one target_modules entry against a decoder layer's nn.Linear (layers.N: any layer
     below num_layers; the planner then adapts every layer, an overestimate)."""
     match = _LAYER_PREFIX.match(target)
+    assert match is not None  # both groups are optional: the pattern matches every string
     layer, rest = match.group(1), target[match.end() :]
     if layer is not None and int(layer) >= num_layers:
         return False
