@@ -215,6 +215,28 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+def _include_routers(app: FastAPI, settings: Settings) -> int:
+    """Every router with the problems it declares; returns the upload route's body limit."""
+    # The limits are checked while the body streams in: a body past them is never read to its end.
+    upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
+    app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(checkpoints.router, responses=AUTHENTICATED)
+    app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
+    app.include_router(webhooks.router, responses=AUTHENTICATED)
+    app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
+    app.include_router(health.router, responses=problems(500))
+    return upload_limit
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error as problem+json (OpenAI's envelope on the OpenAI routes)."""
+    app.add_exception_handler(DomainError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -244,20 +266,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=_operation_id,
         description="Fine-tuning jobs with a GPU-memory planner that refuses what cannot fit.",
     )
-    # The limits are checked while the body streams in: a body past them is never read to its end.
-    upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
-    app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
-    app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
-    app.include_router(checkpoints.router, responses=AUTHENTICATED)
-    app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
-    app.include_router(webhooks.router, responses=AUTHENTICATED)
-    app.include_router(openai.router, responses=openai.ERRORS, max_body_size=settings.max_json_body_bytes)
-    app.include_router(health.router, responses=problems(500))
+    upload_limit = _include_routers(app, settings)
     docs.install(app)  # /docs and /redoc from local assets
-    app.add_exception_handler(DomainError, _on_problem)
-    app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(StarletteHTTPException, _on_http)
-    app.add_exception_handler(Exception, _on_unexpected)
+    _install_error_handlers(app)
     # Inside CORS, whose headers its own answers (replays, 409, 422) need, and inside the length guard, which
     # refuses an oversized declared body before this layer spools a byte of it.
     app.add_middleware(
