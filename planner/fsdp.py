@@ -70,7 +70,7 @@ def unsharded_layer_bytes(shape: ModelShape, s: t.Setup) -> int:
     adapters (peft fp32, cast to param_dtype under a MixedPrecisionPolicy)."""
     trained = s.trainable_layers > 0 and not s.trained_tensors  # full, or freeze's trained layers (the largest)
     stored = s.trained_bytes if trained else s.frozen_bytes
-    if s.method == "qlora":
+    if s.traits.quantized:
         linears = (t.layer_linear_weight_bytes(shape, s) + t.quant_constant_bytes(shape, s)) // shape.num_layers
     else:
         linears = shape.layer_linear_numel * gather_bytes(s, stored)
@@ -81,7 +81,7 @@ def unsharded_layer_bytes(shape: ModelShape, s: t.Setup) -> int:
 
 def head_group_bytes(shape: ModelShape, s: t.Setup) -> int:
     """The [model.norm, lm_head] group (tied: the embedding matrix) as all-gathered; kept from forward to backward."""
-    stored = s.trained_bytes if s.method == "full" else s.head_bytes
+    stored = s.trained_bytes if s.traits.trains_head else s.head_bytes
     return (shape.embed_numel + shape.hidden_size) * gather_bytes(s, stored)
 
 
@@ -89,12 +89,12 @@ def embed_group_bytes(shape: ModelShape, s: t.Setup) -> int:
     """model.embed_tokens as all-gathered (untied; tied it lives in the head group)."""
     if not shape.lm_head_numel:
         return 0
-    stored = s.trained_bytes if s.method == "full" else s.head_bytes
+    stored = s.trained_bytes if s.traits.trains_head else s.head_bytes
     return shape.embed_numel * gather_bytes(s, stored)
 
 
 def adapter_numel_per_layer(shape: ModelShape, s: t.Setup) -> int:
-    if s.method not in ("lora", "qlora"):
+    if not s.traits.adapters:
         return 0
     return t.trainable_numel(t.trainable_tensors(shape, s)) // shape.num_layers
 
@@ -102,12 +102,12 @@ def adapter_numel_per_layer(shape: ModelShape, s: t.Setup) -> int:
 def trained_numel_per_group(shape: ModelShape, s: t.Setup) -> int:
     """Trainable elements of the largest group whose grads are reduce-scattered: a decoder layer, or for full
     the embedding / lm_head group."""
-    if s.method in ("lora", "qlora"):
+    if s.traits.adapters:
         return adapter_numel_per_layer(shape, s)
     if s.trained_tensors:  # freeze.trainable_modules: spread over the layers that hold them
         return s.trained_numel // max(1, s.trainable_layers)
     layer = shape.layer_numel if s.trainable_layers else 0
-    return max(layer, shape.embed_numel) if s.method == "full" else layer
+    return max(layer, shape.embed_numel) if s.traits.trains_head else layer
 
 
 def reduce_scatter_bytes(shape: ModelShape, s: t.Setup) -> int:
