@@ -46,6 +46,7 @@ GRID_OPTIMIZERS = (
     "cpu_offload",
     "galore_adamw",
     "galore_adamw_8bit",
+    "badam",
 )
 GRID_PRECISIONS = ("bf16-mixed", "bf16", "fp16-mixed")
 
@@ -108,6 +109,7 @@ VARIANTS = {
         "training": {"gradient_accumulation_steps": 4},
     },
     "loraplus-rslora": {"method": "lora", "lora": {"loraplus_lr_ratio": 16, "use_rslora": True}},
+    "badam-blocks": {"method": "full", "memory": {"optimizer": "badam"}, "badam": {"layers_per_block": 4}},
 }
 
 

@@ -119,6 +119,7 @@ CASES = [
     case("w-q05-lora-adamw4", Q05, "lora", 4, 1024, optimizer="adamw_4bit"),
     case("w-q05-full-galore", Q05, "full", 4, 1024, optimizer="galore_adamw"),
     case("w-q05-full-bf16-galore8", Q05, "full", 4, 1024, precision="bf16", optimizer="galore_adamw_8bit"),
+    case("w-q05-full-badam", Q05, "full", 4, 1024, optimizer="badam"),  # NOT MEASURED yet: no GPU since BAdam
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),
@@ -133,6 +134,7 @@ CASES = [
     case("w-g2b-freeze4-1k", G2B, "freeze", 2, 1024, freeze={"trainable_layers": 4}),
     # 7-14B: the service's main use
     case("w-q7b-qlora-gc-2k", Q7B, "qlora", 2, 2048),
+    case("w-q7b-full-badam-gc-1k", Q7B, "full", 2, 1024, optimizer="badam"),  # NOT MEASURED yet
     case("w-q7b-qlora-gc-2k-fused", Q7B, "qlora", 2, 2048, fused=True),
     case("w-q7b-qlora-gc-8k-fused", Q7B, "qlora", 1, 8192, fused=True),
     case("w-l8b-qlora-gc-4k", L8B, "qlora", 1, 4096),

@@ -43,6 +43,7 @@ class Optimizer(str, enum.Enum):
     cpu_offload = "cpu_offload"  # torchao CPUOffloadOptimizer around torch AdamW: states on the host (CUDA only)
     galore_adamw = "galore_adamw"  # galore-torch GaLoreAdamW: Adam states on a low-rank projection (full/freeze)
     galore_adamw_8bit = "galore_adamw_8bit"  # galore-torch GaLoreAdamW8bit: the same with 8-bit states (CUDA only)
+    badam = "badam"  # BAdam: Adam on one block of decoder layers at a time, switched every K steps (full only)
 
     @property
     def is_galore(self) -> bool:
@@ -129,6 +130,19 @@ class GaloreOptions(_Strict):
     update_proj_gap: int = Field(200, ge=1, le=100_000, description="Optimizer steps between SVD refreshes")
     scale: float = Field(0.25, gt=0, le=100)
     proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+
+
+class BadamOptions(_Strict):
+    """BAdam (Luo et al., 2024): block-coordinate Adam for full fine-tuning. The decoder layers are cut into
+    blocks of `layers_per_block`; one block at a time holds fp32 master weights, gradients and Adam states and
+    trains for `switch_every_steps` optimizer steps, then the next one takes over. Embeddings, lm_head and the
+    final norm stay frozen. Defaults: the badam package's (LLaMA-Factory's use_badam), in ascending order."""
+
+    switch_every_steps: int = Field(50, ge=1, le=100_000, description="Optimizer steps before the next block")
+    block_order: Literal["ascending", "descending", "random"] = Field(
+        "ascending", description="random: a fresh permutation of the blocks each time all have trained"
+    )
+    layers_per_block: int = Field(1, ge=1, le=4096, description="Consecutive decoder layers in one block")
 
 
 class FreezeOptions(_Strict):
@@ -273,6 +287,7 @@ class JobSpec(_Strict):
     quantization: QuantizationOptions | None = None
     freeze: FreezeOptions | None = None
     galore: GaloreOptions | None = Field(None, description="Options of the galore_adamw(_8bit) optimizers")
+    badam: BadamOptions | None = Field(None, description="Options of the badam optimizer")
     training: TrainingOptions = TrainingOptions()
     memory: MemoryOptions = MemoryOptions()
     output: OutputOptions = OutputOptions()
@@ -307,10 +322,29 @@ class JobSpec(_Strict):
             problems.append("'galore' options apply to the galore_adamw and galore_adamw_8bit optimizers")
         if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
             problems.append("optimizer cpu_offload cannot unscale fp16 loss-scaled gradients: use bf16-mixed")
-        problems += self._sharding_problems()
+        problems += self._badam_problems() + self._sharding_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _badam_problems(self) -> list[str]:
+        """BAdam keeps the model in bf16 with fp32 masters of one block (badam 1.4 BlockOptimizer): full
+        fine-tuning under bf16 autocast, on one GPU."""
+        if self.memory.optimizer is not Optimizer.badam:
+            return ["'badam' options apply to the badam optimizer"] if self.badam is not None else []
+        problems = []
+        if self.method is not Method.full:
+            problems.append(
+                f"optimizer badam trains the decoder layers block by block: use method full, not {self.method.value}"
+            )
+        if self.memory.precision is not Precision.bf16_mixed:
+            problems.append(
+                "optimizer badam keeps the model in bf16 and fp32 masters of the active block: use precision "
+                f"bf16-mixed, not {self.memory.precision.value}"
+            )
+        if self.resources.effective_sharding is not None:
+            problems.append("optimizer badam runs on one GPU: its block switch re-creates the optimizer's params")
+        return problems
 
     def _sharding_problems(self) -> list[str]:
         """The combinations FSDP2 does not shard (the optimizer must step DTensor shards)."""
@@ -357,6 +391,12 @@ class JobSpec(_Strict):
     def freeze_options(self) -> FreezeOptions | None:
         if self.method is Method.freeze:
             return self.freeze or FreezeOptions()
+        return None
+
+    @property
+    def badam_options(self) -> BadamOptions | None:
+        if self.memory.optimizer is Optimizer.badam:
+            return self.badam or BadamOptions()
         return None
 
     @property

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from domain.spec import JobSpec
 from planner import fsdp, policy
 from planner import terms as t
-from planner.methods import METHODS
+from planner.methods import METHODS, method_traits
 from planner.optimizers import OPTIMIZERS
 from planner.scope import target_matches
 from planner.shapes import Linear, ModelShape
@@ -187,7 +187,11 @@ def freeze_module_tensors(shape: ModelShape, names: list[str]) -> tuple[tuple[tu
 
 
 def _trainable_layers(spec: JobSpec, shape: ModelShape) -> int:
-    """Decoder layers whose own weights train: all (full), freeze's last N, none (adapters)."""
+    """Decoder layers whose own weights train at once: all (full), BAdam's block, freeze's last N, none
+    (adapters)."""
+    badam = spec.badam_options
+    if badam:
+        return min(shape.num_layers, badam.layers_per_block)
     trains = METHODS[spec.method].trains
     if trains == "all":
         return shape.num_layers
@@ -196,12 +200,20 @@ def _trainable_layers(spec: JobSpec, shape: ModelShape) -> int:
     return 0
 
 
+def _trained_bytes(spec: JobSpec) -> int:
+    """Storage bytes of the base weights that train. BAdam's block trains in the model's (frozen) dtype: its fp32
+    masters are the optimizer's (terms.MASTER_BYTES)."""
+    precision = policy.PRECISIONS[spec.memory.precision]
+    return precision.frozen_bytes if OPTIMIZERS[spec.memory.optimizer].block_coordinate else precision.trained_bytes
+
+
 def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe) -> t.Setup:
     """worker/training/loading.py precision plan (planner/policy.py PRECISIONS): frozen weights in the precision's
     frozen dtype, trained weights (full, freeze's last layers) in its trained dtype, autocast for -mixed."""
-    traits = METHODS[spec.method]
+    traits = method_traits(spec)
     precision = policy.PRECISIONS[spec.memory.precision]
-    autocast, trained, frozen = precision.autocast, precision.trained_bytes, precision.frozen_bytes
+    autocast, frozen = precision.autocast, precision.frozen_bytes
+    trained = _trained_bytes(spec)
     lora = spec.lora_options
     quant = spec.quantization_options
     upcast = traits.quantized and recipe.kbit_upcast
@@ -266,6 +278,7 @@ class _Fixed:
     paged: int
     grads: int
     head_grads: int  # lm_head / embedding grads: the first ones backward creates
+    step_grads: int  # the gradients the optimizer step reads (BAdam: fp32 copies of the block's)
     optimizer_temp: int
     autocast_cache: int
     dequant: int
@@ -299,6 +312,10 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
     if s.traits.loads_trained_dtype and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
         static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
+    grads = t.gradient_bytes(tensors, s)
+    step_grads = grads
+    if s.optimizer_traits.block_coordinate:  # badam 1.4 _switch_trainable_params_single_gpu, _grad_to_hp
+        static["master_weights"] = step_grads = t.trainable_numel(tensors) * t.MASTER_BYTES
     static |= {
         "trainable_params": t.adapter_weight_bytes(tensors, s),
         "optimizer_states": states,
@@ -308,8 +325,9 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
     return _Fixed(
         static,
         paged,
-        t.gradient_bytes(tensors, s),
+        grads,
         head,
+        step_grads,
         t.optimizer_temp_bytes(tensors, s, recipe.foreach_adamw) + t.galore_temp_bytes(shape, s),
         t.autocast_cache_bytes(shape, s),
         t.dequant_buffer_bytes(shape, s),
@@ -362,7 +380,7 @@ def _phases_with_host(
             "dequant_buffers": f.dequant + t.dora_norm_temp_bytes(shape, s),
             "dora_weight_copies": backward.get("dora_weight_copies", 0) + dora_layer,
         },
-        "optimizer_step": static | {"gradients": f.grads, "optimizer_temporaries": f.optimizer_temp},
+        "optimizer_step": static | {"gradients": f.step_grads, "optimizer_temporaries": f.optimizer_temp},
     }
     pool = f.grads + f.optimizer_temp + f.autocast_cache
     host: dict[str, int] = {}

@@ -4,10 +4,11 @@ worker/training/methods.py; a test keeps both registries covering the enum."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from domain.spec import Method
+from domain.spec import JobSpec, Method
+from planner.optimizers import OPTIMIZERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +39,13 @@ METHODS: dict[Method, MethodTraits] = {
         adapters=False, quantized=False, trains="selected", trains_head=False, loads_trained_dtype=False
     ),
 }
+
+
+def method_traits(spec: JobSpec) -> MethodTraits:
+    """What trains and how the model loads, for this spec: its method's entry, except under a block-coordinate
+    optimizer (BAdam), which keeps the whole model in the frozen dtype with the embeddings and head frozen and
+    trains the decoder layers only. The planner's setup and the worker's loading both ask here."""
+    traits = METHODS[spec.method]
+    if OPTIMIZERS[spec.memory.optimizer].block_coordinate:
+        return replace(traits, trains_head=False, loads_trained_dtype=False)
+    return traits

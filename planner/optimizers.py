@@ -46,6 +46,9 @@ class OptimizerTraits:
     foreach_sqrt: bool = False  # torch AdamW: its foreach step (HF's adamw_torch) allocates exp_avg_sq.sqrt()
     host_step: bool = False  # the step and most states run on the host: GPU grads go to it (policy.offload_gradients)
     clones_weight: bool = False  # GaLoreAdamW8bit keeps a copy of the weight it updates (p.saved_data)
+    # BAdam: the model stays in the precision's frozen dtype with its embeddings and head frozen; one block of
+    # decoder layers at a time trains, from fp32 master copies with fp32 gradients and fp32 Adam states.
+    block_coordinate: bool = False
     alternatives: tuple[Optimizer, ...] = ()  # cheaper in memory, offered by planner/suggest.py in this order
 
 
@@ -99,7 +102,7 @@ OPTIMIZERS: dict[Optimizer, OptimizerTraits] = {
     Optimizer.adamw: OptimizerTraits(
         adamw_state_bytes,
         foreach_sqrt=True,
-        alternatives=(Optimizer.adamw_8bit, Optimizer.paged_adamw_8bit, _GALORE),
+        alternatives=(Optimizer.adamw_8bit, Optimizer.paged_adamw_8bit, _GALORE, Optimizer.badam),
     ),
     Optimizer.adamw_8bit: OptimizerTraits(  # bitsandbytes steps whole tensors
         _BNB_8BIT, shards=False, alternatives=(Optimizer.paged_adamw_8bit, _GALORE)
@@ -136,4 +139,6 @@ OPTIMIZERS: dict[Optimizer, OptimizerTraits] = {
         clones_weight=True,
         alternatives=(Optimizer.paged_adamw_8bit,),
     ),
+    # badam 1.4 BlockOptimizer around torch AdamW: the base optimizer steps the active block's fp32 copies.
+    Optimizer.badam: OptimizerTraits(adamw_state_bytes, shards=False, block_coordinate=True),
 }

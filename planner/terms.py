@@ -21,6 +21,7 @@ from planner.shapes import Linear, ModelShape
 ADAPTER_BYTES = policy.DTYPE_BYTES[policy.ADAPTER_DTYPE]
 
 GIB = 1 << 30
+MASTER_BYTES = 4  # fp32 master copies of weights trained in a half dtype
 
 # ---- constants, each with its source ------------------------------------------------------------------
 # bitsandbytes 0.50.2 Linear4bit / Params4bit: NF4 packs two 4-bit codes per uint8 and keeps one absmax
@@ -222,6 +223,12 @@ def trainable_param_bytes(s: Setup) -> int:
     return ADAPTER_BYTES if s.traits.adapters else s.trained_bytes
 
 
+def stepped_param_bytes(s: Setup) -> int:
+    """Bytes per element of what the optimizer steps: a block-coordinate optimizer's fp32 masters, else the
+    trainable params themselves."""
+    return MASTER_BYTES if s.optimizer_traits.block_coordinate else trainable_param_bytes(s)
+
+
 def gradient_bytes(tensors: Tensors, s: Setup) -> int:
     """One .grad per trainable param, in the param's dtype (autocast grads are cast back to it).
     cpu_offload with offload_gradients: a tensor's GPU grad is freed once its async copy to the host is done
@@ -240,7 +247,7 @@ def optimizer_state_bytes(tensors: Tensors, s: Setup, embed_numel_fp32: int = 0)
     register_module_override) - the calibration recipe, not the worker."""
     if s.galore_rank:
         raise ValueError("GaLore states depend on the weights' shapes: use galore_state_bytes")
-    return s.optimizer_traits.state_bytes(tensors, trainable_param_bytes(s), embed_numel_fp32)
+    return s.optimizer_traits.state_bytes(tensors, stepped_param_bytes(s), embed_numel_fp32)
 
 
 def galore_state_bytes(shape: ModelShape, tensors: Tensors, s: Setup) -> int:

@@ -46,7 +46,7 @@ import torch
 
 from domain.spec import JobSpec, Precision
 from planner import policy
-from planner.methods import METHODS as METHOD_TRAITS
+from planner.methods import method_traits
 from planner.optimizers import OPTIMIZERS as OPTIMIZER_TRAITS
 from worker.training.methods import METHODS
 from worker.training.optimizers import OPTIMIZERS
@@ -105,7 +105,7 @@ def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: 
     """Load the base model for spec.method, with exactly the parameters that should train left trainable."""
     from transformers import AutoModelForCausalLM
 
-    traits = METHOD_TRAITS[spec.method]
+    traits = method_traits(spec)
     load_dtype = plan.trained_dtype if traits.loads_trained_dtype else plan.frozen_dtype
     # safetensors only, whatever else the directory holds: a pickled checkpoint could run code when loaded.
     kwargs = {"dtype": load_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
@@ -175,6 +175,13 @@ def galore_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, galore
 def build_optimizer(spec: JobSpec, parameters, device: torch.device):
     """`parameters`: a list of params, or param groups (parameter_groups) each with its own lr."""
     return OPTIMIZERS[spec.memory.optimizer].build(spec, parameters, device)
+
+
+def model_optimizer(spec: JobSpec, model, device: torch.device):
+    """The optimizer of the model's trainable parameters, wrapped where the registry entry drives it (BAdam)."""
+    recipe = OPTIMIZERS[spec.memory.optimizer]
+    optimizer = build_optimizer(spec, parameter_groups(spec, model), device)
+    return recipe.wrap(spec, model, optimizer) if recipe.wrap else optimizer
 
 
 def lr_factor(step: int, total_steps: int) -> float:

@@ -27,11 +27,19 @@ def load_plain(optimizer, state_dict: dict) -> None:
     optimizer.load_state_dict(state_dict)  # torch and bitsandbytes move the state to each parameter's device
 
 
+def requires_grad(optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
 @dataclass(frozen=True, slots=True)
 class OptimizerRecipe:
     build: Callable[[JobSpec, list, torch.device], torch.optim.Optimizer]  # (spec, params or groups, device)
     clip: Callable[..., torch.Tensor] = clip_grad_norm  # (optimizer, parameters, max_norm) -> total norm
     load_state: Callable[[object, dict], None] = load_plain  # (optimizer, a checkpoint's state dict)
+    # (spec, model, the built optimizer) -> the optimizer that drives it over the model's blocks (BAdam)
+    wrap: Callable[[JobSpec, torch.nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None = None
+    # (optimizer, model) -> every (name, param) the run changes: what a checkpoint keeps and the summary counts
+    trained: Callable[[object, torch.nn.Module], list[tuple[str, torch.nn.Parameter]]] = requires_grad
 
 
 # ---- build ------------------------------------------------------------------------------------------------------
@@ -81,6 +89,17 @@ def _galore(eight_bit: bool):
         return optimizer
 
     return build
+
+
+def _block_adam(spec: JobSpec, model: torch.nn.Module, base: torch.optim.Optimizer):
+    from worker.training.badam import BlockAdam
+
+    assert spec.badam_options is not None  # the badam optimizer always has its options
+    return BlockAdam(base, model, spec.badam_options)
+
+
+def _block_adam_trained(optimizer, model) -> list[tuple[str, torch.nn.Parameter]]:
+    return optimizer.trained_named_parameters()  # every block's, not only the active one's
 
 
 # ---- clip -------------------------------------------------------------------------------------------------------
@@ -133,4 +152,6 @@ OPTIMIZERS: dict[Optimizer, OptimizerRecipe] = {
     Optimizer.cpu_offload: OptimizerRecipe(_cpu_offload, clip=clip_offloaded),
     Optimizer.galore_adamw: OptimizerRecipe(_galore(eight_bit=False), load_state=load_galore),
     Optimizer.galore_adamw_8bit: OptimizerRecipe(_galore(eight_bit=True), load_state=load_galore),
+    # torch AdamW is the base optimizer; BlockAdam hands it the active block's fp32 copies.
+    Optimizer.badam: OptimizerRecipe(_torch_adamw, wrap=_block_adam, trained=_block_adam_trained),
 }

@@ -186,7 +186,7 @@ def setup_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan:
 
 
 def setup_optimizer(spec: JobSpec, model, device: torch.device, plan: loading.PrecisionPlan, total_steps: int):
-    optimizer = loading.build_optimizer(spec, loading.parameter_groups(spec, model), device)
+    optimizer = loading.model_optimizer(spec, model, device)
     scheduler = loading.build_schedule(optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
     return SingleDeviceStrategy(spec, model, optimizer, scaler), scheduler
@@ -340,7 +340,7 @@ def _summary(run: Run, written: list[str], wall_seconds: float) -> dict:
         "epochs": state.micro_steps / train_data.micro_per_epoch,
         "examples": len(train_data.dataset),
         "examples_dropped_no_learned_tokens": train_data.dropped_examples,
-        "trainable_parameters": sum(parameter.numel() for parameter in run.strategy.parameters),
+        "trainable_parameters": sum(parameter.numel() for parameter in run.strategy.trained.values()),
         "validation_examples": len(train_data.validation),
         "eval_loss": run.eval_losses[-1]["eval_loss"] if run.eval_losses else None,
         "eval_curve": run.eval_losses,

@@ -18,7 +18,13 @@ class SingleDeviceStrategy:
     def __init__(self, spec: JobSpec, model, optimizer, scaler: torch.amp.GradScaler | None) -> None:
         self.spec, self.model, self.optimizer, self.scaler = spec, model, optimizer, scaler
         self.optimizer_recipe = OPTIMIZERS[spec.memory.optimizer]
-        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        # name -> parameter, everything the run changes (BAdam: every block's, whichever trains now)
+        self.trained = dict(self.optimizer_recipe.trained(optimizer, model))
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters training now, whose gradients are clipped (BAdam: the active block's)."""
+        return [parameter for parameter in self.trained.values() if parameter.requires_grad]
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -39,7 +45,7 @@ class SingleDeviceStrategy:
 
     # ---- state: what a checkpoint saves and a resume loads ------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        return dict(self.trained)
 
     def load_trainable_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
         trainable = self.trainable_state_dict()
