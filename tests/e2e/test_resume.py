@@ -124,3 +124,57 @@ def wait_for_event(api, job_id: str, kind: str, timeout_seconds: float = 180) ->
             after = event["seq"]
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} recorded no {kind!r} event in {timeout_seconds} s")
+
+
+def badam_spec(model_dir, dataset: str) -> dict:
+    """Two decoder layers, a block switch every 4 steps: steps 1-4 train layer 0, 5-8 layer 1, 9-12 layer 0 ...
+    The first checkpoint (step 6) falls in the middle of layer 1's block."""
+    return {
+        "base_model": str(model_dir),
+        "dataset": {"path": dataset},
+        "method": "full",
+        "training": {
+            "max_steps": 24,
+            "micro_batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "seed": 3,
+            "checkpoint_every_steps": 6,
+            "keep_checkpoints": 2,
+            "logging_steps": 1,
+        },
+        "memory": {"optimizer": "badam", "precision": "bf16-mixed"},
+        "badam": {"switch_every_steps": 4, "block_order": "ascending"},
+    }
+
+
+def test_a_badam_job_killed_mid_block_resumes_in_that_block(api, worker, tiny_model, resume_dataset, wait_for_status):
+    """Through the API and a real worker: the loss goes down, and the run killed after its step-6 checkpoint
+    (layer 1's block, 2 of its 4 steps done) ends with the very weights of an uninterrupted run. Resuming in
+    another block, or from the bf16 weights instead of the fp32 masters, would not."""
+    spec = badam_spec(tiny_model, resume_dataset)
+    job_id = api.post("/v1/jobs", json=spec).json()["id"]
+    first_checkpoint = wait_for_event(api, job_id, "checkpoint")
+    assert first_checkpoint["data"]["step"] == 6
+    os.kill(child_pid(job_id), signal.SIGKILL)
+
+    job = wait_for_status(job_id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job["error"]
+    assert [(a["outcome"], a["resumed_from_step"]) for a in job["attempts"]] == [("crashed", None), ("succeeded", 6)]
+
+    reference_id = api.post("/v1/jobs", json=spec).json()["id"]
+    reference = wait_for_status(reference_id, {"succeeded", "failed", "cancelled"})
+    assert reference["status"] == "succeeded", reference["error"]
+    resumed, straight = (model_weights(api, some_id) for some_id in (job_id, reference_id))
+    max_abs_diff = max((resumed[name].float() - straight[name].float()).abs().max().item() for name in straight)
+    print(f"badam resumed from step 6: model max abs diff {max_abs_diff:.3g}")
+    assert max_abs_diff <= MAX_ABS_DIFF
+
+    losses = [e["data"]["loss"] for e in all_events(api, reference_id) if e["kind"] == "progress"]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+
+
+def model_weights(api, job_id: str) -> dict[str, torch.Tensor]:
+    response = api.get(f"/v1/jobs/{job_id}/artifacts/model/model.safetensors")
+    assert response.status_code == 200
+    return load(response.content)
