@@ -163,25 +163,18 @@ def test_a_run_killed_mid_block_resumes_in_that_block_to_the_uninterrupted_resul
         if step == 3:
             raise Killed(path)
 
-    train(spec, base_model_dir=four_layers, dataset_path=demo_dataset, output_dir=tmp_path / "straight")
-    with pytest.raises(Killed) as killed:
-        train(
-            spec,
-            base_model_dir=four_layers,
-            dataset_path=demo_dataset,
-            output_dir=tmp_path / "k",
-            on_checkpoint=kill_at_3,
+    def run(output_dir: str, **hooks):
+        return train(
+            spec, base_model_dir=four_layers, dataset_path=demo_dataset, output_dir=tmp_path / output_dir, **hooks
         )
+
+    run("straight")
+    with pytest.raises(Killed) as killed:
+        run("k", on_checkpoint=kill_at_3)
     saved = checkpoint.load_tree(tmp_path / "k" / killed.value.args[0], "optimizer")
     assert saved["block"]["active"] == 1 and saved["block"]["global_step"] == 3  # block 1, one step to go
     resumed_at: list[int] = []
-    train(
-        spec,
-        base_model_dir=four_layers,
-        dataset_path=demo_dataset,
-        output_dir=tmp_path / "k",
-        on_resume=resumed_at.append,
-    )
+    run("k", on_resume=resumed_at.append)
 
     assert resumed_at == [3]
     straight, resumed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("straight", "k"))
