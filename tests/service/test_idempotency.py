@@ -191,6 +191,26 @@ def test_an_upload_retried_with_a_fresh_multipart_boundary_replays(client, keys)
     assert upload(uuid.uuid4().hex, rows + rows).json()["code"] == "idempotency_key_reused"
 
 
+def test_a_replay_answers_as_the_first_time_even_after_the_file_is_deleted(client, keys):
+    """The key promises the first answer, not a fresh look: after a delete the replay still names the file,
+    which is gone (what schemathesis's reused keys run into: tests/contract/schemathesis.toml)."""
+    alpha, key = keys["alpha"], str(uuid.uuid4())
+    rows = ("\n".join(json.dumps(ROW) for _ in range(4)) + "\n").encode()
+
+    def upload():
+        return client.post(
+            "/v1/files", files={"file": ("d.jsonl", rows)}, data={"format": "alpaca"}, headers=headers(alpha, key)
+        )
+
+    first = upload()
+    assert first.status_code == 201, first.text
+    file_id = first.json()["id"]
+    assert client.delete(f"/v1/files/{file_id}", headers=alpha.headers).status_code == 200
+    again = upload()
+    assert again.status_code == 201 and again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    assert client.get(f"/v1/files/{file_id}", headers=alpha.headers).json()["code"] == "file_not_found"
+
+
 def test_each_request_counts_once_against_the_rate_limit_replays_included(settings, make_key):
     limited = settings.model_copy(update={"rate_limit_requests": 4, "rate_limit_window_seconds": 3600})
     key = make_key(f"idem-limited-{uuid.uuid4().hex[:6]}")
