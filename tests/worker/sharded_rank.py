@@ -65,6 +65,8 @@ def main() -> None:
             dist.all_reduce(reported, op=dist.ReduceOp.AVG)
         losses.append(reported.item())
     weights = strategy.trainable_state_dict()
+    written = strategy.save_artifacts(loading.precision_plan(spec.memory.precision), args.out / "artifacts")
+    assert written if rank == 0 else written == []  # rank 0 writes the one consolidated artifact
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "losses.json").write_text(json.dumps(losses))

@@ -61,3 +61,18 @@ def test_two_sharded_ranks_train_as_one_process_on_the_same_global_batch(tiny_ll
     assert max(abs(a - b) for a, b in zip(sharded_losses, single_losses, strict=True)) < LOSS_TOLERANCE
     assert sharded.keys() == single.keys()  # the consolidated state: every trained parameter, whole
     assert all(sharded[name].shape == single[name].shape for name in single)
+    loaded = load_artifact(tiny_llama, tmp_path / sharding / "artifacts", method)
+    for name, tensor in sharded.items():  # the artifact holds exactly the consolidated weights
+        assert torch.equal(loaded[name].float(), tensor), name
+
+
+def load_artifact(base: Path, artifacts: Path, method: str) -> dict[str, torch.Tensor]:
+    """As a user loads it: transformers for model/, peft onto the base for adapter/; named as trained."""
+    from transformers import AutoModelForCausalLM
+
+    if method != "lora":
+        return dict(AutoModelForCausalLM.from_pretrained(artifacts / "model").named_parameters())
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), artifacts / "adapter")
+    return dict(model.named_parameters())

@@ -20,7 +20,9 @@ from worker.training import extras
 @dataclass(frozen=True, slots=True)
 class MethodRecipe:
     prepare: Callable  # (spec, loaded base model, precision plan) -> the model that trains
-    save_artifacts: Callable[..., list[str]]  # (spec, model, plan, output_dir) -> files written, output_dir-relative
+    # (spec, model, plan, output_dir, save_dir=extras.save_dir) -> files written, output_dir-relative; a sharded
+    # strategy passes a save_dir that writes the consolidated state dict
+    save_artifacts: Callable[..., list[str]]
 
 
 def _prepare_adapters(spec: JobSpec, model, plan):
@@ -47,17 +49,17 @@ def _prepare_full(spec: JobSpec, model, plan):
     return model  # every weight trains, already in the trained dtype
 
 
-def _save_adapter(spec: JobSpec, model, plan, output_dir: Path) -> list[str]:
-    return extras.save_adapter(spec, model, output_dir, extras.save_dir)
+def _save_adapter(spec: JobSpec, model, plan, output_dir: Path, save_dir=extras.save_dir) -> list[str]:
+    return extras.save_adapter(spec, model, output_dir, save_dir)
 
 
-def _save_model(spec: JobSpec, model, plan, output_dir: Path) -> list[str]:
-    return extras.save_dir(model, output_dir, "model")
+def _save_model(spec: JobSpec, model, plan, output_dir: Path, save_dir=extras.save_dir) -> list[str]:
+    return save_dir(model, output_dir, "model")
 
 
-def _save_freeze(spec: JobSpec, model, plan, output_dir: Path) -> list[str]:
+def _save_freeze(spec: JobSpec, model, plan, output_dir: Path, save_dir=extras.save_dir) -> list[str]:
     model.to(plan.frozen_dtype)  # one dtype per checkpoint: the trained layers go back to the frozen layers' dtype
-    return extras.save_dir(model, output_dir, "model")
+    return save_dir(model, output_dir, "model")
 
 
 METHODS: dict[Method, MethodRecipe] = {

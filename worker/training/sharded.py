@@ -17,6 +17,8 @@ worker's torchrun launch; state dicts below are the consolidated (full) ones, ga
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -30,6 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from domain.spec import JobSpec, Sharding
 from planner import policy
+from worker.training.methods import METHODS, decoder_layers
 from worker.training.strategy import SingleDeviceStrategy
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -41,11 +44,6 @@ def mixed_precision(spec: JobSpec) -> MixedPrecisionPolicy:
     if rule.autocast_dtype is None:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=getattr(torch, rule.autocast_dtype), reduce_dtype=torch.float32)
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """transformers' decoder layers (LlamaDecoderLayer, Qwen2DecoderLayer ...), under a peft wrapper too."""
-    return [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
 
 
 def shard_model(spec: JobSpec, model: torch.nn.Module) -> torch.nn.Module:
@@ -87,6 +85,19 @@ class ShardedStrategy(SingleDeviceStrategy):
 
     def optimizer_state_dict(self) -> dict:
         return get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+
+    def save_artifacts(self, plan, output_dir: Path) -> list[str]:
+        """The method's artifacts as one consolidated safetensors file, written by rank 0 (the others gather with
+        it and write nothing: they return [])."""
+        full = get_model_state_dict(self.model, options=FULL)
+
+        def save_consolidated(saveable, directory: Path, name: str) -> list[str]:
+            saveable.save_pretrained(directory / name, state_dict=full)
+            return [p.relative_to(directory).as_posix() for p in sorted((directory / name).rglob("*")) if p.is_file()]
+
+        if self.rank != 0:
+            return []
+        return METHODS[self.spec.method].save_artifacts(self.spec, self.model, plan, output_dir, save_consolidated)
 
     def load_optimizer_state_dict(self, state_dict: dict) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=StateDictOptions(full_state_dict=True))
