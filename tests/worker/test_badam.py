@@ -65,6 +65,9 @@ def test_blocks_cut_the_layers_in_order_without_prefix_collisions():
         ["model.layers.10.", "model.layers.11."],
     ]
     assert "model.layers.1." not in "model.layers.11.mlp.up_proj.weight"  # why the prefixes end in a dot
+    assert layer_blocks(["model.language_model.layers.0.mlp.up_proj.weight"], 1) == [["model.language_model.layers.0."]]
+    with pytest.raises(ValueError, match="no decoder layers"):
+        layer_blocks(["transformer.h.0.attn.c_attn.weight"], 1)
 
 
 @pytest.mark.parametrize(

@@ -26,13 +26,18 @@ from domain.spec import BadamOptions
 
 
 def layer_blocks(parameter_names: list[str], layers_per_block: int) -> list[list[str]]:
-    """The decoder layers' name prefixes, `layers_per_block` consecutive layers to a block (the last may be
-    shorter). A trailing dot keeps 'layers.1.' from matching 'layers.11.'."""
-    layers = sorted(
-        {int(name.split(".layers.", 1)[1].split(".", 1)[0]) for name in parameter_names if ".layers." in name}
-    )
-    prefixes = [f"model.layers.{index}." for index in layers]
-    return [prefixes[start : start + layers_per_block] for start in range(0, len(prefixes), layers_per_block)]
+    """The decoder layers' name prefixes ('model.layers.3.'), in layer order, `layers_per_block` consecutive layers
+    to a block (the last may be shorter). The trailing dot keeps 'layers.1.' from matching 'layers.11.'."""
+    prefixes: dict[int, str] = {}
+    for name in parameter_names:
+        if ".layers." in name:
+            stack, rest = name.split(".layers.", 1)
+            index = rest.split(".", 1)[0]
+            prefixes[int(index)] = f"{stack}.layers.{index}."
+    if not prefixes:
+        raise ValueError("BAdam found no decoder layers ('<stack>.layers.<i>.' parameters) to cut into blocks")
+    ordered = [prefixes[index] for index in sorted(prefixes)]
+    return [ordered[start : start + layers_per_block] for start in range(0, len(ordered), layers_per_block)]
 
 
 class BlockAdam(BlockOptimizer):
