@@ -60,6 +60,19 @@ def wait_until_serving(
         time.sleep(0.2)
 
 
+# ---- in-process training runs killed at a checkpoint (tests/worker) ----
+class Killed(Exception):
+    """Stands in for the process dying right after a checkpoint was written."""
+
+
+def kill_after(step_to_die: int):
+    def on_checkpoint(step: int, path: str) -> None:
+        if step == step_to_die:
+            raise Killed(path)
+
+    return on_checkpoint
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

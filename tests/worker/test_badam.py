@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from harness import Killed, kill_after
 from safetensors.torch import load_file
 
 from domain.spec import JobSpec
@@ -159,13 +160,6 @@ def test_a_run_killed_mid_block_resumes_in_that_block_to_the_uninterrupted_resul
         update={"training": badam_spec(four_layers).training.model_copy(update={"checkpoint_every_steps": 3})}
     )
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step: int, path: str) -> None:
-        if step == 3:
-            raise Killed(path)
-
     def run(output_dir: str, **hooks):
         return train(
             spec, base_model_dir=four_layers, dataset_path=demo_dataset, output_dir=tmp_path / output_dir, **hooks
@@ -173,7 +167,7 @@ def test_a_run_killed_mid_block_resumes_in_that_block_to_the_uninterrupted_resul
 
     run("straight")
     with pytest.raises(Killed) as killed:
-        run("k", on_checkpoint=kill_at_3)
+        run("k", on_checkpoint=kill_after(3))
     saved = checkpoint.load_tree(tmp_path / "k" / killed.value.args[0], "optimizer")
     assert saved["block"]["active"] == 1 and saved["block"]["global_step"] == 3  # block 1, one step to go
     resumed_at: list[int] = []

@@ -6,23 +6,12 @@ import json
 
 import pytest
 import torch
+from harness import Killed, kill_after
 from safetensors.torch import load_file
 
 from domain.spec import GaloreOptions
 from worker.training import checkpoint, loading, train
 from worker.training.optimizers import OPTIMIZERS
-
-
-class Killed(Exception):
-    """Stands in for the process dying right after a checkpoint was written."""
-
-
-def kill_after(step_to_die: int):
-    def on_checkpoint(step: int, path: str) -> None:
-        if step == step_to_die:
-            raise Killed(path)
-
-    return on_checkpoint
 
 
 def checkpointed_spec(make_spec, method="lora", *, optimizer="adamw", precision="bf16-mixed", **training):

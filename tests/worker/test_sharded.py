@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,12 +23,6 @@ SCRIPT = Path(__file__).with_name("sharded_rank.py")
 # the wrong rows, a shard left out of the step or a lost update moves them by far more.
 LOSS_TOLERANCE = 1e-2
 TIMEOUT_SECONDS = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(command: list[str]) -> None:
