@@ -36,6 +36,16 @@ REDUCE_SCATTER_BUFFERS = 2
 # 4 MiB per channel and peer, up to 32 channels on NVLink, plus NVLS/CUMEM buffers): an allowance, on > 1 rank.
 NCCL_BYTES = 512 * MIB
 
+# GROUPS, as the worker's shard_model (worker/training/sharded.py) applies them: whether a group frees its
+# all-gathered params after its forward, per sharding. The head group ([norm, lm_head]) never does.
+HEAD_GROUP_RESHARDS_AFTER_FORWARD = False
+
+
+def reshards_after_forward(sharding: str) -> bool:
+    """The embeddings' and every decoder layer's group: zero3 frees them after the forward, zero2 keeps them."""
+    return sharding == "zero3"
+
+
 # Static terms divided across the ranks (dim-0 chunks, torch.chunk: padding of < num_gpus rows is ignored).
 SHARDED_STATIC = ("weights", "master_weights", "quantization_constants", "trainable_params", "optimizer_states")
 # Moved to the host by each offload mode.

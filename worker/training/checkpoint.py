@@ -12,7 +12,12 @@ Layout, under the job's output dir (a retry runs in the same dir, so it finds th
         metrics.json                step, epoch, tokens seen, train loss: what the checkpoint is listed with
         adapter/                    lora/qlora: adapter_config.json + adapter_model.safetensors, from peft
         COMPLETE                    written last: the step and the fingerprint of the spec that wrote it
-      .tmp-step-000020-4242/        being written, or left by a killed process: never read, deleted later
+      .tmp-step-000020/             being written, or left by a killed process: never read, deleted later
+
+A sharded job (worker/training/sharded.py) writes, in place of trainable.* and optimizer.*, its shards with
+torch.distributed.checkpoint into sharded/ (each rank its own safetensors file, the shard offsets in the file's
+safetensors metadata: HuggingFaceStorageWriter) and the optimizer's param groups as optimizer-groups.json; each
+rank but 0 adds its RNG state (rng-rank00001.*; rank 0's is in trainer.*). It resumes on the same world size.
 
 Only safetensors and JSON are written or read: nothing is pickled, so reading a checkpoint cannot run code.
 Every tensor is copied to host memory before it is written, so a checkpoint costs no GPU memory; it costs host
@@ -36,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from domain.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec
+from worker.training.ranks import Ranks
 
 MARKER = "COMPLETE"
 TEMP_PREFIX = ".tmp-"
@@ -58,8 +64,9 @@ class RunState:
 
 
 class Checkpoints:
-    def __init__(self, root: Path, spec: JobSpec, micro_batches_per_epoch: int) -> None:
+    def __init__(self, root: Path, spec: JobSpec, micro_batches_per_epoch: int, ranks: Ranks | None = None) -> None:
         self.root = Path(root)
+        self.ranks = ranks or Ranks()
         self.every_steps = spec.training.checkpoint_every_steps
         self.every_epoch = spec.training.checkpoint_every_epoch
         self.keep = spec.training.keep_checkpoints
@@ -78,32 +85,44 @@ class Checkpoints:
         return complete[-1] if complete else None
 
     def resume(self, strategy, scheduler, stream: Iterator) -> RunState:
-        """Load the latest complete checkpoint into the freshly built objects; a RunState at step 0 if none."""
+        """Load the latest complete checkpoint into the freshly built objects; a RunState at step 0 if none.
+        Every rank of a sharded job calls it: they share the output dir, so they find the same checkpoint."""
         directory = self.latest()
         if directory is None:
             return RunState()
         marker = json.loads((directory / MARKER).read_text())
         if marker["spec_sha256"] != self.fingerprint:
             raise ValueError(f"{directory} was written by a different job spec; delete {self.root} to start over")
-        strategy.load_trainable_state_dict(load_tree(directory, "trainable"))
-        strategy.load_optimizer_state_dict(load_tree(directory, "optimizer"))
+        strategy.load_state(directory)
         trainer = load_tree(directory, "trainer")
         scheduler.load_state_dict(trainer["scheduler"])
         strategy.load_scaler_state_dict(trainer["scaler"])
         position = trainer["data_position"]
         for _ in range(position["epoch"] * self.micro_batches_per_epoch + position["micro_batch"]):
             next(stream)  # re-deals the same seeded shuffles, so the next micro-batch is the one that was due
-        set_rng_state(trainer["rng"])  # last: nothing above may draw from the RNGs the loop goes on with
+        # last: nothing above may draw from the RNGs the loop goes on with (dropout: each rank its own)
+        set_rng_state(trainer["rng"] if self.ranks.is_main else load_tree(directory, _rank_rng(self.ranks.rank)))
         return RunState(**trainer["run"])
 
     def save(self, state: RunState, strategy, scheduler) -> str:
-        """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir."""
+        """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir.
+        Every rank calls it: each writes its own shards and RNG state, rank 0 the rest, the marker and the rename."""
         final = self.root / f"step-{state.step:06d}"
-        temp = self.root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir(parents=True)
-        save_tree(temp, "trainable", strategy.trainable_state_dict())
-        save_tree(temp, "optimizer", strategy.optimizer_state_dict())
+        temp = self.root / f"{TEMP_PREFIX}{final.name}"  # one writer per output dir: each attempt has its own
+        if self.ranks.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        self.ranks.barrier()
+        strategy.save_state(temp)
+        strategy.export_adapter(temp / CHECKPOINT_ADAPTER_DIR)
+        if not self.ranks.is_main:
+            save_tree(temp, _rank_rng(self.ranks.rank), rng_state())
+        self.ranks.barrier()  # every rank's files are in place before the marker vouches for them
+        if self.ranks.is_main:
+            self._complete_on_main(temp, final, state, strategy, scheduler)
+        return final.relative_to(self.root.parent).as_posix()
+
+    def _complete_on_main(self, temp: Path, final: Path, state: RunState, strategy, scheduler) -> None:
         save_tree(
             temp,
             "trainer",
@@ -119,13 +138,11 @@ class Checkpoints:
             },
         )
         _write_synced(temp / CHECKPOINT_METRICS_FILE, json.dumps(self._metrics(state)) + "\n")
-        export_adapter(strategy.model, temp / CHECKPOINT_ADAPTER_DIR)
         _write_synced(temp / MARKER, json.dumps({"step": state.step, "spec_sha256": self.fingerprint}) + "\n")
         shutil.rmtree(final, ignore_errors=True)  # only a leftover of an earlier attempt can be there
         temp.rename(final)
         _fsync_dir(self.root)
         self._prune()
-        return final.relative_to(self.root.parent).as_posix()
 
     def _metrics(self, state: RunState) -> dict[str, float | int]:
         """What the checkpoint is listed with: the step's train loss, and where in the data it stands."""
@@ -140,7 +157,9 @@ class Checkpoints:
         return metrics
 
     def remove_all(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.ranks.barrier()  # no rank may still be reading one
+        if self.ranks.is_main:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _complete(self) -> list[Path]:
         """Complete checkpoints, oldest first. A temp dir or a step dir without COMPLETE never counts."""
@@ -159,6 +178,10 @@ class Checkpoints:
         for path in self.root.iterdir():
             if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _rank_rng(rank: int) -> str:
+    return f"rng-rank{rank:05d}"
 
 
 def export_adapter(model, target: Path) -> None:

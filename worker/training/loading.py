@@ -138,6 +138,11 @@ def check_device_support(spec: JobSpec, device: torch.device) -> None:
             f"optimizer {spec.memory.optimizer.value} is not supported on a {device.type} worker: {reason}",
             optimizer=spec.memory.optimizer.value,
         )
+    if spec.resources.offload.value != "none" and device.type != "cuda":
+        raise UnsupportedOnDevice(
+            f"resources.offload {spec.resources.offload.value} moves GPU memory to the host: a {device.type} "
+            "worker has none to move"
+        )
 
 
 def parameter_groups(spec: JobSpec, model) -> list[dict]:

@@ -12,6 +12,9 @@ from worker.training.data import IGNORE_INDEX
 
 # Positions per chunk in the fused path: the planner counts the fp32 logits of one chunk (policy).
 FUSED_CHUNK_TOKENS = policy.FUSED_CHUNK_TOKENS
+# A sharded model's fused loss, registered with FSDP2 as a forward method of the root (worker/training/sharded.py):
+# the fused path calls the decoder and lm_head directly, past the root's forward that would gather their shards.
+SHARDED_FUSED_LOSS = "ftjobs_fused_loss_sum"
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], *, fused: bool) -> torch.Tensor:
@@ -29,10 +32,12 @@ def loss_sum(model, batch: dict[str, torch.Tensor], *, fused: bool) -> torch.Ten
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-    return _fused_loss_sum(model, batch, targets)
+    if hasattr(model, SHARDED_FUSED_LOSS):
+        return getattr(model, SHARDED_FUSED_LOSS)(batch, targets)
+    return fused_loss_sum(model, batch, targets)
 
 
-def _fused_loss_sum(model, batch, targets) -> torch.Tensor:
+def fused_loss_sum(model, batch, targets) -> torch.Tensor:
     """Never materialise the [batch, seq, vocab] logits: run the decoder, keep only the positions that are
     learned (chat data: often a small fraction), and apply lm_head + cross-entropy chunk by chunk under
     activation checkpointing, so at most one chunk of logits exists in forward and backward.

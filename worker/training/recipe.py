@@ -36,6 +36,7 @@ from planner import policy
 from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
+from worker.training.ranks import Ranks
 from worker.training.strategy import SingleDeviceStrategy
 
 
@@ -45,7 +46,7 @@ class TrainResult:
     final_loss: float  # per-token loss of the last optimizer step
     tokens_per_second: float
     wall_seconds: float  # the whole call: validation, loading, training and saving
-    peak_memory_bytes: int | None  # torch.cuda.max_memory_reserved on the GPU, None on the CPU
+    peak_memory_bytes: int | None  # torch.cuda.max_memory_reserved on the GPU (the largest rank's), None on the CPU
     artifacts: list[str]  # paths relative to output_dir, '/'-separated, sorted
 
 
@@ -67,10 +68,10 @@ class TrainData:
     validation: list
     dropped_examples: int  # examples with no learned token left after truncation
     source_examples: int  # training examples before packing
-    micro_batch_size: int
+    micro_batch_size: int  # rows per rank; a global micro-batch is micro_batch_size x ranks
     micro_per_epoch: int
     total_steps: int
-    stream: object  # the endless seeded stream of micro-batches
+    stream: object  # the endless seeded stream of global micro-batches, the same on every rank
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Run:
     checkpoints: checkpoint.Checkpoints
     autocast: object
     fused_loss: bool
+    ranks: Ranks
     state: checkpoint.RunState = field(default_factory=checkpoint.RunState)
     step: int = 0  # the optimizer step being taken: what an out-of-memory error names
     train_start: float = 0.0
@@ -108,7 +110,9 @@ def train(
     should_drain: Callable[[], bool] = lambda: False,
     on_checkpoint: Callable[[int, str], None] = lambda step, path: None,  # path relative to output_dir
     on_resume: Callable[[int], None] = lambda step: None,
+    ranks: Ranks | None = None,  # a sharded job's ranks (worker/training/ranks.py); hooks matter on rank 0 only
 ) -> TrainResult:
+    ranks = ranks or Ranks()
     wall_start = time.perf_counter()
     hooks = Hooks(on_progress, should_stop, should_drain, on_checkpoint, on_resume)
     micro_batch_size = spec.training.micro_batch_size
@@ -125,7 +129,7 @@ def train(
     loading.check_device_support(spec, device)  # a CUDA-only optimizer on a CPU worker: refused before loading
     plan = loading.precision_plan(spec.memory.precision)
     memory = MemoryProbe(device)
-    train_data = setup_data(spec, Path(base_model_dir), examples, held_out, micro_batch_size)
+    train_data = setup_data(spec, Path(base_model_dir), examples, held_out, micro_batch_size, ranks.world)
     output_dir = Path(output_dir)
     run = None
     try:
@@ -139,11 +143,12 @@ def train(
             train_data,
             strategy,
             scheduler,
-            checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch),
+            checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch, ranks),
             autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
             if plan.autocast_dtype
             else contextlib.nullcontext(),
             fused_loss=policy.fused_loss_enabled(spec),
+            ranks=ranks,
         )
         resume(run, hooks)
         train_loop(run, hooks)
@@ -154,7 +159,11 @@ def train(
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
-def setup_data(spec: JobSpec, base_model_dir: Path, examples, held_out, micro_batch_size: int) -> TrainData:
+def setup_data(
+    spec: JobSpec, base_model_dir: Path, examples, held_out, micro_batch_size: int, world: int = 1
+) -> TrainData:
+    """Every rank tokenizes the same rows and deals the same seeded global micro-batches (micro_batch_size x
+    world rows), so N ranks step exactly as one rank on the global batch; each then trains its share."""
     training = spec.training
     tokenizer = data.load_tokenizer(base_model_dir)
     dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, training.max_seq_length)
@@ -165,7 +174,7 @@ def setup_data(spec: JobSpec, base_model_dir: Path, examples, held_out, micro_ba
     source_examples = len(dataset)
     if training.packing:
         dataset = data.pack_examples(dataset, training.max_seq_length, training.seed)
-    micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size)
+    micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size * world)
     accumulation = training.gradient_accumulation_steps
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * micro_per_epoch / accumulation))
     return TrainData(
@@ -177,19 +186,28 @@ def setup_data(spec: JobSpec, base_model_dir: Path, examples, held_out, micro_ba
         micro_batch_size=micro_batch_size,
         micro_per_epoch=micro_per_epoch,
         total_steps=total_steps,
-        stream=data.micro_batches(dataset, micro_batch_size, training.seed),
+        stream=data.micro_batches(dataset, micro_batch_size * world, training.seed),
     )
 
 
 def setup_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: loading.PrecisionPlan):
-    return loading.load_model(spec, base_model_dir, device, plan)
+    model = loading.load_model(spec, base_model_dir, device, plan)
+    if spec.resources.effective_sharding is not None:
+        from worker.training.sharded import shard_model
+
+        shard_model(spec, model)  # before the optimizer: it must step the DTensor shards
+    return model
 
 
 def setup_optimizer(spec: JobSpec, model, device: torch.device, plan: loading.PrecisionPlan, total_steps: int):
     optimizer = loading.model_optimizer(spec, model, device)
     scheduler = loading.build_schedule(optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-    return SingleDeviceStrategy(spec, model, optimizer, scaler), scheduler
+    if spec.resources.effective_sharding is None:
+        return SingleDeviceStrategy(spec, model, optimizer, scaler), scheduler
+    from worker.training.sharded import ShardedStrategy
+
+    return ShardedStrategy(spec, model, optimizer, scaler), scheduler
 
 
 def resume(run: Run, hooks: Hooks) -> None:
@@ -208,7 +226,7 @@ def train_loop(run: Run, hooks: Hooks) -> None:
     accumulation = run.spec.training.gradient_accumulation_steps
     for step in range(run.state.step + 1, total_steps + 1):
         run.step = step
-        if hooks.should_drain():
+        if run.ranks.from_main(hooks.should_drain()):  # every rank stops at the same step
             if step - 1 > run.last_saved_step:
                 save_checkpoint(run, hooks)
             raise JobDrained(f"drained after step {step - 1}")
@@ -222,20 +240,24 @@ def train_loop(run: Run, hooks: Hooks) -> None:
 
 
 def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
-    """One optimizer step over gradient_accumulation_steps micro-batches; the learning rate it used."""
-    state, stream = run.state, run.data.stream
+    """One optimizer step over gradient_accumulation_steps global micro-batches; the learning rate it used."""
+    state, stream, ranks = run.state, run.data.stream, run.ranks
     window = [next(stream) for _ in range(run.spec.training.gradient_accumulation_steps)]
-    # Normalise by the learned tokens of the whole step, so accumulation equals one big batch.
+    # Normalise by the learned tokens of the whole global step, so accumulation over micro-batches and ranks
+    # equals one big batch. FSDP averages gradients over the ranks, so each rank's share is scaled by the world.
     learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
     step_loss = torch.zeros((), device=run.device)
     for micro in window:
         if should_stop():
             raise JobCancelled(f"cancelled at step {step - 1}")
-        batch = data.collate_any(micro, run.data.tokenizer.pad_token_id, run.device)
+        rows, weight = ranks.share(micro), ranks.world
+        if not rows:  # a short last micro-batch: this rank still runs the collectives, on a row that counts 0
+            rows, weight = micro[:1], 0
+        batch = data.collate_any(rows, run.data.tokenizer.pad_token_id, run.device)
         with run.autocast:
             loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss) / learned_tokens
-        run.strategy.backward(loss)
-        step_loss += loss.detach()
+        run.strategy.backward(loss * weight)
+        step_loss += loss.detach() * (weight / ranks.world)
         state.tokens_seen += sum(len(example.input_ids) for example in micro)  # host-side: no GPU sync
         state.micro_steps += 1
 
@@ -244,7 +266,7 @@ def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
     run.scheduler.step()
     run.strategy.zero_grad()
 
-    step_loss_value = step_loss.item()
+    step_loss_value = ranks.total(step_loss).item()  # the global batch's per-token loss
     state.loss_curve.append({"step": step, "loss": step_loss_value, "learning_rate": learning_rate})
     state.losses_since_report.append(step_loss_value)
     state.step = step
@@ -305,16 +327,22 @@ def save_artifacts(run: Run, base_model_dir: Path, output_dir: Path) -> list[str
     """adapter/ or model/ (the method's), tokenizer/, the merged model if asked; paths relative to output_dir."""
     tokenizer = run.data.tokenizer
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = run.strategy.save_artifacts(run.plan, output_dir) + extras.save_dir(tokenizer, output_dir, "tokenizer")
+    written = run.strategy.save_artifacts(run.plan, output_dir)  # a collective on a sharded job
+    if not run.ranks.is_main:
+        return []
+    written += extras.save_dir(tokenizer, output_dir, "tokenizer")
     written += extras.save_merged(run.spec, base_model_dir, output_dir, extras.save_dir)
     written += extras.save_tokenizer_beside_model(tokenizer, output_dir, written)
     return written
 
 
 def finish(run: Run, written: list[str], output_dir: Path, *, wall_seconds: float) -> TrainResult:
-    """summary.json, then the checkpoints go: the artifacts are saved, nothing is left to resume."""
-    summary = _summary(run, written, wall_seconds)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """summary.json, then the checkpoints go: the artifacts are saved, nothing is left to resume. On a sharded job
+    rank 0 writes them; the peak is the largest rank's."""
+    peaks = [peak for peak in run.ranks.every(run.memory.peak_bytes()) if peak is not None]
+    summary = _summary(run, written, wall_seconds, max(peaks) if peaks else None)
+    if run.ranks.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.checkpoints.remove_all()
     return TrainResult(
         steps=run.data.total_steps,
@@ -326,7 +354,7 @@ def finish(run: Run, written: list[str], output_dir: Path, *, wall_seconds: floa
     )
 
 
-def _summary(run: Run, written: list[str], wall_seconds: float) -> dict:
+def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_bytes: int | None) -> dict:
     spec, state, train_data = run.spec, run.state, run.data
     return {
         "method": spec.method.value,
@@ -354,7 +382,9 @@ def _summary(run: Run, written: list[str], wall_seconds: float) -> dict:
         "tokens_per_second": state.tokens_seen / max(run.train_seconds, 1e-9),
         "train_seconds": run.train_seconds,
         "wall_seconds": wall_seconds,
-        "peak_memory_bytes": run.memory.peak_bytes(),
+        "peak_memory_bytes": peak_memory_bytes,
+        "ranks": run.ranks.world,
+        "sharding": run.spec.resources.effective_sharding.value if run.spec.resources.effective_sharding else None,
         "artifacts": sorted(written),
         "versions": _versions(),
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from domain.spec import JobSpec
+from worker.training import checkpoint
 from worker.training.methods import METHODS
 from worker.training.optimizers import OPTIMIZERS
 
@@ -60,6 +61,19 @@ class SingleDeviceStrategy:
 
     def load_optimizer_state_dict(self, state_dict: dict) -> None:
         self.optimizer_recipe.load_state(self.optimizer, state_dict)
+
+    def save_state(self, directory: Path) -> None:
+        """The trained parameters and the optimizer state into a checkpoint directory (safetensors + JSON)."""
+        checkpoint.save_tree(directory, "trainable", self.trainable_state_dict())
+        checkpoint.save_tree(directory, "optimizer", self.optimizer_state_dict())
+
+    def load_state(self, directory: Path) -> None:
+        self.load_trainable_state_dict(checkpoint.load_tree(directory, "trainable"))
+        self.load_optimizer_state_dict(checkpoint.load_tree(directory, "optimizer"))
+
+    def export_adapter(self, target: Path) -> None:
+        """A checkpoint's adapter/ (lora, qlora): what PeftModel.from_pretrained loads."""
+        checkpoint.export_adapter(self.model, target)
 
     def scaler_state_dict(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler is not None else None
