@@ -16,10 +16,17 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +42,14 @@ from service.settings import Settings
 from service.storage import job_storage, local_copy
 from worker import metrics as worker_metrics
 from worker.job_process import job_process_main
+from worker.job_ranks import AUTHKEY_ENV
 from worker.shutdown import ShutdownRequest
+from worker.slots import DeviceSlots, NotEnoughSlots, worker_slots
 
 log = logging.getLogger(__name__)
 TERMINATE_GRACE_SECONDS = 10
+RANKS_CONNECT_SECONDS = 600  # torchrun starting N ranks that import torch and join their group, on a busy host
+NOT_ENOUGH_SLOTS_RETRY_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -80,25 +91,83 @@ def claim(job_id: str, hostname: str, settings: Settings) -> ClaimedJob | None:
 
 
 def execute_job(
-    job_id: str, settings: Settings, hostname: str, shutdown: ShutdownRequest | None = None
+    job_id: str,
+    settings: Settings,
+    hostname: str,
+    shutdown: ShutdownRequest | None = None,
+    slots: DeviceSlots | None = None,
 ) -> JobStatus | None:
-    job = claim(job_id, hostname, settings)
-    if job is None:
+    """Take the job's devices on this worker (worker/slots.py: first come, first served), claim it, run it."""
+    shutdown = shutdown or ShutdownRequest()
+    slots = slots or worker_slots([], settings.cpu_ranks)
+    devices = _take_devices(job_id, settings, shutdown, slots)
+    if devices is None:
+        return None
+    try:
+        job = claim(job_id, hostname, settings)
+        if job is None:
+            log.info("job %s is not queued any more; skipping this delivery", job_id)
+            return None
+        workdir = settings.resolved_worker_dir / job_id / f"a{job.fence.number}"
+        try:
+            return AttemptRunner(job, settings, workdir, shutdown, slots.visible_devices(devices)).run()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # still holds another attempt's stage: that one removes it
+                workdir.parent.rmdir()
+    finally:
+        slots.release(devices)
+
+
+def _take_devices(job_id: str, settings: Settings, shutdown: ShutdownRequest, slots: DeviceSlots) -> list[str] | None:
+    """The job's num_gpus slots, waiting in line for them; None (the message handled) if it is not queued, the
+    worker drains, or it needs more devices than this worker has (sent back for another worker)."""
+    count = in_transaction(lambda s: attempts.queued_devices(s, job_id))
+    if count is None:
         log.info("job %s is not queued any more; skipping this delivery", job_id)
         return None
-    workdir = settings.resolved_worker_dir / job_id / f"a{job.fence.number}"
+    wait = _QueueHold(job_id, settings, shutdown)
     try:
-        return AttemptRunner(job, settings, workdir, shutdown or ShutdownRequest()).run()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # still holds another attempt's stage: that one removes it
-            workdir.parent.rmdir()
+        devices = slots.acquire(count, give_up=wait.give_up)
+    except NotEnoughSlots as exc:
+        log.warning("job %s %s: sent back for a larger worker", job_id, exc)
+        shutdown.drain.wait(NOT_ENOUGH_SLOTS_RETRY_SECONDS)  # no hot loop while no worker has enough
+        _enqueue_or_leave_to_reconciler(job_id, settings)
+        return None
+    if devices is None and wait.still_queued and shutdown.drain.is_set():
+        enqueue_job(job_id, settings)  # unclaimed: it goes back for another worker
+    return devices
+
+
+class _QueueHold:
+    """give_up() for a job waiting for devices: True on a drain or once the job is no longer queued (cancelled);
+    meanwhile its queued_at is kept fresh so the reconciler does not re-send the message this worker holds."""
+
+    def __init__(self, job_id: str, settings: Settings, shutdown: ShutdownRequest) -> None:
+        self.job_id, self.shutdown, self.still_queued = job_id, shutdown, True
+        self.every, self.next_hold = settings.requeue_grace_seconds / 3, time.monotonic()
+
+    def give_up(self) -> bool:
+        if self.shutdown.drain.is_set():
+            return True
+        if time.monotonic() >= self.next_hold:
+            self.next_hold = time.monotonic() + self.every
+            self.still_queued = in_transaction(lambda s: attempts.hold_in_queue(s, self.job_id))
+        return not self.still_queued
 
 
 class AttemptRunner:
-    def __init__(self, job: ClaimedJob, settings: Settings, workdir: Path, shutdown: ShutdownRequest) -> None:
+    def __init__(
+        self,
+        job: ClaimedJob,
+        settings: Settings,
+        workdir: Path,
+        shutdown: ShutdownRequest,
+        visible_devices: str | None = None,
+    ) -> None:
         self.job, self.fence, self.settings, self.workdir = job, job.fence, settings, workdir
         self.shutdown, self.storage = shutdown, job_storage(settings)
+        self.visible_devices = visible_devices  # CUDA_VISIBLE_DEVICES of the job's processes; None on the CPU
         self.output_dir = workdir / "output"
         self.lost = threading.Event()
 
@@ -124,6 +193,32 @@ class AttemptRunner:
             dataset, validation = self._stage()
         except (StorageUnavailable, FileNotFoundError) as exc:
             return messages.error("staging_failed", f"could not stage the job's files: {exc}", retryable=True)
+        link = ChildLink()
+        sharded = self.job.spec["resources"].get("sharding") or self.job.spec["resources"].get("num_gpus", 1) > 1
+        process = (self._launch_ranks if sharded else self._spawn_child)(link, dataset, validation)
+        keeper = LeaseKeeper(self.fence, self.settings, link, process, self.lost)
+        keeper.start()
+        try:
+            self._write(lambda s: attempts.set_child_pid(s, self.fence, process.pid))
+            self._write(
+                lambda s: attempts.add_event(
+                    s,
+                    self.fence,
+                    "log",
+                    {"message": f"training process {process.pid} started (attempt {self.fence.number})"},
+                )
+            )
+            outcome = self._relay(process, link) if link.wait_attached(process, self.lost) else {"type": "crashed"}
+        finally:
+            keeper.stop()
+            _reap(process)
+            link.close()
+        if outcome["type"] == "crashed":  # a SIGKILL (the kernel's OOM killer, an operator) leaves no message
+            outcome["message"] = f"the training process exited with code {process.exitcode} without a result"
+        return outcome
+
+    def _spawn_child(self, link: ChildLink, dataset: Path, validation: Path | None):
+        """One process (multiprocessing spawn) and a pipe to it."""
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(
@@ -138,31 +233,39 @@ class AttemptRunner:
                 child_end,
                 self.job.lease_deadline,
                 str(validation) if validation else None,
+                self.visible_devices,
             ),
         )
         process.start()
         child_end.close()
-        link = ChildLink(parent_end)
-        keeper = LeaseKeeper(self.fence, self.settings, link, process, self.lost)
-        keeper.start()
-        try:
-            self._write(lambda s: attempts.set_child_pid(s, self.fence, process.pid))
-            self._write(
-                lambda s: attempts.add_event(
-                    s,
-                    self.fence,
-                    "log",
-                    {"message": f"training process {process.pid} started (attempt {self.fence.number})"},
-                )
+        link.attach(parent_end)
+        return process
+
+    def _launch_ranks(self, link: ChildLink, dataset: Path, validation: Path | None) -> RankGroup:
+        """torchrun with num_gpus ranks (worker/job_ranks.py) in a process group of its own; rank 0 connects back
+        to a Unix socket in this attempt's private work dir."""
+        address = str(self.workdir / "ranks.sock")
+        launch_file = self.workdir / "launch.json"
+        launch_file.write_text(
+            json.dumps(
+                {
+                    "spec": self.job.spec,
+                    "base_model_dir": self.job.base_model_dir,
+                    "dataset_path": str(dataset),
+                    "output_dir": str(self.output_dir),
+                    "validation_path": str(validation) if validation else None,
+                    "lease_deadline": self.job.lease_deadline,
+                    "socket": address,
+                }
             )
-            outcome = self._relay(process, link)
-        finally:
-            keeper.stop()
-            _reap(process)
-            parent_end.close()
-        if outcome["type"] == "crashed":  # a SIGKILL (the kernel's OOM killer, an operator) leaves no message
-            outcome["message"] = f"the training process exited with code {process.exitcode} without a result"
-        return outcome
+        )
+        authkey = secrets.token_bytes(32)
+        env = {**os.environ, AUTHKEY_ENV: authkey.hex()}
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        group = RankGroup.launch(self.job.spec["resources"]["num_gpus"], launch_file, env)
+        link.listen(address, authkey)
+        return group
 
     def _stage(self) -> tuple[Path, Path | None]:
         """The dataset, the validation dataset if any, and the checkpoint to resume from, on this machine's disk."""
@@ -302,13 +405,53 @@ class AttemptRunner:
 
 
 class ChildLink:
-    """The parent's end of the pipe; the lease keeper and the relay loop both send on it."""
+    """The parent's end of the connection to the training process (rank 0 of a sharded job); the lease keeper and
+    the relay loop both send on it. Messages sent before it is attached (ranks still starting) are dropped: the
+    lease keeper sends a fresh deadline every renewal."""
 
-    def __init__(self, conn) -> None:
-        self.conn, self._lock = conn, threading.Lock()
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._server: socket.socket | None = None
+        self._authkey = b""
+
+    def attach(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def listen(self, address: str, authkey: bytes) -> None:
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(address)
+        self._server.listen(1)
+        self._server.settimeout(1.0)
+        self._authkey = authkey
+
+    def wait_attached(self, process, lost: threading.Event) -> bool:
+        """Until rank 0 connected and proved it holds the launch's key; False if the ranks died first."""
+        deadline = time.monotonic() + RANKS_CONNECT_SECONDS
+        while self.conn is None:
+            if lost.is_set() or not process.is_alive() or time.monotonic() > deadline:
+                return False
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            conn = Connection(client.detach())
+            try:  # the same handshake as multiprocessing's Listener.accept
+                deliver_challenge(conn, self._authkey)
+                answer_challenge(conn, self._authkey)
+            except Exception as exc:  # not our rank 0 (or it died mid-handshake): wait for the real one
+                log.warning("a connection to the ranks' socket failed the handshake: %s", exc)
+                conn.close()
+                continue
+            with self._lock:
+                self.conn = conn
+        return True
 
     def send(self, message: dict) -> None:
         with self._lock:
+            if self.conn is None:
+                return
             try:
                 self.conn.send(message)
             except (BrokenPipeError, OSError):
@@ -321,6 +464,51 @@ class ChildLink:
             return self.conn.recv()
         except (EOFError, ConnectionResetError):
             return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self._server is not None:
+            self._server.close()
+
+
+class RankGroup:
+    """A torchrun launch, in a session of its own. torchrun starts each rank in yet another session, and each rank
+    arms PR_SET_PDEATHSIG on the agent (worker/job_ranks.py): a SIGTERM to the agent makes it stop its ranks, and
+    a SIGKILL to it kills them too, so stopping the agent leaves no rank. It answers the calls the relay loop
+    makes of a multiprocessing.Process."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen, self.pid = popen, popen.pid
+
+    @classmethod
+    def launch(cls, ranks: int, launch_file: Path, env: dict[str, str]) -> RankGroup:
+        command = [sys.executable, "-m", "worker.job_ranks", "--agent", str(ranks), str(launch_file)]
+        return cls(subprocess.Popen(command, env=env, start_new_session=True, stdin=subprocess.DEVNULL))
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.returncode
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        self._signal(signal.SIGKILL)  # the agent is gone: no rank may outlive it
+
+    def _signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # nobody left in the group
+            os.killpg(self.pid, signum)
 
 
 class LeaseKeeper(threading.Thread):

@@ -65,6 +65,23 @@ class ParentLink:
             raise LeaseLost("the lease ran out without a renewal; a newer attempt may own the job")
 
 
+class RankLink:
+    """What a sharded job's ranks other than 0 steer by: nothing. Rank 0 talks to the parent and broadcasts the
+    decisions every rank must share (drain); a cancel or a lost lease kills the whole process group."""
+
+    def send(self, message: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def should_drain(self) -> bool:
+        return False
+
+    def checkpoint_saved(self, step: int, path: str) -> None:
+        pass
+
+
 def job_process_main(
     spec_json: dict,
     base_model_dir: str,
@@ -73,9 +90,25 @@ def job_process_main(
     conn: Connection,
     lease_deadline: float,
     validation_path: str | None = None,
+    devices: str | None = None,
 ) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A one-device job: the child the worker starts with multiprocessing's spawn."""
+    if devices is not None:  # before torch initialises CUDA: this job sees only its own GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    _start_child()
+    run_job(ParentLink(conn, lease_deadline), spec_json, base_model_dir, dataset_path, output_dir, validation_path)
+
+
+def run_job(
+    link: ParentLink | RankLink,
+    spec_json: dict,
+    base_model_dir: str,
+    dataset_path: str,
+    output_dir: str,
+    validation_path: str | None,
+    ranks=None,
+) -> None:
+    """Train, and send the result, or the error, to the parent (rank 0's link; the other ranks' is silent)."""
     allocator_note = _configure_allocator()
     from service.logs import configure_logging
     from service.settings import get_settings
@@ -84,15 +117,14 @@ def job_process_main(
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
-    link = ParentLink(conn, lease_deadline)
     try:
         if allocator_note:
             link.send(messages.log(allocator_note))
-        result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path)
+        result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path, ranks)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
-        conn.send(_describe(exc))
+        link.send(_describe(exc, ranks))
         raise
-    conn.send(messages.result(**result))
+    link.send(messages.result(**result))
 
 
 def _train(
@@ -100,13 +132,16 @@ def _train(
     base_model_dir: str,
     dataset_path: str,
     output_dir: str,
-    link: ParentLink,
+    link: ParentLink | RankLink,
     validation_path: str | None,
+    ranks,
 ) -> dict:
     from domain.spec import JobSpec
     from worker.gpus import process_used_bytes
+    from worker.training.ranks import Ranks
     from worker.training.recipe import train
 
+    ranks = ranks or Ranks()
     result = train(
         JobSpec.model_validate(spec_json),
         base_model_dir=Path(base_model_dir),
@@ -118,11 +153,32 @@ def _train(
         should_drain=link.should_drain,
         on_checkpoint=link.checkpoint_saved,
         on_resume=lambda step: link.send(messages.log(f"resumed from step {step}", step=step)),
+        ranks=ranks,
     )
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),
     # so that is the measured peak when a GPU is present; torch's peak reserved is the fallback.
-    nvml_bytes = process_used_bytes(os.getpid())
-    return {**dataclasses.asdict(result), "measured_peak_bytes": nvml_bytes or result.peak_memory_bytes}
+    # Every rank measures its own; the job records the largest.
+    per_rank = ranks.every(process_used_bytes(os.getpid()) or result.peak_memory_bytes)
+    if ranks.world > 1:
+        host = ranks.every(_resident_memory().get("process_peak_resident_bytes"))
+        link.send(messages.log(_rank_peaks_line(per_rank, host), rank_peak_bytes=per_rank, rank_peak_host_bytes=host))
+    measured = [peak for peak in per_rank if peak is not None]
+    return {**dataclasses.asdict(result), "measured_peak_bytes": max(measured) if measured else None}
+
+
+def _rank_peaks_line(device: list[int | None], host: list[int | None]) -> str:
+    def gib(value: int | None) -> str:
+        return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+    return "peak memory per rank: " + ", ".join(
+        f"rank {rank}: device {gib(on_device)}, host {gib(on_host)}"
+        for rank, (on_device, on_host) in enumerate(zip(device, host, strict=True))
+    )
+
+
+def _start_child() -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _configure_allocator() -> str | None:
@@ -166,7 +222,13 @@ def _resident_memory() -> dict:
         return {}
 
 
-def _describe(exc: BaseException) -> dict:
+def _describe(exc: BaseException, ranks=None) -> dict:
     if isinstance(exc, DomainError):
         return messages.error(exc.code, exc.detail, exc.retryable)
+    if ranks is not None and ranks.distributed:
+        from worker.training.ranks import lost_a_peer
+
+        if lost_a_peer(exc):
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return messages.error("rank_lost", f"another rank of this job died: {first_line[:300]}", retryable=True)
     return messages.error("training_error", f"{type(exc).__name__}: {exc}", retryable=False)

@@ -25,7 +25,8 @@ def test_a_killed_child_reads_as_gone_whether_or_not_it_left_our_messages_unread
     process = CONTEXT.Process(target=_never_reads, args=(child,), daemon=True)
     process.start()
     child.close()
-    link = ChildLink(parent)
+    link = ChildLink()
+    link.attach(parent)
     assert link.receive() == {"type": "progress", "step": 1}
     if unread_by_the_child:
         link.send({"type": "ack"})  # left in the child's end of the pipe: its death resets the connection
