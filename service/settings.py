@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     # Where a worker stages a job's dataset and checkpoints on its own disk. Unset: FTJOBS_HOME/work.
     worker_dir: Path | None = None
+    # A worker without a GPU runs jobs on the CPU: this many slots, each a gloo rank of a sharded job (num_gpus
+    # of them) or one single-process job.
+    cpu_ranks: int = Field(1, ge=1, le=64)
     # base_model resolves only inside these directories (':'-separated, as PATH) and the Hugging Face cache;
     # unset: FTJOBS_HOME/models. The API never reads a model directory anywhere else.
     model_roots: str | None = None

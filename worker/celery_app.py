@@ -10,8 +10,11 @@ the reconciler once its job has been queued past the grace period, and a worker 
 lease, so the reconciler hands the job to a new attempt (service/jobs/reconcile.py). The reconciler runs in
 every worker process (worker/maintenance.py).
 
-One job at a time per worker (solo pool, no prefetch): a worker owns its GPU, and a prefetched message would
-wait behind a long job while another GPU sits idle.
+One task per device slot (worker/slots.py): a worker with one GPU (or one CPU slot) runs the solo pool, one
+job at a time; with more, a thread per slot, each thread the parent of one job's training processes (the
+training itself runs in those processes, so the threads only relay). No prefetch: a prefetched message would
+wait behind a long job while another worker's GPU sits idle. A job needing N slots waits in this worker's line
+(first come, first served) until N are free.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ from worker.execution import requeue_orphans
 from worker.gpus import list_gpus
 from worker.maintenance import start_maintenance
 from worker.shutdown import install_drain_handlers
+from worker.slots import worker_slots
 
 log = logging.getLogger(__name__)
+
+
+# This worker's devices: one slot per GPU NVML sees, or FTJOBS_CPU_RANKS CPU slots.
+DEVICE_SLOTS = worker_slots([gpu.index for gpu in list_gpus()], get_settings().cpu_ranks)
 
 
 def create_celery() -> Celery:
@@ -42,8 +50,8 @@ def create_celery() -> Celery:
         worker_prefetch_multiplier=1,
         # Redis only: fetch a message only when the worker is free (Celery ≥ 5.6).
         worker_disable_prefetch=settings.redis_url is not None,
-        worker_concurrency=1,
-        worker_pool="solo",
+        worker_concurrency=DEVICE_SLOTS.size,
+        worker_pool="solo" if DEVICE_SLOTS.size == 1 else "threads",
         worker_hijack_root_logger=False,
     )
     return app
@@ -59,7 +67,12 @@ def _on_ready(sender, **_kwargs) -> None:
     in_transaction(lambda session: repository.register_gpus(session, hostname, gpus))
     install_drain_handlers()
     start_maintenance(hostname, settings)
-    log.info("worker %s ready with %s", hostname, [g[1] for g in gpus] or "no GPU (training runs on the CPU)")
+    log.info(
+        "worker %s ready with %s; %d device slot(s)",
+        hostname,
+        [g[1] for g in gpus] or "no GPU (training runs on the CPU)",
+        DEVICE_SLOTS.size,
+    )
     if settings.worker_metrics_port:
         worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
     for job_id in requeue_orphans(hostname, settings):

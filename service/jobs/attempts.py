@@ -210,6 +210,24 @@ def claim_stale_queued(session: Session, grace_seconds: float, limit: int = 500)
     return job_ids
 
 
+def hold_in_queue(session: Session, job_id: str) -> bool:
+    """A worker holds this queued job's message while it waits for devices: restart its queued_at so the
+    reconciler does not re-send it (it does, a grace later, if the worker dies). False once it is not queued."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(queued_at=database_now(session))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)
+
+
+def queued_devices(session: Session, job_id: str) -> int | None:
+    """How many devices a queued job needs (resources.num_gpus), or None if it is not queued."""
+    spec = session.scalar(select(Job.spec).where(Job.id == job_id, Job.status == JobStatus.queued.value))
+    return None if spec is None else int(spec.get("resources", {}).get("num_gpus", 1))
+
+
 def running_on(session: Session, hostname: str) -> list[Fence]:
     query = select(Job.id, Job.attempt).where(Job.worker_hostname == hostname, Job.status.in_(ACTIVE))
     return [Fence(job_id, number) for job_id, number in session.execute(query)]
