@@ -145,12 +145,8 @@ class SequenceTooLong(ProblemError):
     status, code, title = 422, "sequence_too_long", "max_seq_length exceeds the model's context length"
 
 
-class UnsupportedNumGpus(ProblemError):
-    status, code, title = 422, "unsupported_num_gpus", "Multi-GPU training is not available on the workers yet"
-
-
 class UnsupportedSharding(ProblemError):
-    status, code, title = 422, "unsupported_sharding", "FSDP sharding is not available on the workers yet"
+    status, code, title = 422, "unsupported_sharding", "The workers do not train this combination sharded"
 
 
 class JobNotFound(ProblemError):

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
-from domain.spec import JobSpec
+from domain.spec import JobSpec, Method, Offload
 from domain.states import JobStatus
 from planner import Plan
 from service.base_models import resolve_base_model_dir
@@ -21,7 +21,6 @@ from service.errors import (
     InvalidTransition,
     JobNotFound,
     QuotaExceeded,
-    UnsupportedNumGpus,
     UnsupportedSharding,
 )
 from service.jobs import repository
@@ -44,7 +43,7 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
     refuse what cannot fit or would pass the tenant's active-jobs quota."""
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
-    _refuse_sharding_until_workers_run_it(spec)
+    _refuse_what_workers_do_not_shard(spec)
     # Planning locates the model inside the model roots first: a name outside them is refused unread.
     job_plan = plan_spec(session, settings, spec, settings.model_root_dirs)
     if job_plan.fits is False:
@@ -74,18 +73,27 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
     return repository.add_job(session, job)
 
 
-def _refuse_sharding_until_workers_run_it(spec: JobSpec) -> None:
-    """The planner plans FSDP2 jobs (POST /v1/plans); the workers do not train them yet."""
+def _refuse_what_workers_do_not_shard(spec: JobSpec) -> None:
+    """What POST /v1/plans plans per rank but the workers' FSDP2 (worker/training/sharded.py) does not train."""
     res = spec.resources
-    if res.num_gpus > 1:
-        raise UnsupportedNumGpus(
-            f"resources.num_gpus {res.num_gpus}: multi-GPU training is not available on the "
-            "workers yet; POST /v1/plans plans it per GPU"
+    if res.effective_sharding is None:
+        return
+    reasons = []
+    if spec.method is Method.qlora:
+        reasons.append(
+            "method qlora: the workers do not shard bitsandbytes' 4-bit weights (a Params4bit keeps its "
+            "quant_state on the Python object, which FSDP2's DTensor shards do not carry); use lora, or qlora on "
+            "one GPU"
         )
-    if res.sharding is not None or res.offload.value != "none":
-        raise UnsupportedSharding(
-            "resources.sharding / offload: FSDP2 training is not available on the workers yet; POST /v1/plans plans it"
+    if res.offload is Offload.optimizer:
+        reasons.append(
+            "offload 'optimizer': FSDP2 offloads the sharded params, grads and optimizer states together; use "
+            "offload 'params'"
         )
+    if spec.lora_options is not None and spec.lora_options.init == "pissa":
+        reasons.append("lora.init 'pissa' converts the whole adapter at the end: it trains on one GPU only")
+    if reasons:
+        raise UnsupportedSharding(f"resources.sharding {res.effective_sharding.value}: " + "; ".join(reasons))
 
 
 def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:
