@@ -178,11 +178,11 @@ def uvicorn_api(database):
 class WorkerProcess:
     """`ftjobs worker` as its own process, exactly as deployed, with its log captured for assertions."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, **env_overrides: str) -> None:
         self.name = name
         self.lines: list[str] = []
         self.metrics_port = free_port()  # its own /metrics, never the default 9101 another worker may hold
-        env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port)}
+        env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port), **env_overrides}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
             stdout=subprocess.PIPE,
