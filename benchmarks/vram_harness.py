@@ -120,6 +120,10 @@ CASES = [
     case("w-q05-full-galore", Q05, "full", 4, 1024, optimizer="galore_adamw"),
     case("w-q05-full-bf16-galore8", Q05, "full", 4, 1024, precision="bf16", optimizer="galore_adamw_8bit"),
     case("w-q05-full-badam", Q05, "full", 4, 1024, optimizer="badam"),  # NOT MEASURED yet: no GPU since BAdam
+    # FSDP2's single-rank path (a group of one): NOT MEASURED yet, no GPU since the worker trains sharded
+    case("w-q05-full-fsdp1-zero3", Q05, "full", 4, 1024, resources={"num_gpus": 1, "sharding": "zero3"}),
+    case("w-q05-lora-fsdp1-zero3", Q05, "lora", 4, 1024, resources={"num_gpus": 1, "sharding": "zero3"}),
+    case("w-q05-full-fsdp1-zero2", Q05, "full", 4, 1024, resources={"num_gpus": 1, "sharding": "zero2"}),
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),
@@ -268,6 +272,11 @@ def run_case(c: dict) -> dict:
     sampler = NvmlSampler()
     sampler.start()
     steps, t0 = [], time.time()
+    ranks = None
+    if spec.resources.effective_sharding is not None:  # FSDP2 on this one GPU: a process group of one
+        from worker.training.ranks import join_process_group
+
+        ranks = join_process_group()
     with tempfile.TemporaryDirectory() as out_dir:
         result = train(
             spec,
@@ -276,6 +285,7 @@ def run_case(c: dict) -> dict:
             output_dir=Path(out_dir),
             on_progress=lambda progress: steps.append(time.time()),
             should_stop=lambda: False,
+            ranks=ranks,
         )
     torch.cuda.synchronize()
     sampler.stop.set()

@@ -70,3 +70,26 @@ def load_artifact(base: Path, artifacts: Path, method: str) -> dict[str, torch.T
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), artifacts / "adapter")
     return dict(model.named_parameters())
+
+
+def test_the_single_rank_fsdp_path_trains_as_one_device(make_spec, tiny_llama, memorise_dataset, tmp_path):
+    """num_gpus 1 with sharding zero3: what a one-GPU benchmark measures (benchmarks/vram_harness.py runs it in a
+    group of one, as here); in fp32 its steps are the unsharded ones."""
+    from worker.training.ranks import join_process_group, leave_process_group
+    from worker.training.recipe import train
+
+    def losses(spec, out: Path, ranks=None) -> list[float]:
+        train(spec, base_model_dir=tiny_llama, dataset_path=memorise_dataset, output_dir=out, ranks=ranks)
+        return [point["loss"] for point in json.loads((out / "summary.json").read_text())["loss_curve"]]
+
+    fp32 = {"precision": "fp32", "optimizer": "adamw"}
+    plain = losses(make_spec("full", training={"max_steps": 4}, memory=fp32), tmp_path / "plain")
+    ranks = join_process_group()
+    try:
+        spec = make_spec("full", training={"max_steps": 4}, memory=fp32, resources={"num_gpus": 1, "sharding": "zero3"})
+        sharded = losses(spec, tmp_path / "sharded", ranks)
+    finally:
+        leave_process_group(ranks)
+    assert (ranks.rank, ranks.world) == (0, 1)
+    assert plain[-1] < plain[0]
+    assert max(abs(a - b) for a, b in zip(sharded, plain, strict=True)) < 1e-5

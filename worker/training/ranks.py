@@ -77,14 +77,18 @@ def lost_a_peer(exc: BaseException) -> bool:
 
 
 def join_process_group() -> Ranks:
-    """Join the group torchrun started this process in; the rank's GPU (LOCAL_RANK) becomes the current one."""
-    if "RANK" not in os.environ:
-        raise RuntimeError("a sharded job runs under torchrun (RANK, WORLD_SIZE in the environment)")
+    """Join the group torchrun started this process in; the rank's GPU (LOCAL_RANK) becomes the current one.
+    Outside torchrun (the single-rank path of a benchmark), a group of one in this process."""
+    options: dict = {}
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl", device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        options["device_id"] = torch.device("cuda", local_rank)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, **options)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
     return Ranks(dist.get_rank(), dist.get_world_size(), distributed=True)
 
 

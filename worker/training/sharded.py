@@ -62,7 +62,8 @@ def mixed_precision(spec: JobSpec) -> MixedPrecisionPolicy:
 def shard_model(spec: JobSpec, model: torch.nn.Module) -> torch.nn.Module:
     """fully_shard the groups planner/fsdp.py plans (its GROUPS), in place: the input embeddings, each decoder
     layer, [final norm, lm_head], then the root. A model whose lm_head shares the embedding's weight (tied) keeps
-    both, and the final norm, in the root group: one parameter cannot belong to two groups."""
+    both, and the final norm, in the root group (one parameter cannot belong to two groups); FSDP2 never reshards
+    the root after its forward, so that group is the planner's head group of a tied model (the embedding matrix)."""
     sharding = spec.resources.effective_sharding
     if sharding is None:
         raise ValueError("shard_model needs resources.sharding (zero2 | zero3) or num_gpus > 1")
