@@ -174,16 +174,20 @@ class AttemptRunner:
     def run(self) -> JobStatus | None:
         started = time.monotonic()
         worker_metrics.job_started(self.fence.job_id, self.job.predicted_peak_bytes)
-        outcome = self._train()
-        status = self._record(outcome)
-        worker_metrics.job_finished(
-            self.fence.job_id,
-            status.value if status else None,
-            time.monotonic() - started,
-            outcome.get("measured_peak_bytes"),
-            self.job.predicted_peak_bytes,
-            outcome.get("code"),
-        )
+        outcome: dict[str, Any] = {}
+        status = None
+        try:  # a worker runs several jobs at once: each removes its own series, even if recording fails
+            outcome = self._train()
+            status = self._record(outcome)
+        finally:
+            worker_metrics.job_finished(
+                self.fence.job_id,
+                status.value if status else None,
+                time.monotonic() - started,
+                outcome.get("measured_peak_bytes"),
+                self.job.predicted_peak_bytes,
+                outcome.get("code"),
+            )
         return status
 
     # --- one training process -----------------------------------------------------------------------------

@@ -127,8 +127,6 @@ def training_device_kind() -> str:
 
 
 def job_started(job_id: str, predicted_peak_bytes: int | None) -> None:
-    for stale in list(_running):  # left behind only if a supervisor died mid-job; a worker runs one job at a time
-        _remove_job_series(stale)
     _running[job_id] = _RunningJob(predicted_peak_bytes)
     if predicted_peak_bytes:
         JOB_PREDICTED_PEAK.labels(job_id).set(predicted_peak_bytes)
