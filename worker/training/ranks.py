@@ -11,12 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+# How long a collective may wait for the slowest rank. Rank 0 waits for the worker to upload each checkpoint
+# before it joins the next step's collective, and a large model's sharded checkpoint can take many minutes to
+# reach S3; torch's default (10 min on NCCL) would kill the job there. A rank that dies is noticed at once anyway
+# (its connections close), so only a hung rank waits this long.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ def lost_a_peer(exc: BaseException) -> bool:
 def join_process_group() -> Ranks:
     """Join the group torchrun started this process in; the rank's GPU (LOCAL_RANK) becomes the current one.
     Outside torchrun (the single-rank path of a benchmark), a group of one in this process."""
-    options: dict = {}
+    options: dict = {"timeout": COLLECTIVE_TIMEOUT}
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
