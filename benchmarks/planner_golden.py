@@ -32,7 +32,8 @@ from planner.scope import PlanRefused  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "planner" / "golden_predictions.json"
 # The golden file records the figures; what a plan says of its assumptions and warnings is not a prediction.
-FIGURES_ONLY = {"assumptions", "warnings"}
+# phases: every phase's terms; the recorded breakdown is the peak one's, and a test keeps the two equal.
+FIGURES_ONLY = {"assumptions", "warnings", "phases"}
 GIB = 2**30
 GPUS = (None, 24 * GIB, 80 * GIB)
 GRID_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-2-7b-hf", "google/gemma-2-2b", "Qwen/Qwen1.5-MoE-A2.7B")

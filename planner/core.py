@@ -101,6 +101,10 @@ class Plan(BaseModel):
     peak_vram_bytes: int = Field(description="Predicted peak as NVML shows it: reserved + CUDA context")
     breakdown: dict[str, int] = Field(description="Bytes per term at the peak phase; sums to peak_vram_bytes")
     peak_phase: str
+    phases: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Bytes per term in every phase of a step (one rank's); phases[peak_phase] is the breakdown",
+    )
     paged_optimizer_bytes: int = Field(0, description="Paged optimizer states in CUDA unified memory (not in peak)")
     gpu_memory_bytes: int | None
     safety_margin_bytes: int = Field(description="max(5% of the GPU, 1 GiB); 0 when no GPU is known")
@@ -416,11 +420,14 @@ def estimate(
     return _estimate(shape, build_setup(spec, shape, micro_batch, recipe), recipe)[:3]
 
 
-def _estimate(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[str, dict[str, int], int, dict[str, int]]:
+def _estimate(
+    shape: ModelShape, s: t.Setup, recipe: Recipe
+) -> tuple[str, dict[str, int], int, dict[str, int], dict[str, dict[str, int]]]:
+    """(peak phase, its breakdown, paged bytes, host terms, every phase's non-zero terms)."""
     phases, paged, host = _phases_with_host(shape, s, recipe)
+    every = {phase: {k: int(v) for k, v in terms.items() if v} for phase, terms in phases.items()}
     name = max(phases, key=lambda n: sum(phases[n].values()))
-    breakdown = {k: int(v) for k, v in phases[name].items() if v}
-    return name, breakdown, paged, {k: int(v) for k, v in host.items() if v}
+    return name, every[name], paged, {k: int(v) for k, v in host.items() if v}, every
 
 
 def _peak(shape: ModelShape, s: t.Setup, recipe: Recipe) -> int:
@@ -467,6 +474,7 @@ class Outcome:
     margin: int
     host: dict[str, int] | None = None  # one rank's host-memory terms (offload); None: nothing offloaded
     num_gpus: int = 1
+    phases: dict[str, dict[str, int]] | None = None  # every phase's terms; breakdown is the peak phase's
 
     @property
     def fits(self) -> bool | None:
@@ -488,10 +496,9 @@ def evaluate(spec: JobSpec, shape: ModelShape, gpu_memory_bytes: int | None, rec
         s = s1.with_tokens(s1.tokens * mb)
     else:
         s = build_setup(spec, shape, mb, recipe)
-    phase, breakdown, paged, host = _estimate(shape, s, recipe)
-    return Outcome(
-        mb, phase, breakdown, paged, sum(breakdown.values()), gpu_memory_bytes, margin, host or None, s.num_gpus
-    )
+    phase, breakdown, paged, host, phases = _estimate(shape, s, recipe)
+    peak = sum(breakdown.values())
+    return Outcome(mb, phase, breakdown, paged, peak, gpu_memory_bytes, margin, host or None, s.num_gpus, phases)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

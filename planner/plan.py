@@ -34,6 +34,7 @@ def plan(
         peak_vram_bytes=o.peak,
         breakdown=o.breakdown,
         peak_phase=o.phase,
+        phases=o.phases or {},
         paged_optimizer_bytes=o.paged,
         gpu_memory_bytes=o.gpu,
         safety_margin_bytes=o.margin,

@@ -334,3 +334,19 @@ def test_plan_states_its_assumptions_and_warns_of_another_allocator_setting():
     assert len(other.warnings) == 1
     assert "max_split_size_mb:128" in other.warnings[0] and "expandable_segments:True" in other.warnings[0]
     assert other.peak_vram_bytes == default.peak_vram_bytes
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"method": "qlora"},
+        {"method": "full", "memory": {"optimizer": "adamw"}},
+        {"method": "lora", "resources": {"num_gpus": 4, "sharding": "zero3"}},
+    ],
+)
+def test_every_phase_is_reported_and_the_peak_phase_is_the_breakdown(body):
+    result = plan(spec(**body), Q7B, 80 * GIB)
+    assert set(result.phases) == {"forward_loss", "loss_backward", "layer_backward", "optimizer_step"}
+    assert result.phases[result.peak_phase] == result.breakdown
+    assert all(sum(terms.values()) <= result.peak_vram_bytes for terms in result.phases.values())
+    assert len({sum(terms.values()) for terms in result.phases.values()}) > 1  # the phases differ
