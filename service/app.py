@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from domain.errors import DomainError
-from service import metrics
+from service import console, metrics
 from service.api import checkpoints, docs, files, health, jobs, openai, plans, webhooks
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
 from service.api.streams import StreamCount
@@ -268,6 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     upload_limit = _include_routers(app, settings)
     docs.install(app)  # /docs and /redoc from local assets
+    app.include_router(console.router)  # /ui: the web console
     _install_error_handlers(app)
     # Inside CORS, whose headers its own answers (replays, 409, 422) need, and inside the length guard, which
     # refuses an oversized declared body before this layer spools a byte of it.

@@ -92,7 +92,7 @@ class AttemptOut(BaseModel):
     ended_at: UtcDatetime | None
     outcome: str | None = Field(
         description="succeeded | failed | cancelled | crashed | drained | lease_expired | "
-        "worker_restarted | staging_failed; null while the attempt runs"
+        "worker_restarted | staging_failed | rank_lost (a sharded job's rank died); null while the attempt runs"
     )
     detail: str | None
     resumed_from_step: int | None = Field(description="the checkpoint step it resumed from; null for a fresh start")
