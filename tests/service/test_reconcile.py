@@ -155,19 +155,23 @@ def test_a_queued_job_without_a_message_is_sent_again_after_the_grace(queued_job
 
 
 def test_gpus_of_a_silent_worker_stop_counting_and_are_expired(database, own_queue):
+    # Silent for 30 s: past this test's expiry (its lease, 10 s), within the 60 s of the workers other tests
+    # run, whose reconcilers share this database: only this test's reconcile may expire the GPU.
+    quick = own_queue.model_copy(update={"lease_seconds": 10.0, "reconcile_interval_seconds": 1.0})
     name = f"gone-{uuid.uuid4().hex[:6]}@host"
     with transaction() as session:
         repository.register_gpus(session, name, [(0, "H200", 141 * 2**30)])
     with transaction() as session:
-        assert name in {g.worker_hostname for g in live_gpus(session, own_queue)}
+        assert name in {g.worker_hostname for g in live_gpus(session, quick)}
         session.execute(
             update(RegisteredGpu)
             .where(RegisteredGpu.worker_hostname == name)
-            .values(heartbeat_at=utcnow() - timedelta(minutes=10))
+            .values(heartbeat_at=utcnow() - timedelta(seconds=30))
         )
     with transaction() as session:
-        assert name not in {g.worker_hostname for g in live_gpus(session, own_queue)}
-    assert reconcile(own_queue).expired_gpus >= 1
+        assert name not in {g.worker_hostname for g in live_gpus(session, quick)}
+        assert name in {g.worker_hostname for g in live_gpus(session, own_queue)}  # the default 60 s: alive
+    assert reconcile(quick).expired_gpus >= 1
     with transaction() as session:
         assert name not in {g.worker_hostname for g in repository.list_gpus(session)}
 
