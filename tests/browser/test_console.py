@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from planner.core import merge_patch
+
 pytestmark = [pytest.mark.timeout(300)]
 CHROMIUM = "/usr/bin/chromium"
 PAGE_TIMEOUT_MS = 60_000
@@ -148,17 +150,20 @@ def test_the_list_shows_a_job_and_its_status_changes_without_a_reload(
 
 def test_the_job_page_draws_its_real_progress(page, console, tenant, tiny_model, console_dataset, tmp_path):
     job_id = submit(console, tenant, job_spec(tiny_model, console_dataset, 16))
+    page.goto(f"{console}/ui/jobs/{job_id}")
+    # While it trains: points arrive on the open page, over the event stream.
+    page.wait_for_function(
+        "document.getElementById('loss-chart').data && document.getElementById('loss-chart').data[0].x.length >= 2 "
+        "&& document.getElementById('job-status').textContent === 'running'",
+        timeout=180_000,
+    )
     job = wait_for_status(console, tenant, job_id, {"succeeded", "failed"})
     assert job["status"] == "succeeded", job["error"]
     events = httpx.get(
         f"{console}/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=tenant.headers, timeout=30
     ).json()["data"]
     progress = [e["data"] for e in events if e["kind"] == "progress"]
-    page.goto(f"{console}/ui/jobs/{job_id}")
-    page.wait_for_function(
-        f"document.getElementById('loss-chart').data && "
-        f"document.getElementById('loss-chart').data[0].x.length === {len(progress)}"
-    )
+    page.wait_for_function(f"document.getElementById('loss-chart').data[0].x.length === {len(progress)}")
     loss = page.evaluate("document.getElementById('loss-chart').data")
     assert loss[0]["x"] == [p["step"] for p in progress]
     assert loss[0]["y"] == pytest.approx([p["loss"] for p in progress])
@@ -171,7 +176,9 @@ def test_the_job_page_draws_its_real_progress(page, console, tenant, tiny_model,
     plan_traces = page.evaluate("document.getElementById('plan-chart').data")
     assert {t["name"] for t in plan_traces} == {term for terms in job["plan"]["phases"].values() for term in terms}
     assert len(plan_traces[0]["x"]) == 4  # a bar per phase
-    assert page.locator("#job-status").inner_text() == "succeeded"
+    # the last event (succeeded) makes the page fetch the job again: wait for that, not for the chart
+    page.wait_for_function("document.getElementById('job-status').textContent === 'succeeded'")
+    page.wait_for_function(f"document.querySelectorAll('#artifacts li').length === {len(job['artifacts'])}")
     assert page.locator("#attempts tbody tr").count() == len(job["attempts"]) == 1
     assert page.locator("#events li").count() == len(events)
     assert page.locator("#artifacts li").count() == len(job["artifacts"])
@@ -195,7 +202,7 @@ def test_a_job_is_cancelled_from_its_page(page, console, tenant, tiny_model, con
     assert page.locator("#cancel").is_hidden()
 
 
-def test_the_playground_replans_as_fields_change_and_applies_a_suggestion(page, console, tmp_path):
+def test_the_playground_replans_as_fields_change_and_applies_a_suggestion(page, console, tenant, tmp_path):
     page.goto(f"{console}/ui/plan")
     peak = page.locator("#peak")
     page.wait_for_function("document.getElementById('peak').textContent.startsWith('peak')")
@@ -210,15 +217,23 @@ def test_the_playground_replans_as_fields_change_and_applies_a_suggestion(page, 
     suggestions = page.locator("#suggestions li")
     suggestions.first.wait_for()
     assert suggestions.count() >= 1
-    described = suggestions.first.inner_text()
-    suggested_peak = gib_of(described.rsplit("peak", 1)[1])
-    before = form_values(page)
+    spec = json.loads(page.locator("#spec-json").text_content())
+    planned = httpx.post(f"{console}/v1/plans", json=spec, headers=tenant.headers, timeout=30).json()
+    first = planned["suggestions"][0]  # what the page lists first, as the API answers it
+    assert suggestions.first.inner_text().startswith(first["description"])
     screenshot(page, "console-planner.png", tmp_path)
-    suggestions.first.get_by_role("button", name="Apply").click()
-    page.wait_for_function(f"document.getElementById('peak').textContent === 'peak {suggested_peak:.2f} GiB'")
-    after = form_values(page)
-    assert after != before  # the suggestion's patch reached the form (or the whole spec shown under it)
-    assert gib_of(peak.inner_text()) == pytest.approx(suggested_peak)
+    # Every field has a label (below), and a suggestion is applied from the keyboard: focus, Enter.
+    suggestions.first.get_by_role("button", name="Apply").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"document.getElementById('peak').textContent === 'peak {first['peak_vram_bytes'] / 2**30:.2f} GiB'"
+    )
+    applied = merge_patch(spec, first["patch"])
+    assert json.loads(page.locator("#spec-json").text_content()) == applied
+    form = form_values(page)
+    assert form["micro_batch_size"] == str(applied["training"]["micro_batch_size"])
+    assert form["method"] == applied["method"] and form["optimizer"] == applied["memory"].get("optimizer", "")
+    assert page.evaluate("[...document.querySelectorAll('input, select')].every(e => e.labels.length > 0)")
 
 
 def gib_of(text: str) -> float:
@@ -226,11 +241,7 @@ def gib_of(text: str) -> float:
 
 
 def form_values(page) -> dict:
-    """The playground's fields and the whole spec it plans (a patch may set a field the form has no input for)."""
     return page.evaluate(
-        """() => ({
-            form: Object.fromEntries([...document.querySelectorAll('#plan-form input, #plan-form select')]
-                .map(e => [e.name, e.type === 'checkbox' ? e.checked : e.value])),
-            spec: document.getElementById('spec-json').textContent,
-        })"""
+        "Object.fromEntries([...document.querySelectorAll('#plan-form input, #plan-form select')]"
+        ".map(e => [e.name, e.type === 'checkbox' ? e.checked : e.value]))"
     )
