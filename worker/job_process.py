@@ -70,16 +70,16 @@ class RankLink:
     decisions every rank must share (drain); a cancel or a lost lease kills the whole process group."""
 
     def send(self, message: dict) -> None:
-        pass
+        """Dropped: rank 0 sends progress, logs and the result."""
 
     def should_stop(self) -> bool:
         return False
 
     def should_drain(self) -> bool:
-        return False
+        return False  # rank 0's answer reaches every rank (Ranks.from_main)
 
     def checkpoint_saved(self, step: int, path: str) -> None:
-        pass
+        """Nothing to wait for: rank 0 waits for the worker's upload."""
 
 
 def job_process_main(
