@@ -145,6 +145,10 @@ class SequenceTooLong(ProblemError):
     status, code, title = 422, "sequence_too_long", "max_seq_length exceeds the model's context length"
 
 
+class NotEnoughGpus(ProblemError):
+    status, code, title = 422, "not_enough_gpus", "No live worker has that many GPUs"
+
+
 class UnsupportedSharding(ProblemError):
     status, code, title = 422, "unsupported_sharding", "The workers do not train this combination sharded"
 

@@ -30,14 +30,19 @@ def gpu_capacity_bytes(session: Session | None, settings: Settings, spec: JobSpe
     return gpus[0].total_memory_bytes if gpus else None
 
 
+def gpus_per_worker(session: Session, settings: Settings) -> dict[str, int]:
+    """Each live GPU worker's GPU count (workers without a GPU register none)."""
+    per_worker: dict[str, int] = {}
+    for gpu in live_gpus(session, settings):
+        per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
+    return per_worker
+
+
 def max_gpus_per_worker(session: Session | None, settings: Settings) -> int:
     """The most GPUs one live worker has: how far sharding suggestions may go (1 when none is known)."""
     if session is None:
         return 1
-    per_worker: dict[str, int] = {}
-    for gpu in live_gpus(session, settings):
-        per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
-    return max(per_worker.values(), default=1)
+    return max(gpus_per_worker(session, settings).values(), default=1)
 
 
 def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_roots: list[Path] | None) -> Plan:

@@ -20,12 +20,13 @@ from service.errors import (
     InvalidSpec,
     InvalidTransition,
     JobNotFound,
+    NotEnoughGpus,
     QuotaExceeded,
     UnsupportedSharding,
 )
 from service.jobs import repository
 from service.models import Job, utcnow
-from service.planning import plan_spec
+from service.planning import gpus_per_worker, plan_spec
 from service.settings import Settings
 from service.tenancy import repository as tenancy
 from service.tenancy.keys import Caller
@@ -44,6 +45,7 @@ def submit_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
     if spec.dataset is None:
         raise InvalidSpec("a job needs a dataset; only a plan may leave it out")
     _refuse_what_workers_do_not_shard(spec)
+    _refuse_more_gpus_than_a_worker_has(session, settings, spec)
     # Planning locates the model inside the model roots first: a name outside them is refused unread.
     job_plan = plan_spec(session, settings, spec, settings.model_root_dirs)
     if job_plan.fits is False:
@@ -94,6 +96,19 @@ def _refuse_what_workers_do_not_shard(spec: JobSpec) -> None:
         reasons.append("lora.init 'pissa' converts the whole adapter at the end: it trains on one GPU only")
     if reasons:
         raise UnsupportedSharding(f"resources.sharding {res.effective_sharding.value}: " + "; ".join(reasons))
+
+
+def _refuse_more_gpus_than_a_worker_has(session: Session, settings: Settings, spec: JobSpec) -> None:
+    """With GPU workers live, a job needing more GPUs than any one of them has would wait forever: refused. With
+    none registered (CPU workers, or none started yet) it queues, and a worker with too few slots sends it on."""
+    per_worker = gpus_per_worker(session, settings)
+    wanted = spec.resources.num_gpus
+    if per_worker and max(per_worker.values()) < wanted:
+        raise NotEnoughGpus(
+            f"resources.num_gpus {wanted}: the largest live worker has {max(per_worker.values())} GPU(s); "
+            "ask for that many or fewer (POST /v1/plans suggests a sharding that fits)",
+            max_num_gpus=max(per_worker.values()),
+        )
 
 
 def _check_quota(session: Session, settings: Settings, tenant_id: str) -> None:

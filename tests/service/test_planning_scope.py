@@ -178,3 +178,29 @@ def test_does_not_fit_suggests_the_gpus_a_worker_has(api, eight_gpu_worker):
     assert plan["fits"] is False and plan["gpu_memory_bytes"] == 80 * GIB
     sharded = [s for s in plan["suggestions"] if "num_gpus" in s["patch"].get("resources", {})]
     assert sharded and all(s["patch"]["resources"]["num_gpus"] <= 8 for s in sharded)
+
+
+@pytest.fixture()
+def two_gpu_worker():
+    from service.jobs import repository
+
+    with transaction() as session:
+        repository.register_gpus(session, "scope-2gpu", [(i, "H100", 80 * GIB) for i in range(2)])
+    yield
+    with transaction() as session:
+        repository.unregister_gpus(session, "scope-2gpu")
+
+
+def test_more_gpus_than_any_live_worker_has_is_refused(api, tiny_model, data_root, two_gpu_worker):
+    (data_root / "scope.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    spec = {
+        "base_model": str(tiny_model),
+        "method": "lora",
+        "dataset": {"path": "scope.jsonl"},
+        "training": {"max_seq_length": 64},
+        "resources": {"num_gpus": 4},
+    }
+    before = job_count()
+    body = assert_problem(api.post("/v1/jobs", json=spec), 422, "not_enough_gpus")
+    assert "the largest live worker has 2 GPU(s)" in body["detail"] and body["max_num_gpus"] == 2
+    assert job_count() == before  # nothing queued that no worker could ever take
