@@ -42,6 +42,7 @@ def main() -> None:
         training={"learning_rate": 1e-3},
         memory={"precision": "bf16-mixed", "optimizer": "adamw"},
         resources=resources,
+        **({"freeze": {"trainable_layers": 1}} if args.method == "freeze" else {}),
     )
     cpu = torch.device("cpu")
     model = loading.load_model(spec, args.model, cpu, loading.precision_plan(spec.memory.precision))
