@@ -8,6 +8,7 @@ import io
 import re
 import subprocess
 import sys
+import uuid
 from datetime import datetime
 
 import attrs
@@ -24,7 +25,9 @@ PACKAGE = "ftjobs_generated"
 def generated(uvicorn_api, tmp_path_factory):
     """(the API's URL, the generated package), generated from the document the running API serves."""
     out = tmp_path_factory.mktemp("generated")
-    with uvicorn_api() as (url, _pid):
+    # A queue no worker consumes: the test reads its job while queued, and a worker other tests started (the
+    # session's) would claim it from the shared one. It is cancelled long before a reconciler would re-send it.
+    with uvicorn_api(FTJOBS_QUEUE_NAME=f"generated-client-{uuid.uuid4().hex[:8]}") as (url, _pid):
         (out / "openapi.json").write_bytes(httpx.get(f"{url}/openapi.json").content)
         (out / "config.yaml").write_text(GENERATOR_CONFIG + f"package_name_override: {PACKAGE}\n")
         result = subprocess.run(
