@@ -193,3 +193,12 @@ def is_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_one_rank_with_sharding_runs_under_torchrun(api, two_rank_worker, wait_for_status, tiny_model, sharded_dataset):
+    """num_gpus 1 with sharding zero3: FSDP2 on one rank (the path a one-GPU memory check measures)."""
+    job = run_to_end(api, wait_for_status, job_spec(tiny_model, sharded_dataset, "lora", 1, "zero3"))
+    assert (summary(api, job["id"])["ranks"], summary(api, job["id"])["sharding"]) == (1, "zero3")
+    logged = [e["data"]["message"] for e in all_events(api, job["id"]) if e["kind"] == "log"]
+    assert any(message.startswith("training process") for message in logged)  # the torchrun agent's pid
+    assert not any(message.startswith("peak memory per rank") for message in logged)  # that table is for N > 1
