@@ -207,6 +207,11 @@ class MemoryOptions(_Strict):
         description="Chunked lm_head + cross-entropy (the full logits are never held). None: on wherever the "
         "worker's kernel runs - it is plain torch, so on every device; false turns it off",
     )
+    compile_layers: bool | None = Field(
+        None,
+        description="torch.compile each decoder layer (regional compilation), compiled before the first step and "
+        "reported as its own phase. None: the worker's default, off until measured faster on a GPU",
+    )
 
 
 class OutputOptions(_Strict):

@@ -58,6 +58,17 @@ def fused_loss_enabled(spec: JobSpec) -> bool:
     return FUSED_LOSS_DEFAULT if spec.memory.fused_loss is None else spec.memory.fused_loss
 
 
+# ---- compilation -----------------------------------------------------------------------------------------------
+# memory.compile_layers None: off, until a GPU run shows regional compilation faster (issue 15). The planner
+# assumes a compiled layer holds at its peak what the eager one holds (inductor frees intermediates at least as
+# early): NOT MEASURED on a GPU.
+COMPILE_LAYERS_DEFAULT = False
+
+
+def compile_layers_enabled(spec: JobSpec) -> bool:
+    return COMPILE_LAYERS_DEFAULT if spec.memory.compile_layers is None else spec.memory.compile_layers
+
+
 # ---- optimizers ------------------------------------------------------------------------------------------------
 def offload_gradients(spec: JobSpec) -> bool:
     """cpu_offload frees a GPU gradient once it is copied to the host, but only without accumulation: a host copy

@@ -153,6 +153,9 @@ def _train(
         should_drain=link.should_drain,
         on_checkpoint=link.checkpoint_saved,
         on_resume=lambda step: link.send(messages.log(f"resumed from step {step}", step=step)),
+        on_compiled=lambda seconds: link.send(
+            messages.log(f"compiled the decoder layers in {seconds:.1f} s, before step 1", compile_seconds=seconds)
+        ),
         ranks=ranks,
     )
     # The planner predicts what NVML shows for this process (reserved memory plus the CUDA context),

@@ -1,7 +1,7 @@
-"""The training recipe, top to bottom: validate data -> setup_data -> setup_model -> setup_optimizer -> resume ->
-train_loop (train_step, report, save_checkpoint) -> save_artifacts -> finish (summary.json). The steps share one
-Run; backward, the optimizer step, clipping, state dicts and the artifacts go through its strategy
-(worker/training/strategy.py), the one place that knows how the model lies on the devices.
+"""The training recipe, top to bottom: validate data -> setup_data -> setup_model -> setup_optimizer ->
+compile_layers -> resume -> train_loop (train_step, report, save_checkpoint) -> save_artifacts -> finish
+(summary.json). The steps share one Run; backward, the optimizer step, clipping, state dicts and the artifacts go
+through its strategy (worker/training/strategy.py), the one place that knows how the model lies on the devices.
 
 `train` is what the job process calls. It raises:
   InvalidDataset       a malformed row (checked before any model is loaded) or nothing left to learn
@@ -36,6 +36,7 @@ from planner import policy
 from worker.training import checkpoint, data, extras, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
+from worker.training.methods import decoder_layers
 from worker.training.ranks import Ranks
 from worker.training.strategy import SingleDeviceStrategy
 
@@ -59,6 +60,7 @@ class Hooks:
     should_drain: Callable[[], bool]
     on_checkpoint: Callable[[int, str], None]
     on_resume: Callable[[int], None]
+    on_compiled: Callable[[float], None]  # seconds memory.compile_layers took, before the first step
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Run:
     resumed_from_step: int = 0
     last_saved_step: int = 0
     eval_losses: list[dict] = field(default_factory=list)
+    compile_seconds: float | None = None
 
 
 def train(
@@ -110,11 +113,12 @@ def train(
     should_drain: Callable[[], bool] = lambda: False,
     on_checkpoint: Callable[[int, str], None] = lambda step, path: None,  # path relative to output_dir
     on_resume: Callable[[int], None] = lambda step: None,
+    on_compiled: Callable[[float], None] = lambda seconds: None,
     ranks: Ranks | None = None,  # a sharded job's ranks (worker/training/ranks.py); hooks matter on rank 0 only
 ) -> TrainResult:
     ranks = ranks or Ranks()
     wall_start = time.perf_counter()
-    hooks = Hooks(on_progress, should_stop, should_drain, on_checkpoint, on_resume)
+    hooks = Hooks(on_progress, should_stop, should_drain, on_checkpoint, on_resume, on_compiled)
     micro_batch_size = spec.training.micro_batch_size
     if not isinstance(micro_batch_size, int):
         raise ValueError("micro_batch_size 'auto' must be resolved to a number before training")
@@ -150,6 +154,7 @@ def train(
             fused_loss=policy.fused_loss_enabled(spec),
             ranks=ranks,
         )
+        compile_layers(run, hooks)
         resume(run, hooks)
         train_loop(run, hooks)
         written = save_artifacts(run, Path(base_model_dir), output_dir)
@@ -192,6 +197,9 @@ def setup_data(
 
 def setup_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: loading.PrecisionPlan):
     model = loading.load_model(spec, base_model_dir, device, plan)
+    if policy.compile_layers_enabled(spec):
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)  # one graph for every sequence length, not a recompile per new one
     if spec.resources.effective_sharding is not None:
         from worker.training.sharded import shard_model
 
@@ -208,6 +216,25 @@ def setup_optimizer(spec: JobSpec, model, device: torch.device, plan: loading.Pr
     from worker.training.sharded import ShardedStrategy
 
     return ShardedStrategy(spec, model, optimizer, scaler), scheduler
+
+
+def compile_layers(run: Run, hooks: Hooks) -> None:
+    """memory.compile_layers: compile the layers' forward and backward now, on the first global micro-batch's rows,
+    so the compile time is its own phase, not hidden in step 1. Nothing of it stays: its loss weighs 0, the
+    gradients are dropped and the RNG states put back, so the run trains exactly as it would have."""
+    if not policy.compile_layers_enabled(run.spec):
+        return
+    started, saved_rng = time.perf_counter(), checkpoint.rng_state()
+    first = run.data.dataset[: run.data.micro_batch_size * run.ranks.world]
+    rows = run.ranks.share(first) or first[:1]
+    batch = data.collate_any(rows, run.data.tokenizer.pad_token_id, run.device)
+    with run.autocast:
+        loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss)
+    run.strategy.backward(loss * 0)
+    run.strategy.zero_grad()
+    checkpoint.set_rng_state(saved_rng)
+    run.compile_seconds = time.perf_counter() - started
+    hooks.on_compiled(run.compile_seconds)
 
 
 def resume(run: Run, hooks: Hooks) -> None:
@@ -381,6 +408,7 @@ def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_byte
         "tokens": state.tokens_seen,
         "tokens_per_second": state.tokens_seen / max(run.train_seconds, 1e-9),
         "train_seconds": run.train_seconds,
+        "compile_seconds": run.compile_seconds,
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
         "ranks": run.ranks.world,
