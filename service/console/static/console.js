@@ -88,7 +88,8 @@ function signInPage() {
       return;
     }
     const next = new URLSearchParams(location.search).get("next");
-    location.href = next && next.startsWith("/") ? next : `${ROOT}/ui/jobs`;
+    // Only back to a console page of this server: "//host/..." would leave it.
+    location.href = next && next.startsWith(`${ROOT}/ui/`) && !next.startsWith("//") ? next : `${ROOT}/ui/jobs`;
   });
 }
 
