@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import func, select
@@ -161,15 +163,24 @@ def test_sharded_combinations_the_workers_do_not_train_plan_but_are_not_queued(
     assert needle in body["detail"] and job_count() == before
 
 
-@pytest.fixture()
-def eight_gpu_worker():
+@contextmanager
+def live_worker(name: str, gpus: int) -> Iterator[None]:
+    """A worker's H100s registered as a live worker's, for the test's duration."""
     from service.jobs import repository
 
     with transaction() as session:
-        repository.register_gpus(session, "scope-8gpu", [(i, "H100", 80 * GIB) for i in range(8)])
-    yield
-    with transaction() as session:
-        repository.unregister_gpus(session, "scope-8gpu")
+        repository.register_gpus(session, name, [(i, "H100", 80 * GIB) for i in range(gpus)])
+    try:
+        yield
+    finally:
+        with transaction() as session:
+            repository.unregister_gpus(session, name)
+
+
+@pytest.fixture()
+def eight_gpu_worker():
+    with live_worker("scope-8gpu", 8):
+        yield
 
 
 def test_does_not_fit_suggests_the_gpus_a_worker_has(api, eight_gpu_worker):
@@ -182,13 +193,8 @@ def test_does_not_fit_suggests_the_gpus_a_worker_has(api, eight_gpu_worker):
 
 @pytest.fixture()
 def two_gpu_worker():
-    from service.jobs import repository
-
-    with transaction() as session:
-        repository.register_gpus(session, "scope-2gpu", [(i, "H100", 80 * GIB) for i in range(2)])
-    yield
-    with transaction() as session:
-        repository.unregister_gpus(session, "scope-2gpu")
+    with live_worker("scope-2gpu", 2):
+        yield
 
 
 def test_more_gpus_than_any_live_worker_has_is_refused(api, tiny_model, data_root, two_gpu_worker):
