@@ -175,6 +175,11 @@ class TrainingOptions(_Strict):
     seed: int = Field(42, ge=0, le=MAX_SEED)
     logging_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Progress is recorded every N optimizer steps")
     packing: bool = Field(False, description="Pack examples into rows of max_seq_length; no attention across them")
+    padding_free: bool = Field(
+        False,
+        description="Run each micro-batch as one row of its examples end to end: no padding, no attention mask, "
+        "attention bounded per example (FlashAttention varlen on CUDA)",
+    )
     validation_fraction: float | None = Field(
         None, gt=0, le=0.5, description="Hold out this share of the examples (seeded) and report eval loss on it"
     )
@@ -211,6 +216,12 @@ class MemoryOptions(_Strict):
         None,
         description="torch.compile each decoder layer (regional compilation), compiled before the first step and "
         "reported as its own phase. None: the worker's default, off until measured faster on a GPU",
+    )
+    liger_kernels: bool | None = Field(
+        None,
+        description="On CUDA, liger-kernel's fused RMSNorm, SwiGLU/GeGLU and RoPE in the model and its fused "
+        "linear cross-entropy as the loss (llama, mistral, qwen2, gemma2, phi3; not sharded). The CPU keeps the "
+        "plain modules and the chunked loss. None: the worker's default, off until measured on a GPU",
     )
 
 

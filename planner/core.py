@@ -67,12 +67,14 @@ class Recipe:
     embedding_fp32_states: bool = False  # HF Trainer: bnb 8-bit optimizers keep nn.Embedding states in fp32
     expandable_segments: bool = True  # the allocator setting the process runs with
     fused_loss_default: bool = True  # memory.fused_loss None: whether the chunked loss runs
+    liger_kernels_default: bool = False  # memory.liger_kernels None: whether Liger's kernels run (CUDA)
 
 
 # The worker: its allocator setting and fused-loss default are planner/policy.py's, as the worker applies them.
 WORKER = Recipe(
     expandable_segments=policy.expandable_segments(policy.ALLOCATOR_CONF),
     fused_loss_default=policy.FUSED_LOSS_DEFAULT,
+    liger_kernels_default=policy.LIGER_KERNELS_DEFAULT,
 )
 # refbench.py: random tokens of exactly `seq`, no padding -> no attention mask.
 HF_TRAINER = Recipe(
@@ -232,6 +234,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         trained_tensors, first_grad_layer, trainable_layers = freeze_module_tensors(shape, modules)
         if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
             first_grad_layer = shape.num_layers
+    liger = policy.liger_kernels_enabled(spec, shape.model_type, recipe.liger_kernels_default)
     fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
     sharding = spec.resources.effective_sharding
     return t.Setup(
@@ -255,7 +258,8 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         dora=bool(lora and lora.use_dora),
         trainable_layers=trainable_layers,
         gradient_checkpointing=spec.memory.gradient_checkpointing,
-        fused_loss=fused_loss,
+        fused_loss=fused_loss or liger,  # Liger's loss is fused too: its fused linear cross-entropy
+        liger=liger,
         optimizer=spec.memory.optimizer.value,
         optimizer_traits=OPTIMIZERS[spec.memory.optimizer],
         galore_rank=spec.galore_options.rank if spec.galore_options else 0,
@@ -263,6 +267,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         quant_double=bool(quant and quant.double_quant),
         quant_bits=quant.bits if quant else 4,
         packing=spec.training.packing,
+        padding_free=spec.training.padding_free,
         offload_gradients=policy.offload_gradients(spec),
         trained_numel=sum(n * c for n, c in trained_tensors),
         first_grad_layer=first_grad_layer,

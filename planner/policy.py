@@ -69,6 +69,22 @@ def compile_layers_enabled(spec: JobSpec) -> bool:
     return COMPILE_LAYERS_DEFAULT if spec.memory.compile_layers is None else spec.memory.compile_layers
 
 
+# ---- Liger kernels ---------------------------------------------------------------------------------------------
+# memory.liger_kernels None: off, until a GPU run measures it against the chunked loss (issue 15). The planner
+# counts Liger's saved tensors (planner/terms.py) from liger-kernel 0.8.5's source, NOT MEASURED on a GPU.
+LIGER_KERNELS_DEFAULT = False
+# The families liger-kernel 0.8.5 patches (its MODEL_TYPE_TO_APPLY_LIGER_FN) whose layers the planner models as
+# dense gated MLPs: the MoE ones (mixtral, qwen2_moe) keep transformers' modules.
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma2", "phi3"})
+
+
+def liger_kernels_enabled(spec: JobSpec, model_type: str, default: bool = LIGER_KERNELS_DEFAULT) -> bool:
+    """Whether a CUDA worker applies Liger to this job (default: the recipe's when the spec says None); a sharded
+    job keeps the plain modules (the FSDP2 root runs the chunked loss as its own forward method)."""
+    wanted = default if spec.memory.liger_kernels is None else spec.memory.liger_kernels
+    return wanted and model_type in LIGER_MODEL_TYPES and spec.resources.effective_sharding is None
+
+
 # ---- optimizers ------------------------------------------------------------------------------------------------
 def offload_gradients(spec: JobSpec) -> bool:
     """cpu_offload frees a GPU gradient once it is copied to the host, but only without accumulation: a host copy

@@ -15,7 +15,7 @@ from planner.shapes import Linear, ModelShape
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    code: str  # invalid_lora_targets | sequence_too_long
+    code: str  # invalid_lora_targets | sequence_too_long | unsupported_padding_free
     detail: str
 
 
@@ -82,8 +82,21 @@ def sequence_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
     )
 
 
+def padding_free_problem(spec: JobSpec, shape: ModelShape) -> Problem | None:
+    """The varlen attention of padding-free batches (worker/training/attention.py) has no score soft-capping."""
+    if not spec.training.padding_free or shape.attention_softcapping is None:
+        return None
+    return Problem(
+        "unsupported_padding_free",
+        f"training.padding_free: {shape.model_type} {shape.name!r} soft-caps its attention scores "
+        f"(attn_logit_softcapping {shape.attention_softcapping}), which the varlen attention does not apply; "
+        "turn padding_free off (packing still works, with a mask)",
+    )
+
+
 def check_scope(spec: JobSpec, shape: ModelShape) -> None:
     """Raise PlanRefused with every problem, or return."""
-    problems = [p for p in (lora_target_problem(spec, shape), sequence_problem(spec, shape)) if p is not None]
+    checks = (lora_target_problem(spec, shape), sequence_problem(spec, shape), padding_free_problem(spec, shape))
+    problems = [p for p in checks if p is not None]
     if problems:
         raise PlanRefused(problems)

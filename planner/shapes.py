@@ -56,6 +56,7 @@ class ModelShape:
     attention_bias: bool = False  # qwen2: q/k/v carry a bias (Qwen2Attention hard-codes bias=True)
     norms_per_layer: int = 2  # gemma2 has 4 (pre/post attention, pre/post feed-forward)
     final_logit_softcapping: float | None = None  # gemma2: tanh soft-cap of the logits (extra logits copy)
+    attention_softcapping: float | None = None  # gemma2: tanh soft-cap of the attention scores (Gemma2Config: 50)
     linears: tuple[Linear, ...] = field(default=(), compare=False)
     # ---- mixture of experts (transformers 5.17 mixtral / qwen2_moe): every decoder layer is sparse ----------------
     num_experts: int = 0  # routed experts per layer (num_local_experts / num_experts); 0: a dense model
@@ -232,6 +233,7 @@ def _dense(cfg: dict[str, Any], name: str, **overrides: Any) -> ModelShape:
         attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         norms_per_layer=4 if model_type == "gemma2" else 2,
         final_logit_softcapping=cfg.get("final_logit_softcapping") if model_type == "gemma2" else None,
+        attention_softcapping=cfg.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
         context_length=context_length(cfg),
     )
     return ModelShape(**(fields | overrides))

@@ -69,6 +69,8 @@ class Setup:
     quant_double: bool
     quant_bits: int = 4  # qlora: 4 (NF4/FP4, same storage) or 8 (LLM.int8)
     packing: bool = False  # training.packing: rows of packed examples carry a block-diagonal mask (sdpa)
+    padding_free: bool = False  # training.padding_free: one row per micro-batch, varlen attention, no mask
+    liger: bool = False  # memory.liger_kernels on CUDA: Liger's RMSNorm, SwiGLU/GeGLU, RoPE and fused loss
     offload_gradients: bool = False  # cpu_offload without accumulation: GPU grads are freed after their D2H copy
     trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
@@ -114,6 +116,8 @@ class Setup:
             self.quant_double,
             self.quant_bits,
             self.packing,
+            self.padding_free,
+            self.liger,
             self.offload_gradients,
             self.trained_numel,
             self.first_grad_layer,
@@ -348,12 +352,15 @@ def base_activation_bytes_per_token(shape: ModelShape, s: Setup, trainable: bool
     h, i, c = shape.hidden_size, shape.intermediate_size, s.compute_bytes
     # RMSNorm: hidden.to(float32) is saved by pow/mul (4 B); a trainable weight also saves its other operand.
     norms = shape.norms_per_layer * (4 * h + (s.residual_bytes * h if trainable else 0))
+    if s.liger:  # LigerRMSNormFunction saves its input as it is and one fp32 rstd per row (its dW needs no more)
+        norms = shape.norms_per_layer * (s.residual_bytes * h + 4)
     # sdpa (flash/efficient, native GQA when there is no mask) saves q, k, v and its output. With a padding
     # mask, transformers repeats k/v to every query head (sdpa_attention.use_gqa_in_sdpa is False).
     kv = shape.q_dim if has_attention_mask(s) else shape.kv_dim
     attn = c * (2 * shape.q_dim + 2 * kv)
-    # gated MLP: act_fn saves gate's output, the product saves act(gate) and up's output.
-    mlp = 3 * shape.active_mlp_width * s.mlp_bytes
+    # gated MLP: act_fn saves gate's output, the product saves act(gate) and up's output. Liger's SiLUMul / GELUMul
+    # saves gate's and up's outputs only (it recomputes the activation in backward).
+    mlp = (2 if s.liger else 3) * shape.active_mlp_width * s.mlp_bytes
     linears = 0
     if trainable:  # trainable projections save their input; autocast casts it once per projection
         shared = 3 if s.autocast_fp32_params else 1  # q/k/v read the same normed tensor
@@ -401,7 +408,10 @@ def has_attention_mask(s: Setup) -> bool:
     """Padding: a micro-batch > 1 may be right-padded. Packing (worker data.pack_examples) has no padding mask,
     but transformers masking_utils.find_packed_sequence_indices turns the position_ids restarts into a
     block-diagonal bool [batch, 1, seq, seq] mask of the same size for sdpa, at every micro-batch size (a row
-    holding one example only needs none; the planner takes the worst case)."""
+    holding one example only needs none; the planner takes the worst case). Padding-free batches
+    (worker/training/attention.py) build no mask at all: their examples' bounds are cu_seq_lens."""
+    if s.padding_free:
+        return False
     if s.packing:
         return True
     return s.padded_batches and s.tokens > s.seq
@@ -469,11 +479,34 @@ def fused_loss_bytes(shape: ModelShape, s: Setup) -> int:
     in its backward 3 fp32 chunk x vocab buffers (as the unfused loss; the chunk's low-precision logits are
     already freed: calibration/h100-worker.jsonl). The learned positions' hidden states are gathered into one
     tokens x hidden tensor the chunks keep for their recomputation."""
+    if s.liger:
+        return liger_loss_bytes(shape, s)
     return 3 * loss_block_bytes(shape, s) + s.tokens * shape.hidden_size * s.compute_bytes
 
 
+def liger_chunk_tokens(shape: ModelShape, s: Setup) -> int:
+    """liger-kernel 0.8.5 fused_linear_cross_entropy_forward: chunks of next_power_of_2(ceil(BT / ceil(V / H)))
+    positions, at most BT, so one chunk's logits are about the size of the BT x H input."""
+    inc_factor = -(-shape.vocab_size // shape.hidden_size)
+    chunk = 1 << max(0, (-(-s.tokens // inc_factor) - 1).bit_length())
+    return min(chunk, s.tokens)
+
+
+def liger_loss_bytes(shape: ModelShape, s: Setup) -> int:
+    """Liger's fused linear cross-entropy computes the input's gradient in forward: the gathered learned positions
+    (tokens x hidden, worker/training/loss.py), grad_input of the same size (kept for backward), a fp32 loss
+    per position, and one chunk's logits in the compute dtype, which its kernel overwrites with their gradient
+    in place (no fp32 copy). A trained lm_head's grad_weight is allocated here too, in forward (full)."""
+    gathered = s.tokens * shape.hidden_size * s.compute_bytes
+    head_grad = shape.embed_numel * s.trained_bytes if s.traits.trains_head else 0
+    return 2 * gathered + s.tokens * 4 + loss_block_bytes(shape, s) + head_grad
+
+
 def loss_block_bytes(shape: ModelShape, s: Setup) -> int:
-    """The largest fp32 tokens x vocab block of the loss: all the logits, or one chunk of the fused loss."""
+    """The largest tokens x vocab block of the loss: all the logits or one chunk of the fused loss (fp32), or one
+    chunk of Liger's (compute dtype)."""
+    if s.liger:
+        return liger_chunk_tokens(shape, s) * shape.vocab_size * s.compute_bytes
     tokens = min(policy.FUSED_CHUNK_TOKENS, s.tokens) if s.fused_loss else s.tokens
     return tokens * shape.vocab_size * 4
 

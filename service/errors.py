@@ -145,6 +145,10 @@ class SequenceTooLong(ProblemError):
     status, code, title = 422, "sequence_too_long", "max_seq_length exceeds the model's context length"
 
 
+class UnsupportedPaddingFree(ProblemError):
+    status, code, title = 422, "unsupported_padding_free", "training.padding_free does not apply to this model"
+
+
 class NotEnoughGpus(ProblemError):
     status, code, title = 422, "not_enough_gpus", "No live worker has that many GPUs"
 

@@ -11,7 +11,7 @@ from domain.spec import JobSpec
 from planner import Plan, plan
 from planner.scope import PlanRefused
 from service.base_models import locate_for_planning
-from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong
+from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong, UnsupportedPaddingFree
 from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
 from service.settings import Settings
@@ -71,6 +71,7 @@ def plan_for(session: Session, settings: Settings, spec: JobSpec, caller: Caller
 _REFUSALS: dict[str, type[ProblemError]] = {
     "invalid_lora_targets": InvalidLoraTargets,
     "sequence_too_long": SequenceTooLong,
+    "unsupported_padding_free": UnsupportedPaddingFree,
 }
 
 

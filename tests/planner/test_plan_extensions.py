@@ -178,6 +178,59 @@ def test_packing_mask_exists_at_any_micro_batch():
     assert t.attention_bias_bytes(packed) == 1024 * 1024 * 2  # sdpa's bf16 additive copy, saved per layer
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_padding_free_batches_carry_no_mask_and_native_gqa(packing):
+    training = {"packing": packing}
+    masked = setup_for({"method": "lora", "training": training})
+    free = setup_for({"method": "lora", "training": training | {"padding_free": True}})
+    assert t.attention_mask_bytes(masked) == 4 * 1024 * 1024 and t.attention_mask_bytes(free) == 0
+    assert t.attention_bias_bytes(free) == 0
+    saved = t.layer_activation_bytes(Q05, masked, False) - t.layer_activation_bytes(Q05, free, False)
+    # no k/v repeated to 14 heads (2 B x 2 x (896 - 128) per token) and no bf16 bias [4, 1, 1024, 1024] per layer
+    assert saved == 4096 * 2 * 2 * 768 + 4 * 1024 * 1024 * 2
+    spec = {"base_model": Q05.name, "method": "lora", "memory": {"gradient_checkpointing": False}}
+    masked_plan, free_plan = (
+        plan(JobSpec.model_validate(spec | {"training": training | {"padding_free": on}}), Q05) for on in (False, True)
+    )
+    assert masked_plan.breakdown["attention_mask"] == 4 * 1024 * 1024 and not free_plan.breakdown.get("attention_mask")
+    # every one of the 24 layers saves it (the peak may fall in another phase, so at least that much)
+    assert masked_plan.peak_vram_bytes - free_plan.peak_vram_bytes >= 24 * saved
+
+
+# ---- Liger kernels (liger-kernel 0.8.5's saved tensors, read from its source) ---------------------------------
+def test_liger_layer_saves_input_and_rstd_per_norm_and_two_mlp_operands():
+    plain = setup_for({"method": "lora"})
+    liger = setup_for({"method": "lora", "memory": {"liger_kernels": True}})
+    assert liger.liger and not plain.liger and (liger.residual_bytes, liger.mlp_bytes) == (2, 2)
+    per_token = t.base_activation_bytes_per_token(Q05, plain, False) - t.base_activation_bytes_per_token(
+        Q05, liger, False
+    )
+    # norms: 2 x 896 x 4 (fp32 upcast) -> 2 x (896 x 2 + 4); MLP: 3 -> 2 tensors of 4864 x 2 B
+    assert per_token == (2 * 896 * 4 - 2 * (896 * 2 + 4)) + 4864 * 2 == 3576 + 9728
+
+
+def test_liger_loss_holds_input_its_gradient_and_one_compute_dtype_chunk():
+    liger = setup_for({"method": "lora", "memory": {"liger_kernels": True}})
+    assert liger.fused_loss  # Liger's loss is the fused path, whatever memory.fused_loss says
+    # inc_factor ceil(151936 / 896) = 170; ceil(4096 / 170) = 25 -> next power of two 32 positions
+    assert t.liger_chunk_tokens(Q05, liger) == 32
+    assert t.loss_block_bytes(Q05, liger) == 32 * 151936 * 2
+    assert t.loss_forward_bytes(Q05, liger) == 2 * 4096 * 896 * 2 + 4096 * 4 + 32 * 151936 * 2 == 24_420_352
+    full = setup_for({"method": "full", "memory": {"liger_kernels": True}})
+    # a trained (tied) lm_head: grad_weight [151936, 896] in the fp32 master dtype, allocated in forward
+    assert t.loss_forward_bytes(Q05, full) - t.loss_forward_bytes(Q05, liger) == 151936 * 896 * 4
+
+
+def test_liger_is_planned_only_where_the_worker_applies_it():
+    asked = {"liger_kernels": True}
+    assert not setup_for({"method": "lora"}).liger  # off by default until measured (policy)
+    sharded = {"method": "lora", "memory": asked, "resources": {"num_gpus": 2, "sharding": "zero3"}}
+    assert not setup_for(sharded).liger
+    mixtral = find_model("mistralai/Mixtral-8x7B-v0.1")
+    spec = JobSpec.model_validate({"base_model": mixtral.name, "method": "lora", "memory": asked})
+    assert not build_setup(spec, mixtral, 1, WORKER).liger  # MoE layers keep transformers' modules
+
+
 def test_fused_loss_default_is_on_for_the_worker_only():
     assert setup_for({"method": "lora"}).fused_loss is True
     assert setup_for({"method": "lora"}, recipe=HF_TRAINER).fused_loss is False  # the stock recipe has none

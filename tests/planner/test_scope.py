@@ -274,3 +274,22 @@ def test_targets_match_like_peft():
     adapted = plan(s, qwen1, None).breakdown["trainable_params"]
     # only the MLP's c_proj (11008 -> 4096), not attn.c_proj: r=16 x (11008 + 4096) x 32 layers x 4 B
     assert adapted == 16 * (11008 + 4096) * 32 * 4
+
+
+@pytest.mark.parametrize(
+    "config, code",
+    [
+        (LLAMA, None),
+        (LLAMA | {"model_type": "mistral", "sliding_window": 1024}, None),  # the varlen path applies the window
+        (LLAMA | {"model_type": "gemma2"}, "unsupported_padding_free"),  # Gemma2Config soft-caps scores at 50
+        (LLAMA | {"model_type": "gemma2", "attn_logit_softcapping": None}, None),
+    ],
+)
+def test_padding_free_refused_where_attention_scores_are_soft_capped(config, code):
+    s = spec(method="lora", training={"padding_free": True, "max_seq_length": 1024})
+    if code is None:
+        assert plan(s, ModelShape.from_config(config), None).peak_vram_bytes > 0
+        return
+    with pytest.raises(PlanRefused) as refused:
+        plan(s, ModelShape.from_config(config), None)
+    assert refused.value.code == code and "attn_logit_softcapping 50.0" in str(refused.value)

@@ -14,6 +14,7 @@ left with no learned token (its answer was truncated away) is dropped and counte
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -229,7 +230,47 @@ def collate_packed(batch: Sequence[PackedExample], pad_token_id: int, device: to
     }
 
 
-def collate_any(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate_flat(batch: Sequence[TokenizedExample], device: torch.device) -> dict:
+    """training.padding_free: every example of the micro-batch (a packed row's too) end to end in one row of
+    exactly their tokens: no padding, and no mask. cu_seq_lens and max_length bound each example's attention
+    (worker/training/attention.py); position_ids restart at 0 per example for the rotary embeddings."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    lengths: list[int] = []
+    for example in batch:
+        for start, end in _segments(example):
+            input_ids += example.input_ids[start:end]
+            # The first token of an example is never a target of the previous one's last token.
+            labels += [IGNORE_INDEX] + example.labels[start + 1 : end]
+            positions += range(end - start)
+            lengths.append(end - start)
+    cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long, device=device),
+        "labels": torch.tensor([labels], dtype=torch.long, device=device),
+        "position_ids": torch.tensor([positions], dtype=torch.long, device=device),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def _segments(example: TokenizedExample) -> list[tuple[int, int]]:
+    """[start, end) of each example in a row: a packed row's restart where its position_ids return to 0."""
+    if not isinstance(example, PackedExample):
+        return [(0, len(example.input_ids))]
+    starts = [index for index, position in enumerate(example.position_ids) if position == 0]
+    return list(zip(starts, [*starts[1:], len(example.input_ids)], strict=True))
+
+
+def collate_any(
+    batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device, *, flat: bool = False
+) -> dict:
+    """flat: training.padding_free (collate_flat); else right-padded rows, packed or not."""
+    if flat:
+        return collate_flat(batch, device)
     if batch and isinstance(batch[0], PackedExample):
         return collate_packed(batch, pad_token_id, device)
     return collate(batch, pad_token_id, device)

@@ -4,7 +4,7 @@ conversion, the merged model)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,8 +26,7 @@ def eval_loss(
     examples: Sequence[data.TokenizedExample],
     *,
     micro_batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
+    collate: Callable[[Sequence[data.TokenizedExample]], dict],
     autocast,
     fused: bool,
 ) -> float | None:
@@ -40,7 +39,7 @@ def eval_loss(
     try:
         for start in range(0, len(examples), micro_batch_size):
             batch_examples = examples[start : start + micro_batch_size]
-            batch = data.collate_any(batch_examples, pad_token_id, device)
+            batch = collate(batch_examples)
             with autocast if autocast is not None else contextlib.nullcontext():
                 total += loss_sum(model, batch, fused=fused).item()
             tokens += sum(example.learned_tokens for example in batch_examples)

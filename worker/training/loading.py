@@ -48,6 +48,7 @@ from domain.spec import JobSpec, Precision
 from planner import policy
 from planner.methods import method_traits
 from planner.optimizers import OPTIMIZERS as OPTIMIZER_TRAITS
+from worker.training import kernels
 from worker.training.methods import METHODS
 from worker.training.optimizers import OPTIMIZERS
 
@@ -101,6 +102,15 @@ def bnb_config(spec: JobSpec, plan: PrecisionPlan):
     )
 
 
+def attention_implementation(spec: JobSpec) -> str:
+    """training.padding_free: the varlen attention of worker/training/attention.py (no mask); else sdpa."""
+    if not spec.training.padding_free:
+        return "sdpa"
+    from worker.training.attention import VARLEN_ATTENTION  # registers it with transformers
+
+    return VARLEN_ATTENTION
+
+
 def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: PrecisionPlan):
     """Load the base model for spec.method, with exactly the parameters that should train left trainable."""
     from transformers import AutoModelForCausalLM
@@ -108,7 +118,7 @@ def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: 
     traits = method_traits(spec)
     load_dtype = plan.trained_dtype if traits.loads_trained_dtype else plan.frozen_dtype
     # safetensors only, whatever else the directory holds: a pickled checkpoint could run code when loaded.
-    kwargs = {"dtype": load_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
+    kwargs = {"dtype": load_dtype, "attn_implementation": attention_implementation(spec), "use_safetensors": True}
     if device.type == "cuda":
         # Load straight onto the GPU instead of staging the whole model in host memory.
         kwargs["device_map"] = {"": device.index or 0}
@@ -116,6 +126,8 @@ def load_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: 
         kwargs["quantization_config"] = bnb_config(spec, plan)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if kernels.liger_applies(spec, model.config.model_type, device):
+        kernels.apply_liger(model)  # on the base model's modules, before peft wraps them
 
     if spec.memory.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from domain.errors import JobCancelled, JobDrained, TrainingOutOfMemory
 from domain.messages import Progress
 from domain.spec import JobSpec
 from planner import policy
-from worker.training import checkpoint, data, extras, loading
+from worker.training import checkpoint, data, extras, kernels, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
 from worker.training.methods import decoder_layers
@@ -100,6 +100,10 @@ class Run:
     eval_losses: list[dict] = field(default_factory=list)
     compile_seconds: float | None = None
 
+    def collate(self, rows: Sequence[data.TokenizedExample]) -> dict:
+        pad_token_id = self.data.tokenizer.pad_token_id
+        return data.collate_any(rows, pad_token_id, self.device, flat=self.spec.training.padding_free)
+
 
 def train(
     spec: JobSpec,
@@ -151,7 +155,7 @@ def train(
             autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
             if plan.autocast_dtype
             else contextlib.nullcontext(),
-            fused_loss=policy.fused_loss_enabled(spec),
+            fused_loss=policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model),
             ranks=ranks,
         )
         compile_layers(run, hooks)
@@ -227,7 +231,7 @@ def compile_layers(run: Run, hooks: Hooks) -> None:
     started, saved_rng = time.perf_counter(), checkpoint.rng_state()
     first = run.data.dataset[: run.data.micro_batch_size * run.ranks.world]
     rows = run.ranks.share(first) or first[:1]
-    batch = data.collate_any(rows, run.data.tokenizer.pad_token_id, run.device)
+    batch = run.collate(rows)
     with run.autocast:
         loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss)
     run.strategy.backward(loss * 0)
@@ -280,7 +284,7 @@ def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
         rows, weight = ranks.share(micro), ranks.world
         if not rows:  # a short last micro-batch: this rank still runs the collectives, on a row that counts 0
             rows, weight = micro[:1], 0
-        batch = data.collate_any(rows, run.data.tokenizer.pad_token_id, run.device)
+        batch = run.collate(rows)
         with run.autocast:
             loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss) / learned_tokens
         run.strategy.backward(loss * weight)
@@ -332,8 +336,7 @@ def evaluate(run: Run, step: int) -> float | None:
         run.strategy.model,
         run.data.validation,
         micro_batch_size=run.data.micro_batch_size,
-        device=run.device,
-        pad_token_id=run.data.tokenizer.pad_token_id,
+        collate=run.collate,
         autocast=run.autocast,
         fused=run.fused_loss,
     )
@@ -409,6 +412,8 @@ def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_byte
         "tokens_per_second": state.tokens_seen / max(run.train_seconds, 1e-9),
         "train_seconds": run.train_seconds,
         "compile_seconds": run.compile_seconds,
+        "liger_kernels": kernels.has_liger_loss(run.strategy.model),
+        "padding_free": spec.training.padding_free,
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
         "ranks": run.ranks.world,
