@@ -1,17 +1,22 @@
-"""The worker's recipe (worker.training.recipe.train) against the stock one (HF Trainer + peft
-prepare_model_for_kbit_training + NF4 + paged_adamw_8bit: calibration/refbench.py, run as it ran for the
-calibration) on the same shapes, random weights at real sizes. A script, not a test: it needs a CUDA GPU.
+"""Three recipes on the same shapes, random weights at real sizes, in one run. A script, not a test: it needs a
+CUDA GPU.
+- stock: HF Trainer + peft prepare_model_for_kbit_training + NF4 + paged_adamw_8bit (calibration/refbench.py, as
+  it ran for the calibration);
+- lean: the best recipe anyone can assemble from the libraries: the same HF Trainer without the fp32 upcast, with
+  expandable segments and Liger's kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy);
+- ftjobs: the worker's recipe (worker.training.recipe.train) with memory.liger_kernels on.
 
     .venv/bin/python benchmarks/train_vs_stock.py --out train_vs_stock.jsonl        # on a GPU machine
     .venv/bin/python benchmarks/train_vs_stock.py --predict                         # planner only, no GPU
 
 Each case and recipe runs in its own process (fresh CUDA context and peak counters). Printed: tokens/s and the
-NVML per-process peak of both, and the ratios against the goal (worker >= 2x tokens/s, <= 0.4x peak VRAM).
-Tokens/s: both rows exclude the first optimizer step (warm-up): refbench times steps 2..N, and the worker row
-takes the progress reports of steps 1..N (logging every step; each report follows a loss read, so the GPU has
-finished the step). Peaks: NVML per-process, sampled every 20 ms during the worker run (vram_harness's sampler).
-Both recipes read the same random-weight checkpoint (refbench's ckpt-ARCH directory) so that one 7-8B model at
-a time sits on the disk. BENCH_DEADLINE_S starts no case after that many seconds.
+NVML per-process peak of the three, and ftjobs' ratios against both (goal: >= 2x stock's tokens/s and <= 0.4x
+its peak, and no worse than lean on either). Tokens/s: every row excludes the first optimizer step (warm-up):
+refbench times steps 2..N, and the worker row takes the progress reports of steps 1..N (logging every step; each
+report follows a loss read, so the GPU has finished the step). Peaks: NVML per-process, sampled every 20 ms during
+the worker run (vram_harness's sampler). All recipes read the same random-weight checkpoint (refbench's ckpt-ARCH
+directory) so that one 7-14B model at a time sits on the disk. BENCH_DEADLINE_S starts no case after that many
+seconds.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ CASES = [
     ("q7b-bs2-seq2048-gc", "qwen2.5-7b", "Qwen/Qwen2.5-7B", 2, 2048, True, 16, "all-linear"),
     ("l31-8b-bs1-seq4096-gc", "llama-3.1-8b", "meta-llama/Llama-3.1-8B", 1, 4096, True, 16, "all-linear"),
     ("l2-7b-bs4-seq512-qv-r8", "llama-2-7b", "meta-llama/Llama-2-7b-hf", 4, 512, False, 8, "q_proj,v_proj"),
+    ("q05-bs4-seq1024-gc", "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", 4, 1024, True, 16, "all-linear"),
+    ("q14b-bs1-seq1024-gc", "qwen2.5-14b", "Qwen/Qwen2.5-14B", 1, 1024, True, 16, "all-linear"),
 ]
+RECIPES = ("stock", "lean", "ftjobs")
 TMP = Path(os.environ.get("BENCH_TMP", tempfile.gettempdir()))
 
 
-def worker_spec(case, base: str, optimizer: str, steps: int) -> dict:
+def worker_spec(case, base: str, optimizer: str, steps: int, liger: bool = True) -> dict:
     name, _, _, bs, seq, gc, r, targets = case
     return {
         "base_model": base,
@@ -60,30 +68,42 @@ def worker_spec(case, base: str, optimizer: str, steps: int) -> dict:
             "learning_rate": 2e-4,
             "logging_steps": 1,
         },
-        "memory": {"precision": "bf16-mixed", "optimizer": optimizer, "gradient_checkpointing": gc},
+        "memory": {
+            "precision": "bf16-mixed",
+            "optimizer": optimizer,
+            "gradient_checkpointing": gc,
+            "liger_kernels": liger,
+        },
     }
 
 
 def predict(optimizer: str) -> list[dict]:
-    """Planner predictions (NOT measurements) of both recipes' peaks."""
+    """Planner predictions (NOT measurements) of the three recipes' peaks."""
+    import dataclasses
+
     from domain.spec import JobSpec
     from planner.catalog import find_model
     from planner.core import HF_TRAINER, WORKER, evaluate
 
+    lean_recipe = dataclasses.replace(HF_TRAINER, kbit_upcast=False, expandable_segments=True)
     rows = []
     for case in CASES:
-        spec = JobSpec.model_validate(worker_spec(case, case[2], optimizer, 4))
-        stock_spec = JobSpec.model_validate(worker_spec(case, case[2], "paged_adamw_8bit", 4))
         shape = find_model(case[2])
-        worker, stock = evaluate(spec, shape, None, WORKER), evaluate(stock_spec, shape, None, HF_TRAINER)
+        stock_spec = JobSpec.model_validate(worker_spec(case, case[2], "paged_adamw_8bit", 4, liger=False))
+        lean_spec = JobSpec.model_validate(worker_spec(case, case[2], "paged_adamw_8bit", 4))
+        ftjobs_spec = JobSpec.model_validate(worker_spec(case, case[2], optimizer, 4))
+        stock = evaluate(stock_spec, shape, None, HF_TRAINER)
+        lean = evaluate(lean_spec, shape, None, lean_recipe)
+        ftjobs = evaluate(ftjobs_spec, shape, None, WORKER)
         rows.append(
             {
                 "case": case[0],
-                "predicted_worker_peak_bytes": worker.peak,
                 "predicted_stock_peak_bytes": stock.peak,
-                "ratio": round(worker.peak / stock.peak, 3),
-                "worker_phase": worker.phase,
-                "stock_phase": stock.phase,
+                "predicted_lean_peak_bytes": lean.peak,
+                "predicted_ftjobs_peak_bytes": ftjobs.peak,
+                "ftjobs_vs_stock": round(ftjobs.peak / stock.peak, 3),
+                "ftjobs_vs_lean": round(ftjobs.peak / lean.peak, 3),
+                "phases": {"stock": stock.phase, "lean": lean.phase, "ftjobs": ftjobs.phase},
             }
         )
     return rows
@@ -138,7 +158,7 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
     nvml_used, nvml_source = sampler.peak()
     steady = (len(reports) - 1) * bs * seq / (reports[-1] - reports[0])  # steps 2..N, every row full length
     return {
-        "recipe": "worker",
+        "recipe": "ftjobs",
         "case": name,
         "optimizer": optimizer,
         "steps": result.steps,
@@ -152,19 +172,22 @@ def run_worker(case, optimizer: str, steps: int) -> dict:
     }
 
 
-def run_stock(case) -> dict:
+def run_refbench(case, recipe: str) -> dict:
+    """stock, or lean: the same HF Trainer without the kbit upcast, with expandable segments and Liger."""
     import refbench
 
     name, arch, _, bs, seq, gc, r, targets = case
-    c = refbench.case(name, arch, "qlora", bs, seq, gc, "paged_adamw_8bit", r=r, targets=targets, steps=4)
+    lean = {"liger": True, "no_upcast": True, "expandable": True} if recipe == "lean" else {}
+    c = refbench.case(name, arch, "qlora", bs, seq, gc, "paged_adamw_8bit", r=r, targets=targets, steps=4, **lean)
     result = refbench.run_case(c)
     return {
-        "recipe": "stock",
+        "recipe": recipe,
         "case": name,
         "tokens_per_s": result["tokens_per_s"],
         "peak_reserved": result["peak_reserved"],
         "nvml_used": result["nvml_used"],
         "gpu": result["gpu"],
+        "versions": result["versions"],
     }
 
 
@@ -186,7 +209,10 @@ def main() -> None:
         recipe, index = args.one.split(":")
         case = CASES[int(index)]
         try:
-            row = run_worker(case, args.worker_optimizer, args.worker_steps) if recipe == "worker" else run_stock(case)
+            if recipe == "ftjobs":
+                row = run_worker(case, args.worker_optimizer, args.worker_steps)
+            else:
+                row = run_refbench(case, recipe)
         except Exception as exc:  # noqa: BLE001 - one failed case must not hide the others
             row = {"recipe": recipe, "case": case[0], "error": f"{type(exc).__name__}: {exc}"}
         print("RESULT " + json.dumps(row), flush=True)
@@ -194,54 +220,44 @@ def main() -> None:
 
     predictions = {row["case"]: row for row in predict(args.worker_optimizer)}
     deadline = time.time() + float(os.environ.get("BENCH_DEADLINE_S", "inf"))
-    print(
-        f"{'case':26} {'stock tok/s':>11} {'worker tok/s':>12} {'x':>5} {'stock peak GiB':>14} "
-        f"{'worker peak GiB':>15} {'x':>5}"
-    )
+    print(f"{'case':22} {'tokens/s: stock':>15} {'lean':>7} {'ftjobs':>7} {'x stock':>7} {'x lean':>6} "
+          f"{'peak GiB: stock':>15} {'lean':>6} {'ftjobs':>6} {'x stock':>7} {'x lean':>6}")  # fmt: skip
     for index, case in enumerate(CASES):
         if time.time() > deadline:
-            print(f"{case[0]:26} not run: BENCH_DEADLINE_S reached")
+            print(f"{case[0]:22} not run: BENCH_DEADLINE_S reached")
             continue
-        rows = {}
-        for recipe in ("stock", "worker"):
-            start = time.time()
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    f"{recipe}:{index}",
-                    "--worker-optimizer",
-                    args.worker_optimizer,
-                    "--worker-steps",
-                    str(args.worker_steps),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            row = (
-                json.loads(found[-1][7:])
-                if found
-                else {"recipe": recipe, "case": case[0], "error": "no result", "stderr": proc.stderr[-2000:]}
-            )
-            row["wall_s"] = round(time.time() - start, 1)
-            row["predicted_peak_bytes"] = predictions[case[0]][f"predicted_{recipe}_peak_bytes"]
-            rows[recipe] = row
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        s, w = rows["stock"], rows["worker"]
-        if "error" in s or "error" in w:
-            print(f"{case[0]:26} error: {s.get('error') or w.get('error')}")
+        rows = {recipe: run_one(args, recipe, index, case, predictions) for recipe in RECIPES}
+        failed = [row for row in rows.values() if "error" in row]
+        if failed:
+            print(f"{case[0]:22} error: {failed[0]['recipe']}: {failed[0]['error']}")
             continue
-        speed = w["tokens_per_s"] / s["tokens_per_s"]
-        peak = (w["nvml_used"] or 0) / max(s["nvml_used"] or 1, 1)
+        speed = {recipe: rows[recipe]["tokens_per_s"] for recipe in RECIPES}
+        peak = {recipe: (rows[recipe]["nvml_used"] or 0) / 2**30 for recipe in RECIPES}
         print(
-            f"{case[0]:26} {s['tokens_per_s']:>11.0f} {w['tokens_per_s']:>12.0f} {speed:>5.2f} "
-            f"{(s['nvml_used'] or 0) / 2**30:>14.2f} {(w['nvml_used'] or 0) / 2**30:>15.2f} {peak:>5.2f}"
+            f"{case[0]:22} {speed['stock']:>15.0f} {speed['lean']:>7.0f} {speed['ftjobs']:>7.0f} "
+            f"{speed['ftjobs'] / speed['stock']:>7.2f} {speed['ftjobs'] / speed['lean']:>6.2f} "
+            f"{peak['stock']:>15.2f} {peak['lean']:>6.2f} {peak['ftjobs']:>6.2f} "
+            f"{peak['ftjobs'] / peak['stock']:>7.2f} {peak['ftjobs'] / peak['lean']:>6.2f}"
         )
-    print("goal: worker >= 2.00x tokens/s and <= 0.40x peak VRAM (NVML per-process)")
+    print("goal: ftjobs >= 2.00x stock's tokens/s and >= lean's; peak <= 0.40x stock's and <= lean's (NVML)")
+
+
+def run_one(args, recipe: str, index: int, case, predictions: dict) -> dict:
+    """One recipe on one case in a fresh process; its row is appended to --out as it comes."""
+    start = time.time()
+    command = [sys.executable, __file__, "--one", f"{recipe}:{index}", "--worker-optimizer",
+               args.worker_optimizer, "--worker-steps", str(args.worker_steps)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if found:
+        row = json.loads(found[-1][7:])
+    else:
+        row = {"recipe": recipe, "case": case[0], "error": "no result", "stderr": proc.stderr[-2000:]}
+    row["wall_s"] = round(time.time() - start, 1)
+    row["predicted_peak_bytes"] = predictions[case[0]][f"predicted_{recipe}_peak_bytes"]
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def case(
     fused=False,
     steps=4,
     expandable=True,
+    liger=None,
+    padding_free=False,
     **options,
 ):
     """One measurement: a model from the planner catalog and a job spec body for the worker."""
@@ -71,8 +73,15 @@ def case(
             "max_steps": steps,
             "gradient_accumulation_steps": 1,
             "logging_steps": 1,
+            "padding_free": padding_free,
         },
-        "memory": {"precision": precision, "optimizer": optimizer, "gradient_checkpointing": gc, "fused_loss": fused},
+        "memory": {
+            "precision": precision,
+            "optimizer": optimizer,
+            "gradient_checkpointing": gc,
+            "fused_loss": fused,
+            "liger_kernels": liger,
+        },
     }
     spec |= options  # lora / quantization / freeze option blocks
     return {
@@ -124,6 +133,11 @@ CASES = [
     case("w-q05-full-fsdp1-zero3", Q05, "full", 4, 1024, resources={"num_gpus": 1, "sharding": "zero3"}),
     case("w-q05-lora-fsdp1-zero3", Q05, "lora", 4, 1024, resources={"num_gpus": 1, "sharding": "zero3"}),
     case("w-q05-full-fsdp1-zero2", Q05, "full", 4, 1024, resources={"num_gpus": 1, "sharding": "zero2"}),
+    # Liger's kernels and padding-free batches (issue 15): NOT MEASURED yet, no GPU since they were wired
+    case("w-q05-lora-gc-liger", Q05, "lora", 4, 1024, liger=True),
+    case("w-q05-qlora-gc-liger", Q05, "qlora", 4, 1024, liger=True),
+    case("w-q05-lora-gc-pf", Q05, "lora", 4, 1024, padding_free=True),
+    case("w-q05-lora-nogc-liger-pf", Q05, "lora", 4, 1024, gc=False, liger=True, padding_free=True),
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),
@@ -139,6 +153,8 @@ CASES = [
     # 7-14B: the service's main use
     case("w-q7b-qlora-gc-2k", Q7B, "qlora", 2, 2048),
     case("w-q7b-full-badam-gc-1k", Q7B, "full", 2, 1024, optimizer="badam"),  # NOT MEASURED yet
+    case("w-q7b-qlora-gc-2k-liger", Q7B, "qlora", 2, 2048, liger=True),  # NOT MEASURED yet
+    case("w-l8b-qlora-gc-4k-liger", L8B, "qlora", 1, 4096, liger=True),  # NOT MEASURED yet
     case("w-q7b-qlora-gc-2k-fused", Q7B, "qlora", 2, 2048, fused=True),
     case("w-q7b-qlora-gc-8k-fused", Q7B, "qlora", 1, 8192, fused=True),
     case("w-l8b-qlora-gc-4k", L8B, "qlora", 1, 4096),
