@@ -59,6 +59,7 @@ def case(
     expandable=True,
     liger=None,
     padding_free=False,
+    offload_activations=False,
     **options,
 ):
     """One measurement: a model from the planner catalog and a job spec body for the worker."""
@@ -81,6 +82,7 @@ def case(
             "gradient_checkpointing": gc,
             "fused_loss": fused,
             "liger_kernels": liger,
+            "offload_activations": offload_activations,
         },
     }
     spec |= options  # lora / quantization / freeze option blocks
@@ -138,6 +140,8 @@ CASES = [
     case("w-q05-qlora-gc-liger", Q05, "qlora", 4, 1024, liger=True),
     case("w-q05-lora-gc-pf", Q05, "lora", 4, 1024, padding_free=True),
     case("w-q05-lora-nogc-liger-pf", Q05, "lora", 4, 1024, gc=False, liger=True, padding_free=True),
+    case("w-q05-lora-gc-offload", Q05, "lora", 4, 1024, offload_activations=True),
+    case("w-q05-lora-nogc-offload", Q05, "lora", 4, 1024, gc=False, offload_activations=True),
     case("w-q05-full-fp16mixed", Q05, "full", 4, 1024, precision="fp16-mixed"),
     case("w-q05-full-fp32-512", Q05, "full", 4, 512, precision="fp32"),
     case("w-q05-freeze2", Q05, "freeze", 4, 1024, freeze={"trainable_layers": 2}),
@@ -161,6 +165,7 @@ CASES = [
     case("w-l8b-lora-gc-2k", L8B, "lora", 2, 2048),
     case("w-l8b-dora-qlora-gc-2k", L8B, "qlora", 1, 2048, **DORA),
     case("w-m7b-qlora-nogc-qv-512", M7B, "qlora", 4, 512, gc=False, **QV),
+    case("w-m7b-qlora-nogc-qv-512-offload", M7B, "qlora", 4, 512, gc=False, offload_activations=True, **QV),
     case("w-q14b-qlora-gc-2k", Q14B, "qlora", 1, 2048),
     case("w-q14b-qlora-gc-2k-paged32", Q14B, "qlora", 1, 2048, optimizer="paged_adamw_32bit"),
 ]

@@ -217,6 +217,11 @@ class MemoryOptions(_Strict):
         description="torch.compile each decoder layer (regional compilation), compiled before the first step and "
         "reported as its own phase. None: the worker's default, off until measured faster on a GPU",
     )
+    offload_activations: bool = Field(
+        False,
+        description="Keep what the forward saves for the backward in host memory (with gradient checkpointing, "
+        "each layer's input): the GPU holds one layer's worth at a time, the host the rest; one GPU only",
+    )
     liger_kernels: bool | None = Field(
         None,
         description="On CUDA, liger-kernel's fused RMSNorm, SwiGLU/GeGLU and RoPE in the model and its fused "

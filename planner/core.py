@@ -260,6 +260,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         gradient_checkpointing=spec.memory.gradient_checkpointing,
         fused_loss=fused_loss or liger,  # Liger's loss is fused too: its fused linear cross-entropy
         liger=liger,
+        offload_activations=spec.memory.offload_activations,
         optimizer=spec.memory.optimizer.value,
         optimizer_traits=OPTIMIZERS[spec.memory.optimizer],
         galore_rank=spec.galore_options.rank if spec.galore_options else 0,
@@ -356,7 +357,7 @@ def _phases_with_host(
     static = f.static
     saved = t.saved_activation_bytes(shape, s)
     layer = t.layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
-    dropout_copies = t.adapter_activation_bytes_per_token(s) * s.tokens * t.grad_layers(shape, s)
+    dropout_copies = t.adapter_activation_bytes_per_token(s) * s.tokens * t.resident_grad_layers(shape, s)
     lm_cast = t.lm_head_cast_bytes(shape, s)
     acts = (
         {"activations": saved}
@@ -366,7 +367,7 @@ def _phases_with_host(
     acts["attention_mask"] = t.attention_mask_bytes(s)
     dora_layer = t.dora_weight_copy_bytes(shape, s)  # per layer; all layers' copies live without checkpointing
     if dora_layer and not s.gradient_checkpointing:
-        acts["dora_weight_copies"] = dora_layer * t.grad_layers(shape, s)
+        acts["dora_weight_copies"] = dora_layer * t.resident_grad_layers(shape, s)
     if s.gradient_checkpointing:
         # all grads + the layer inputs + one recomputed layer and its backward temporaries (x2)
         backward = {"gradients": f.grads, "activations": saved + int(GC_BACKWARD_LAYERS * layer)}
@@ -393,6 +394,8 @@ def _phases_with_host(
     }
     pool = f.grads + f.optimizer_temp + f.autocast_cache
     host: dict[str, int] = {}
+    if s.offload_activations:
+        host["offloaded_activations"] = t.offloaded_activation_bytes(shape, s)
     if s.sharding:  # one rank's share (planner/fsdp.py); the host terms of every phase, each at its largest
         pool = fsdp.shard_bytes(f.grads, s.num_gpus) + (f.optimizer_temp if s.offload == "none" else 0)
         for name in phases:

@@ -71,6 +71,7 @@ class Setup:
     packing: bool = False  # training.packing: rows of packed examples carry a block-diagonal mask (sdpa)
     padding_free: bool = False  # training.padding_free: one row per micro-batch, varlen attention, no mask
     liger: bool = False  # memory.liger_kernels on CUDA: Liger's RMSNorm, SwiGLU/GeGLU, RoPE and fused loss
+    offload_activations: bool = False  # memory.offload_activations: saved tensors wait in host memory
     offload_gradients: bool = False  # cpu_offload without accumulation: GPU grads are freed after their D2H copy
     trained_numel: int = 0  # freeze.trainable_modules: parameters that train (the rest of the model is frozen)
     first_grad_layer: int | None = None  # freeze.trainable_modules: the first layer autograd records in
@@ -118,6 +119,7 @@ class Setup:
             self.packing,
             self.padding_free,
             self.liger,
+            self.offload_activations,
             self.offload_gradients,
             self.trained_numel,
             self.first_grad_layer,
@@ -436,11 +438,28 @@ def grad_layers(shape: ModelShape, s: Setup) -> int:
 
 
 def saved_activation_bytes(shape: ModelShape, s: Setup) -> int:
-    """Everything the forward pass keeps for backward across the decoder stack."""
-    n = grad_layers(shape, s)
+    """Everything the forward pass keeps for backward across the decoder stack, on the device."""
+    return resident_grad_layers(shape, s) * saved_layer_bytes(shape, s)
+
+
+def saved_layer_bytes(shape: ModelShape, s: Setup) -> int:
+    """What one layer keeps for backward: its input when checkpointed, else all it saves."""
     if s.gradient_checkpointing:
-        return n * checkpoint_bytes(shape, s)
-    return n * layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
+        return checkpoint_bytes(shape, s)
+    return layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
+
+
+def resident_grad_layers(shape: ModelShape, s: Setup) -> int:
+    """Layers whose saved tensors are on the device at once: all that record autograd state, or with
+    memory.offload_activations the one whose tensors are in flight (worker/training/offload.py: each is copied
+    to the host as it is saved, and back when its backward runs)."""
+    layers = grad_layers(shape, s)
+    return min(layers, 1) if s.offload_activations else layers
+
+
+def offloaded_activation_bytes(shape: ModelShape, s: Setup) -> int:
+    """memory.offload_activations: every layer's saved tensors in host memory at the end of the forward."""
+    return grad_layers(shape, s) * saved_layer_bytes(shape, s) if s.offload_activations else 0
 
 
 # ---- logits and loss ---------------------------------------------------------------------------------

@@ -94,6 +94,11 @@ def _refuse_what_workers_do_not_shard(spec: JobSpec) -> None:
         )
     if spec.lora_options is not None and spec.lora_options.init == "pissa":
         reasons.append("lora.init 'pissa' converts the whole adapter at the end: it trains on one GPU only")
+    if spec.memory.offload_activations:
+        reasons.append(
+            "memory.offload_activations: a sharded layer's gathered weights are not the model's parameters, so "
+            "the offload would copy them to the host on every forward; it trains on one GPU only"
+        )
     if spec.memory.liger_kernels:
         reasons.append(
             "memory.liger_kernels: the sharded root runs the chunked loss as its own FSDP2 forward method, and "

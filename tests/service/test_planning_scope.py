@@ -142,6 +142,7 @@ def test_spec_against_model_problems_are_all_listed(api, tiny_model):
         ({"resources": {"num_gpus": 2, "offload": "optimizer"}}, "use offload 'params'"),
         ({"lora": {"init": "pissa"}}, "lora.init 'pissa'"),
         ({"memory": {"liger_kernels": True}}, "memory.liger_kernels: the sharded root runs the chunked loss"),
+        ({"memory": {"offload_activations": True}}, "memory.offload_activations: a sharded layer's gathered"),
     ],
 )
 def test_sharded_combinations_the_workers_do_not_train_plan_but_are_not_queued(

@@ -37,6 +37,7 @@ from worker.training import checkpoint, data, extras, kernels, loading
 from worker.training.loss import loss_sum
 from worker.training.memory import MemoryProbe
 from worker.training.methods import decoder_layers
+from worker.training.offload import activation_offload
 from worker.training.ranks import Ranks
 from worker.training.strategy import SingleDeviceStrategy
 
@@ -91,6 +92,7 @@ class Run:
     autocast: object
     fused_loss: bool
     ranks: Ranks
+    activation_offload: contextlib.AbstractContextManager  # memory.offload_activations, around each forward
     state: checkpoint.RunState = field(default_factory=checkpoint.RunState)
     step: int = 0  # the optimizer step being taken: what an out-of-memory error names
     train_start: float = 0.0
@@ -157,6 +159,7 @@ def train(
             else contextlib.nullcontext(),
             fused_loss=policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model),
             ranks=ranks,
+            activation_offload=activation_offload(model, device, spec.memory.offload_activations),
         )
         compile_layers(run, hooks)
         resume(run, hooks)
@@ -285,7 +288,7 @@ def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
         if not rows:  # a short last micro-batch: this rank still runs the collectives, on a row that counts 0
             rows, weight = micro[:1], 0
         batch = run.collate(rows)
-        with run.autocast:
+        with run.autocast, run.activation_offload:
             loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss) / learned_tokens
         run.strategy.backward(loss * weight)
         step_loss += loss.detach() * (weight / ranks.world)
