@@ -29,6 +29,11 @@ COST_LORA = 0.9  # changes what trains (adapters instead of all weights)
 # loss per step on Llama 2 7B); backward skips the frozen layers' weight grads, so a step is no slower.
 COST_BADAM = 0.3
 COST_SHORTER_SEQ = 2.0  # changes the data the job sees: always last
+# NOT MEASURED: padding-free batches compute no padding and build no mask (FlashAttention varlen on CUDA).
+COST_PADDING_FREE = 0.0
+# NOT MEASURED: the saved tensors go to the host and back every step, on the compute stream (no overlap):
+# about what gradient checkpointing's recompute costs, so offered after it.
+COST_OFFLOAD_ACTIVATIONS = 0.6
 # NOT MEASURED: sharding over more GPUs costs their time and the all-gathers/reduce-scatters that do not overlap;
 # zero3 all-gathers every layer again in backward. Offered after the single-GPU changes that keep the job as it is.
 COST_SHARD_PER_DOUBLING = 0.3
@@ -87,7 +92,7 @@ def _sharding_candidates(spec: JobSpec, max_num_gpus: int) -> list[Candidate]:
     return out
 
 
-def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[Candidate]:
+def _candidates(spec: JobSpec, shape: ModelShape, mb: int, max_num_gpus: int = 1) -> list[Candidate]:
     """Every single patch worth re-planning, cheapest first (sorted is stable: equal costs keep this order)."""
     out = _sharding_candidates(spec, max_num_gpus)
     if spec.memory.fused_loss is False:  # None (the default) is already on for the worker
@@ -108,11 +113,31 @@ def _candidates(spec: JobSpec, mb: int, max_num_gpus: int = 1) -> list[Candidate
             )
         )
     out += _micro_batch_candidates(spec, mb)
+    out += _batch_layout_candidates(spec, shape, mb)
     if not spec.memory.gradient_checkpointing:
         out.append((COST_CHECKPOINTING, "gradient_checkpointing on", {"memory": {"gradient_checkpointing": True}}))
+    if not spec.memory.offload_activations and spec.resources.effective_sharding is None:
+        out.append(
+            (
+                COST_OFFLOAD_ACTIVATIONS,
+                "offload_activations on (the saved tensors wait in host memory; one layer's stay on the GPU)",
+                {"memory": {"offload_activations": True}},
+            )
+        )
     out += _method_candidates(spec)
     out += _sequence_candidates(spec)
     return sorted(out, key=lambda c: c[0])
+
+
+def _batch_layout_candidates(spec: JobSpec, shape: ModelShape, mb: int) -> list[Candidate]:
+    """Padding-free batches where a mask would be built (padded micro-batches > 1, or packed rows), on models
+    whose attention the varlen path computes (planner/scope.py padding_free_problem)."""
+    if spec.training.padding_free or shape.attention_softcapping is not None:
+        return []
+    if not (spec.training.packing or mb > 1):
+        return []
+    patch = {"training": {"padding_free": True}}
+    return [(COST_PADDING_FREE, "padding_free on (one row per micro-batch: no padding, no attention mask)", patch)]
 
 
 def _galore_off(spec: JobSpec) -> dict[str, Any]:
@@ -192,7 +217,7 @@ def suggestions(
     only up to max_num_gpus (the most GPUs one worker has)."""
     found: list[Suggestion] = []
     offered_mb = offered_seq = False
-    candidates = _candidates(spec, mb, max_num_gpus)
+    candidates = _candidates(spec, shape, mb, max_num_gpus)
     for _, description, patch in candidates:
         is_mb, is_seq = "micro_batch_size" in patch.get("training", {}), "max_seq_length" in patch.get("training", {})
         if (is_mb and offered_mb) or (is_seq and offered_seq):

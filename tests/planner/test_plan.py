@@ -205,7 +205,7 @@ def test_suggestions_fit_and_replan():
     # offered in the candidates' cost order (cheapest first), sequence length last
     from planner.suggest import _candidates
 
-    order = [description for _, description, _ in _candidates(s, 8)]
+    order = [description for _, description, _ in _candidates(s, Q7B, 8)]
     descriptions = [sug.description for sug in p.suggestions]
     assert [order.index(d) for d in descriptions] == sorted(order.index(d) for d in descriptions)
     assert descriptions[-1].startswith("max_seq_length")

@@ -122,7 +122,7 @@ def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
         memory={"optimizer": "galore_adamw", "precision": "bf16"},
         training={"micro_batch_size": 8},
     )
-    patches = {description.split(" (")[0]: patch for _, description, patch in _candidates(galore, 8)}
+    patches = {description.split(" (")[0]: patch for _, description, patch in _candidates(galore, shape, 8)}
     assert patches["optimizer galore_adamw→paged_adamw_8bit"]["galore"] is None
     assert patches["method full→lora"] == {
         "method": "lora",
@@ -133,7 +133,7 @@ def test_galore_shrinks_a_full_plan_and_suggestions_leave_valid_specs():
     for patch in patches.values():  # each one validates on its own (apply_patch raises otherwise)
         apply_patch(galore, patch)
     plain = JobSpec(base_model=shape.name, method="full", training={"micro_batch_size": 8, "max_seq_length": 4096})
-    assert any("→galore_adamw" in description for _, description, _ in _candidates(plain, 8))
+    assert any("→galore_adamw" in description for _, description, _ in _candidates(plain, shape, 8))
     # not combined: with it, method→lora could not follow (lora + galore is invalid) and nothing was offered
     assert [s.description for s in plan(plain, shape, 24 * 2**30).suggestions] == [
         "micro_batch_size 8→1 with gradient_accumulation_steps ×8 (same effective batch); method full→lora"
@@ -229,6 +229,49 @@ def test_liger_is_planned_only_where_the_worker_applies_it():
     mixtral = find_model("mistralai/Mixtral-8x7B-v0.1")
     spec = JobSpec.model_validate({"base_model": mixtral.name, "method": "lora", "memory": asked})
     assert not build_setup(spec, mixtral, 1, WORKER).liger  # MoE layers keep transformers' modules
+
+
+def test_padding_free_is_suggested_where_a_mask_would_be_built():
+    from planner.suggest import _candidates
+
+    def offered(body: dict, shape=Q05, mb: int = 4) -> bool:
+        spec = JobSpec.model_validate({"base_model": shape.name, "method": "lora", **body})
+        return any(d.startswith("padding_free on") for _, d, _ in _candidates(spec, shape, mb))
+
+    assert offered({}) and offered({"training": {"packing": True}}, mb=1)
+    assert not offered({}, mb=1)  # one unpadded row: no mask to drop
+    assert not offered({"training": {"padding_free": True}})
+    gemma = find_model("google/gemma-2-2b")
+    assert not offered({}, shape=gemma)  # soft-capped attention: refused with padding_free
+    spec = {"base_model": Q05.name, "method": "lora", "training": {"micro_batch_size": 8, "max_seq_length": 4096}}
+    masked = plan(JobSpec.model_validate(spec), Q05)
+    free = plan(JobSpec.model_validate(spec | {"training": spec["training"] | {"padding_free": True}}), Q05)
+    gpu = (masked.peak_vram_bytes + free.peak_vram_bytes) // 2 + 2**30  # the 1 GiB margin floor on top
+    advice = plan(JobSpec.model_validate(spec), Q05, gpu)
+    assert advice.fits is False
+    assert advice.suggestions[0].description.startswith("padding_free on")
+    assert advice.suggestions[0].peak_vram_bytes == free.peak_vram_bytes
+
+
+# ---- activation offload --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_offloaded_activations_keep_one_layer_on_the_gpu_and_the_rest_on_the_host(checkpointing):
+    memory = {"gradient_checkpointing": checkpointing}
+    plain = setup_for({"method": "lora", "memory": memory})
+    offloaded = setup_for({"method": "lora", "memory": memory | {"offload_activations": True}})
+    per_layer = t.saved_layer_bytes(Q05, plain)
+    if checkpointing:
+        assert per_layer == 4096 * 896 * 2  # one layer's bf16 input at 4 x 1024 tokens
+    assert t.saved_activation_bytes(Q05, plain) == 24 * per_layer
+    assert t.saved_activation_bytes(Q05, offloaded) == per_layer
+    assert t.offloaded_activation_bytes(Q05, offloaded) == 24 * per_layer
+    body = {"base_model": Q05.name, "method": "lora", "memory": memory}
+    on_gpu = plan(JobSpec.model_validate(body), Q05)
+    on_host = plan(JobSpec.model_validate(body | {"memory": memory | {"offload_activations": True}}), Q05)
+    assert on_host.host_breakdown == {"offloaded_activations": 24 * per_layer}
+    assert on_gpu.host_breakdown == {} and on_host.peak_vram_bytes < on_gpu.peak_vram_bytes
+    every = on_host.phases["forward_loss"]
+    assert every["activations"] + every.get("lora_dropout_copies", 0) <= 2 * per_layer
 
 
 def test_fused_loss_default_is_on_for_the_worker_only():

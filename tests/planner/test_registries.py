@@ -48,7 +48,7 @@ def test_unshardable_optimizers_are_swapped_for_adamw_in_a_sharding_patch():
 
 
 def test_optimizer_candidates_come_from_the_entry_alternatives():
-    described = [d for _, d, _ in _candidates(spec(method="full", memory={"optimizer": "adamw"}), 1)]
+    described = [d for _, d, _ in _candidates(spec(method="full", memory={"optimizer": "adamw"}), Q05, 1)]
     offered = [d.split("→")[1].split(" ")[0] for d in described if d.startswith("optimizer adamw→")]
     assert offered == [o.value for o in OPTIMIZERS[Optimizer.adamw].alternatives]
 
