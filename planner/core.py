@@ -213,6 +213,17 @@ def _trained_bytes(spec: JobSpec) -> int:
     return precision.frozen_bytes if OPTIMIZERS[spec.memory.optimizer].block_coordinate else precision.trained_bytes
 
 
+def _trained_parts(spec: JobSpec, shape: ModelShape) -> tuple[int, tuple[tuple[int, int], ...], int | None]:
+    """(trainable decoder layers, freeze's trained module tensors, the first layer whose input needs a grad)."""
+    modules = spec.freeze_options.trainable_modules if spec.freeze_options else None
+    if not modules:
+        return _trainable_layers(spec, shape), (), None
+    trained_tensors, first_grad_layer, trainable_layers = freeze_module_tensors(shape, modules)
+    if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
+        first_grad_layer = shape.num_layers
+    return trainable_layers, trained_tensors, first_grad_layer
+
+
 def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Recipe) -> t.Setup:
     """worker/training/loading.py precision plan (planner/policy.py PRECISIONS): frozen weights in the precision's
     frozen dtype, trained weights (full, freeze's last layers) in its trained dtype, autocast for -mixed."""
@@ -226,14 +237,7 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
     whole = trained if traits.loads_trained_dtype else frozen  # the dtype the model loads in
     head = 4 if upcast and not traits.loads_trained_dtype else whole
     compute = policy.DTYPE_BYTES[precision.autocast_dtype] if precision.autocast_dtype else whole
-    trainable_layers = _trainable_layers(spec, shape)
-    modules = spec.freeze_options.trainable_modules if spec.freeze_options else None
-    trained_tensors: tuple[tuple[int, int], ...] = ()
-    first_grad_layer = None
-    if modules:
-        trained_tensors, first_grad_layer, trainable_layers = freeze_module_tensors(shape, modules)
-        if first_grad_layer is None:  # lm_head / final norm only: no decoder layer records autograd state
-            first_grad_layer = shape.num_layers
+    trainable_layers, trained_tensors, first_grad_layer = _trained_parts(spec, shape)
     liger = policy.liger_kernels_enabled(spec, shape.model_type, recipe.liger_kernels_default)
     fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
     sharding = spec.resources.effective_sharding

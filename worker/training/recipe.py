@@ -144,23 +144,7 @@ def train(
     run = None
     try:
         model = setup_model(spec, Path(base_model_dir), device, plan)
-        strategy, scheduler = setup_optimizer(spec, model, device, plan, train_data.total_steps)
-        run = Run(
-            spec,
-            device,
-            plan,
-            memory,
-            train_data,
-            strategy,
-            scheduler,
-            checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch, ranks),
-            autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
-            if plan.autocast_dtype
-            else contextlib.nullcontext(),
-            fused_loss=policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model),
-            ranks=ranks,
-            activation_offload=activation_offload(model, device, spec.memory.offload_activations),
-        )
+        run = setup_run(spec, model, device, plan, memory, train_data, output_dir, ranks)
         compile_layers(run, hooks)
         resume(run, hooks)
         train_loop(run, hooks)
@@ -171,6 +155,26 @@ def train(
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
+def setup_run(spec: JobSpec, model, device, plan, memory, train_data: TrainData, output_dir: Path, ranks) -> Run:
+    strategy, scheduler = setup_optimizer(spec, model, device, plan, train_data.total_steps)
+    return Run(
+        spec,
+        device,
+        plan,
+        memory,
+        train_data,
+        strategy,
+        scheduler,
+        checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch, ranks),
+        autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
+        if plan.autocast_dtype
+        else contextlib.nullcontext(),
+        fused_loss=policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model),
+        ranks=ranks,
+        activation_offload=activation_offload(model, device, spec.memory.offload_activations),
+    )
+
+
 def setup_data(
     spec: JobSpec, base_model_dir: Path, examples, held_out, micro_batch_size: int, world: int = 1
 ) -> TrainData:
