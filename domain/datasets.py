@@ -13,12 +13,22 @@ Formats (extra keys in a row are ignored, since exported datasets often carry id
   sharegpt  {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}
   messages  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
   text      {"text": str}
+
+Preference formats (objective dpo / orpo) hold a prompt and two completions; each row becomes a
+`PreferenceExample`. A prompt is text or a conversation that ends with a user turn; each completion is text, or
+a list of assistant messages, as the prompt is:
+  preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}  (TRL's)
+  openai_preference  {"input": {"messages": messages}, "preferred_output": messages,
+                      "non_preferred_output": messages}  (OpenAI's DPO file format)
+KTO's unpaired format (objective kto) holds one completion and whether it is desirable; each row becomes a
+`LabeledExample`:
+  kto                {"prompt": str | messages, "completion": str | messages, "label": bool}  (TRL's)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -47,7 +57,30 @@ class Example:
         return self.text is not None
 
 
-def iter_examples(path: str | Path, fmt: DatasetFormat | str) -> Iterator[Example]:
+@dataclass(frozen=True)
+class PreferenceExample:
+    line: int
+    prompt: tuple[Message, ...] | str  # a conversation ending with a user turn, or text
+    chosen: tuple[Message, ...] | str  # assistant messages, or text (the same kind as the prompt)
+    rejected: tuple[Message, ...] | str
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.prompt, str)
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    line: int
+    prompt: tuple[Message, ...] | str
+    completion: tuple[Message, ...] | str
+    label: bool  # True: a desirable completion
+
+
+AnyExample = Example | PreferenceExample | LabeledExample
+
+
+def iter_examples(path: str | Path, fmt: DatasetFormat | str) -> Iterator[AnyExample]:
     """Yield one normalised Example per non-blank line; raise InvalidDataset at the first bad one."""
     fmt = DatasetFormat(fmt)
     parse = _PARSERS[fmt]
@@ -191,9 +224,106 @@ def _parse_text(row: dict[str, object], line: int) -> Example:
     return Example(line=line, text=_string(row, "text", line))
 
 
-_PARSERS = {
+def _parse_preference(row: dict[str, object], line: int) -> PreferenceExample:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise InvalidDataset(f"missing field '{key}'", line=line)
+    if isinstance(row["prompt"], str):
+        prompt: tuple[Message, ...] | str = _string(row, "prompt", line)
+        chosen: tuple[Message, ...] | str = _string(row, "chosen", line)
+        rejected: tuple[Message, ...] | str = _string(row, "rejected", line)
+    elif isinstance(row["prompt"], list):
+        prompt = _prompt_messages(row["prompt"], "prompt", line)
+        chosen = _completion_messages(row["chosen"], "chosen", line)
+        rejected = _completion_messages(row["rejected"], "rejected", line)
+    else:
+        raise InvalidDataset(
+            f"field 'prompt' must be a string or an array of messages, got {_type_name(row['prompt'])}", line=line
+        )
+    return _pair(line, prompt, chosen, rejected)
+
+
+def _parse_openai_preference(row: dict[str, object], line: int) -> PreferenceExample:
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in row:
+            raise InvalidDataset(f"missing field '{key}'", line=line)
+    given = row["input"]
+    if not isinstance(given, dict) or "messages" not in given:
+        raise InvalidDataset("field 'input' must be an object with 'messages'", line=line)
+    prompt = _prompt_messages(given["messages"], "input.messages", line)
+    chosen = _completion_messages(row["preferred_output"], "preferred_output", line)
+    rejected = _completion_messages(row["non_preferred_output"], "non_preferred_output", line)
+    return _pair(line, prompt, chosen, rejected)
+
+
+def _parse_kto(row: dict[str, object], line: int) -> LabeledExample:
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise InvalidDataset(f"missing field '{key}'", line=line)
+    if not isinstance(row["label"], bool):
+        raise InvalidDataset(f"field 'label' must be true or false, got {_type_name(row['label'])}", line=line)
+    if isinstance(row["prompt"], str):
+        prompt: Messages | str = _string(row, "prompt", line)
+        completion: Messages | str = _string(row, "completion", line)
+    elif isinstance(row["prompt"], list):
+        prompt = _prompt_messages(row["prompt"], "prompt", line)
+        completion = _completion_messages(row["completion"], "completion", line)
+    else:
+        raise InvalidDataset(
+            f"field 'prompt' must be a string or an array of messages, got {_type_name(row['prompt'])}", line=line
+        )
+    return LabeledExample(line=line, prompt=prompt, completion=completion, label=row["label"])
+
+
+Messages = tuple[Message, ...]
+
+
+def _pair(line: int, prompt: Messages | str, chosen: Messages | str, rejected: Messages | str) -> PreferenceExample:
+    if chosen == rejected:
+        raise InvalidDataset("the chosen and rejected completions are the same: nothing to prefer", line=line)
+    return PreferenceExample(line=line, prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def _messages(value: object, where: str, line: int) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidDataset(f"field '{where}' must be a non-empty array of messages", line=line)
+    messages = []
+    for index, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise InvalidDataset(f"{where}[{index}] must be an object, got {_type_name(turn)}", line=line)
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise InvalidDataset(f"{where}[{index}] has unknown role {role!r} (expected one of {ROLES})", line=line)
+        if not isinstance(content, str):
+            raise InvalidDataset(f"{where}[{index}].content must be a string, got {_type_name(content)}", line=line)
+        if role == "system" and index != 0:
+            raise InvalidDataset(f"{where}[{index}]: a system message may only come first", line=line)
+        messages.append(Message(role, content))
+    return tuple(messages)
+
+
+def _prompt_messages(value: object, where: str, line: int) -> tuple[Message, ...]:
+    messages = _messages(value, where, line)
+    if messages[-1].role != "user":
+        raise InvalidDataset(f"field '{where}' must end with a user message, not {messages[-1].role}", line=line)
+    return messages
+
+
+def _completion_messages(value: object, where: str, line: int) -> tuple[Message, ...]:
+    messages = _messages(value, where, line)
+    if any(message.role != "assistant" for message in messages):
+        raise InvalidDataset(f"field '{where}' must hold assistant messages only", line=line)
+    if not any(message.content.strip() for message in messages):
+        raise InvalidDataset(f"field '{where}' is empty", line=line)
+    return messages
+
+
+_PARSERS: dict[DatasetFormat, Callable[[dict[str, object], int], AnyExample]] = {
     DatasetFormat.alpaca: _parse_alpaca,
     DatasetFormat.sharegpt: _parse_sharegpt,
     DatasetFormat.messages: _parse_messages,
     DatasetFormat.text: _parse_text,
+    DatasetFormat.preference: _parse_preference,
+    DatasetFormat.openai_preference: _parse_openai_preference,
+    DatasetFormat.kto: _parse_kto,
 }

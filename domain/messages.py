@@ -27,7 +27,7 @@ class Progress:
     step: int  # optimizer steps completed
     total_steps: int
     epoch: float  # fractional epochs consumed
-    loss: float  # mean per-token loss over the steps since the previous report
+    loss: float  # mean loss over the steps since the previous report: per token (sft), per example (preference)
     learning_rate: float  # the LR this step used
     tokens_per_second: float  # non-padding tokens through the model per second of training so far
     eta_seconds: float | None
@@ -36,6 +36,9 @@ class Progress:
     memory_peak_bytes: int | None  # peak reserved since the job started
     eval_loss: float | None = None  # per-token loss on training.validation_fraction's held-out examples
     tokens_seen: int | None = None  # tokens through the model so far, padding excluded (OpenAI's trained_tokens)
+    # dpo, kto, orpo since the previous report: chosen_reward, rejected_reward, margin (beta x the policy/reference
+    # log-ratio; orpo: beta x the mean token log-probability), accuracy (dpo, orpo), kl (kto), eval_accuracy
+    preference: dict[str, float] | None = None
 
 
 def progress(report: Progress, **extra: Any) -> dict[str, Any]:

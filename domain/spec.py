@@ -25,6 +25,32 @@ class DatasetFormat(str, enum.Enum):
     sharegpt = "sharegpt"
     messages = "messages"
     text = "text"
+    preference = "preference"  # TRL's prompt / chosen / rejected, as text or as messages
+    openai_preference = "openai_preference"  # OpenAI's input.messages / preferred_output / non_preferred_output
+    kto = "kto"  # KTO's unpaired prompt / completion / label
+
+    @property
+    def is_preference(self) -> bool:
+        return self in (DatasetFormat.preference, DatasetFormat.openai_preference)
+
+
+class Objective(str, enum.Enum):
+    sft = "sft"  # supervised: the loss of the assistant tokens
+    dpo = "dpo"  # Direct Preference Optimization (Rafailov et al., 2023) on chosen/rejected pairs
+    kto = "kto"  # Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired completions labelled good/bad
+    orpo = "orpo"  # Odds Ratio Preference Optimization (Hong et al., 2024): SFT + an odds-ratio term, no reference
+
+    @property
+    def needs_reference(self) -> bool:
+        return self in (Objective.dpo, Objective.kto)
+
+    @property
+    def dataset_formats(self) -> tuple[DatasetFormat, ...]:
+        if self is Objective.kto:
+            return (DatasetFormat.kto,)
+        if self is Objective.sft:
+            return tuple(fmt for fmt in DatasetFormat if not fmt.is_preference and fmt is not DatasetFormat.kto)
+        return (DatasetFormat.preference, DatasetFormat.openai_preference)
 
 
 class Precision(str, enum.Enum):
@@ -143,6 +169,40 @@ class BadamOptions(_Strict):
         "ascending", description="random: a fresh permutation of the blocks each time all have trained"
     )
     layers_per_block: int = Field(1, ge=1, le=4096, description="Consecutive decoder layers in one block")
+
+
+Reference = Literal["adapter_disabled", "precomputed", "copy"]
+_REFERENCE_FIELD = Field(
+    None,
+    description="Where the reference policy's log-probabilities come from: adapter_disabled (lora/qlora: the same "
+    "model, adapters off, no second copy), precomputed (a first pass over the dataset before training, stored with "
+    "the job's files and reused on resume) or copy (a frozen copy of the base, full/freeze). None: adapter_disabled "
+    "for lora and qlora, precomputed for full and freeze",
+)
+
+
+class DpoOptions(_Strict):
+    """objective dpo."""
+
+    beta: float = Field(0.1, gt=0, le=100, description="How far the policy may move from the reference")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's log-sigmoid; ipo: IPO's squared loss on per-token log-ratios"
+    )
+    reference: Reference | None = _REFERENCE_FIELD
+
+
+class KtoOptions(_Strict):
+    """objective kto: each completion's reward against a batch estimate of the policy's KL from the reference,
+    on mismatched (prompt, another row's completion) sequences."""
+
+    beta: float = Field(0.1, gt=0, le=100, description="How far the policy may move from the reference")
+    desirable_weight: float = Field(1.0, gt=0, le=100, description="The weight of the completions labelled true")
+    undesirable_weight: float = Field(1.0, gt=0, le=100, description="The weight of the completions labelled false")
+    reference: Reference | None = _REFERENCE_FIELD
+
+
+class OrpoOptions(_Strict):
+    beta: float = Field(0.1, gt=0, le=100, description="The weight of the odds-ratio term against the SFT loss")
 
 
 class FreezeOptions(_Strict):
@@ -309,6 +369,13 @@ class JobSpec(_Strict):
     freeze: FreezeOptions | None = None
     galore: GaloreOptions | None = Field(None, description="Options of the galore_adamw(_8bit) optimizers")
     badam: BadamOptions | None = Field(None, description="Options of the badam optimizer")
+    objective: Objective = Field(
+        Objective.sft,
+        description="sft, or preference tuning: dpo or orpo on chosen/rejected pairs, kto on labelled completions",
+    )
+    dpo: DpoOptions | None = Field(None, description="Options of objective dpo")
+    kto: KtoOptions | None = Field(None, description="Options of objective kto")
+    orpo: OrpoOptions | None = Field(None, description="Options of objective orpo")
     training: TrainingOptions = TrainingOptions()
     memory: MemoryOptions = MemoryOptions()
     output: OutputOptions = OutputOptions()
@@ -343,7 +410,7 @@ class JobSpec(_Strict):
             problems.append("'galore' options apply to the galore_adamw and galore_adamw_8bit optimizers")
         if self.memory.optimizer is Optimizer.cpu_offload and self.memory.precision is Precision.fp16_mixed:
             problems.append("optimizer cpu_offload cannot unscale fp16 loss-scaled gradients: use bf16-mixed")
-        problems += self._badam_problems() + self._sharding_problems()
+        problems += self._badam_problems() + self._sharding_problems() + self._objective_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -366,6 +433,52 @@ class JobSpec(_Strict):
         if self.resources.effective_sharding is not None:
             problems.append("optimizer badam runs on one GPU: its block switch re-creates the optimizer's params")
         return problems
+
+    def _objective_problems(self) -> list[str]:
+        """Preference objectives train on their own data formats, and need a reference the method can give."""
+        objective = self.objective
+        problems = [
+            f"'{name}' options apply to objective {name}"
+            for name in ("dpo", "kto", "orpo")
+            if getattr(self, name) is not None and objective.value != name
+        ]
+        if self.dataset_format not in objective.dataset_formats:
+            formats = " or ".join(fmt.value for fmt in objective.dataset_formats)
+            problems.append(
+                f"objective {objective.value} trains on dataset_format {formats}, not {self.dataset_format.value}"
+            )
+        problems += self._reference_problems()
+        if objective is not Objective.sft and self.memory.liger_kernels:
+            problems.append(
+                f"objective {objective.value} weights every sequence's log-probability, and Liger's fused "
+                "cross-entropy keeps one scalar's gradient: leave memory.liger_kernels unset (fused_loss applies)"
+            )
+        if objective is not Objective.sft and self.training.packing:
+            problems.append(f"objective {objective.value} scores whole sequences: training.packing is sft only")
+        if objective is not Objective.sft and self.resources.effective_sharding is not None:
+            problems.append(f"objective {objective.value} trains on one GPU: resources.num_gpus must be 1")
+        return problems
+
+    def _reference_problems(self) -> list[str]:
+        reference = self.reference
+        name = self.objective.value
+        adapters = self.method in (Method.lora, Method.qlora)
+        if reference == "adapter_disabled" and not adapters:
+            return [
+                f"{name}.reference 'adapter_disabled' is the base model under disabled adapters: {self.method.value} "
+                "has none; use 'precomputed' (a first pass over the dataset) or 'copy' (a frozen copy of the base)"
+            ]
+        if reference in ("adapter_disabled", "precomputed") and self.lora is not None and self.lora.init == "pissa":
+            return [
+                f"{name}.reference '{reference}' scores the base with the adapters off, which PiSSA has moved "
+                "(its residual weights): use lora.init 'default'"
+            ]
+        if reference == "copy" and adapters:
+            return [
+                f"{name}.reference 'copy' keeps a second base model: {self.method.value} has the reference already "
+                "(its base with the adapters off); use 'adapter_disabled' or 'precomputed'"
+            ]
+        return []
 
     def _sharding_problems(self) -> list[str]:
         """The combinations FSDP2 does not shard (the optimizer must step DTensor shards)."""
@@ -413,6 +526,29 @@ class JobSpec(_Strict):
         if self.method is Method.freeze:
             return self.freeze or FreezeOptions()
         return None
+
+    @property
+    def dpo_options(self) -> DpoOptions | None:
+        return (self.dpo or DpoOptions()) if self.objective is Objective.dpo else None
+
+    @property
+    def kto_options(self) -> KtoOptions | None:
+        return (self.kto or KtoOptions()) if self.objective is Objective.kto else None
+
+    @property
+    def orpo_options(self) -> OrpoOptions | None:
+        return (self.orpo or OrpoOptions()) if self.objective is Objective.orpo else None
+
+    @property
+    def reference(self) -> Reference | None:
+        """dpo's and kto's reference, resolved: the adapters' own base where there are adapters, else a first
+        pass over the dataset. None for objectives without one."""
+        options = self.dpo_options or self.kto_options
+        if options is None:
+            return None
+        if options.reference is not None:
+            return options.reference
+        return "adapter_disabled" if self.method in (Method.lora, Method.qlora) else "precomputed"
 
     @property
     def badam_options(self) -> BadamOptions | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from domain.spec import JobSpec, Precision
+from domain.spec import JobSpec, Objective, Precision
 
 # ---- precision -------------------------------------------------------------------------------------------------
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -80,9 +80,11 @@ LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma2", "phi3"})
 
 def liger_kernels_enabled(spec: JobSpec, model_type: str, default: bool = LIGER_KERNELS_DEFAULT) -> bool:
     """Whether a CUDA worker applies Liger to this job (default: the recipe's when the spec says None); a sharded
-    job keeps the plain modules (the FSDP2 root runs the chunked loss as its own forward method)."""
+    job keeps the plain modules (the FSDP2 root runs the chunked loss as its own forward method), and so does a
+    preference objective (Liger's fused cross-entropy keeps one scalar's gradient: it cannot weight each sequence)."""
     wanted = default if spec.memory.liger_kernels is None else spec.memory.liger_kernels
-    return wanted and model_type in LIGER_MODEL_TYPES and spec.resources.effective_sharding is None
+    one_loss = spec.resources.effective_sharding is None and spec.objective is Objective.sft
+    return wanted and model_type in LIGER_MODEL_TYPES and one_loss
 
 
 # ---- optimizers ------------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ class Progress(BaseModel):
     step: int = Field(description="Optimizer steps completed")
     total_steps: int
     epoch: float = Field(description="Fractional epochs consumed")
-    loss: float = Field(description="Mean per-token loss over the steps since the previous report")
+    loss: float = Field(
+        description="Mean loss over the steps since the previous report: per token (sft), per example (preference)"
+    )
     learning_rate: float = Field(description="The learning rate this step used")
     tokens_per_second: float = Field(description="Non-padding tokens per second of training so far")
     tokens_seen: int | None = Field(None, description="Non-padding tokens trained on so far")
@@ -70,6 +72,12 @@ class Progress(BaseModel):
     memory_reserved_bytes: int | None = Field(description="torch's reserved GPU memory; null on the CPU")
     memory_peak_bytes: int | None = Field(description="Peak reserved GPU memory since the job started")
     eval_loss: float | None = Field(None, description="Per-token loss on the held-out validation examples")
+    preference: dict[str, float] | None = Field(
+        None,
+        description="dpo, kto, orpo: means since the previous report of chosen_reward, rejected_reward, margin "
+        "(beta x the policy/reference log-ratio; orpo: beta x the mean token log-probability), accuracy (dpo, orpo: "
+        "how often the chosen reward is the higher), kl (kto), and eval_accuracy on the held-out pairs",
+    )
     process_resident_bytes: int | None = Field(None, description="The training process's resident memory (Linux)")
     process_peak_resident_bytes: int | None = Field(None, description="Its peak resident memory (Linux)")
 

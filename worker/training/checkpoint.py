@@ -104,9 +104,11 @@ class Checkpoints:
         set_rng_state(trainer["rng"] if self.ranks.is_main else load_tree(directory, _rank_rng(self.ranks.rank)))
         return RunState(**trainer["run"])
 
-    def save(self, state: RunState, strategy, scheduler) -> str:
+    def save(self, state: RunState, strategy, scheduler, carry: Path | None = None) -> str:
         """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir.
-        Every rank calls it: each writes its own shards and RNG state, rank 0 the rest, the marker and the rename."""
+        Every rank calls it: each writes its own shards and RNG state, rank 0 the rest, the marker and the rename.
+        `carry`: a file of the run the checkpoint takes along (a precomputed reference), so a resume on another
+        machine, which gets the checkpoint from storage and nothing else, finds it."""
         final = self.root / f"step-{state.step:06d}"
         temp = self.root / f"{TEMP_PREFIX}{final.name}"  # one writer per output dir: each attempt has its own
         if self.ranks.is_main:
@@ -115,6 +117,8 @@ class Checkpoints:
         self.ranks.barrier()
         strategy.save_state(temp)
         strategy.export_adapter(temp / CHECKPOINT_ADAPTER_DIR)
+        if carry is not None and self.ranks.is_main:
+            shutil.copy2(carry, temp / carry.name)
         if not self.ranks.is_main:
             save_tree(temp, _rank_rng(self.ranks.rank), rng_state())
         self.ranks.barrier()  # every rank's files are in place before the marker vouches for them

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from domain.datasets import Example
+from domain.datasets import Example, LabeledExample
 from domain.errors import InvalidDataset
 
 IGNORE_INDEX = -100
@@ -47,6 +47,71 @@ class TokenizedExample:
     @property
     def learned_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])  # the first token is never predicted
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference example: the prompt followed by each completion; only the completions' tokens are learned.
+    `index` is the pair's place in its dataset, where its precomputed reference log-probabilities are kept."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    index: int
+
+    @property
+    def sequences(self) -> tuple[TokenizedExample, TokenizedExample]:
+        return self.chosen, self.rejected
+
+    @property
+    def learned_tokens(self) -> int:
+        return self.chosen.learned_tokens + self.rejected.learned_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+@dataclass(frozen=True)
+class TokenizedLabeled:
+    """A KTO example: its prompt and completion, and `mismatched`, its prompt followed by the next example's
+    completion (in dataset order, fixed at tokenization so a precomputed reference can score it once): the policy's
+    KL from the reference is estimated on those."""
+
+    completion: TokenizedExample
+    mismatched: TokenizedExample
+    label: bool
+    index: int
+
+    @property
+    def sequences(self) -> tuple[TokenizedExample, TokenizedExample]:
+        return self.completion, self.mismatched
+
+    @property
+    def learned_tokens(self) -> int:
+        return self.completion.learned_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.completion.input_ids) + len(self.mismatched.input_ids)
+
+
+Scored = TokenizedPair | TokenizedLabeled  # what a preference objective trains on: two sequences per example
+
+
+def first_rows(examples: Sequence[Scored]) -> list[TokenizedExample]:
+    return [example.sequences[0] for example in examples]
+
+
+def second_rows(examples: Sequence[Scored]) -> list[TokenizedExample]:
+    return [example.sequences[1] for example in examples]
+
+
+def num_tokens(example: TokenizedExample | Scored) -> int:
+    return len(example.input_ids) if isinstance(example, TokenizedExample) else example.num_tokens
 
 
 def load_tokenizer(base_model_dir):
@@ -85,6 +150,68 @@ def tokenize_example(tokenizer, example: Example, max_seq_length: int) -> Tokeni
     input_ids, mask = input_ids[:max_seq_length], mask[:max_seq_length]
     labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, mask, strict=False)]
     return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def tokenize_scored(tokenizer, examples: Sequence, max_seq_length: int, first_index: int = 0) -> tuple[list, int]:
+    """Tokenize preference (PreferenceExample) or KTO (LabeledExample) rows; return the kept ones, indexed from
+    first_index (where their precomputed reference log-probabilities lie), and how many were dropped because
+    truncation left a completion with no token."""
+    if examples and isinstance(examples[0], LabeledExample):
+        return _tokenize_labeled(tokenizer, examples, max_seq_length, first_index)
+    kept: list[TokenizedPair] = []
+    for example in examples:
+        chosen = tokenize_completion(tokenizer, example.prompt, example.chosen, max_seq_length)
+        rejected = tokenize_completion(tokenizer, example.prompt, example.rejected, max_seq_length)
+        if chosen.learned_tokens and rejected.learned_tokens:
+            kept.append(TokenizedPair(chosen, rejected, index=first_index + len(kept)))
+    if not kept:
+        raise InvalidDataset(f"no pair keeps a completion token within max_seq_length={max_seq_length}")
+    return kept, len(examples) - len(kept)
+
+
+def _tokenize_labeled(tokenizer, examples: Sequence[LabeledExample], max_seq_length: int, first_index: int):
+    if len({isinstance(example.prompt, str) for example in examples}) > 1:
+        raise InvalidDataset("kto rows mix text and message prompts: a mismatched pair would join the two kinds")
+    scored = [(ex, tokenize_completion(tokenizer, ex.prompt, ex.completion, max_seq_length)) for ex in examples]
+    kept = [(example, tokenized) for example, tokenized in scored if tokenized.learned_tokens]
+    if len(kept) < 2:
+        raise InvalidDataset(
+            f"kto needs at least 2 rows with a completion token within max_seq_length={max_seq_length}: "
+            "its KL estimate pairs each prompt with another row's completion"
+        )
+    labeled = []
+    for position, (example, tokenized) in enumerate(kept):
+        partner = kept[(position + 1) % len(kept)][0]
+        mismatched = tokenize_completion(tokenizer, example.prompt, partner.completion, max_seq_length)
+        labeled.append(TokenizedLabeled(tokenized, mismatched, example.label, index=first_index + position))
+    return labeled, len(examples) - len(kept)
+
+
+def tokenize_completion(tokenizer, prompt, completion, max_seq_length: int) -> TokenizedExample:
+    """The prompt and one completion as one sequence, learned from where the completion starts: where the prompt's
+    own tokens stop being a prefix of the whole (as TRL finds it: a template or a merge may change the boundary).
+    Text: [BOS] prompt completion EOS. Messages: the chat template, the prompt rendered with its generation
+    prompt, and only assistant tokens learned."""
+    if isinstance(prompt, str):
+        input_ids, mask = _tokenize_text(tokenizer, prompt + completion)
+        prompt_ids = _tokenize_text(tokenizer, prompt)[0][:-1]  # without the EOS
+    else:
+        turns = [{"role": message.role, "content": message.content} for message in (*prompt, *completion)]
+        input_ids, mask = assistant_token_mask(tokenizer, turns)
+        prompt_turns = turns[: len(prompt)]
+        prompt_text = tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    start = _common_prefix(prompt_ids, input_ids)
+    input_ids, mask = input_ids[:max_seq_length], mask[:max_seq_length]
+    labels = [
+        token if learned and position >= start else IGNORE_INDEX
+        for position, (token, learned) in enumerate(zip(input_ids, mask, strict=True))
+    ]
+    return TokenizedExample(input_ids=input_ids, labels=labels)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _tokenize_text(tokenizer, text: str) -> tuple[list[int], list[bool]]:

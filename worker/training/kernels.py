@@ -48,11 +48,14 @@ def has_liger_loss(model) -> bool:
     return bool(getattr(causal_lm, LIGER_LOSS, False))
 
 
-def liger_loss_sum(causal_lm, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """Liger's fused linear cross-entropy over the learned positions (sum), or None for a model without it."""
+def liger_loss_sum(
+    causal_lm, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor | None:
+    """Liger's fused linear cross-entropy over the learned positions (summed, or per position with "none"), or
+    None for a model without it."""
     if not getattr(causal_lm, LIGER_LOSS, False):
         return None
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     lm_head = causal_lm.get_output_embeddings()
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(lm_head.weight, hidden, targets, lm_head.bias)
+    return LigerFusedLinearCrossEntropyLoss(reduction=reduction)(lm_head.weight, hidden, targets, lm_head.bias)

@@ -1,7 +1,8 @@
 """The training recipe, top to bottom: validate data -> setup_data -> setup_model -> setup_optimizer ->
-compile_layers -> resume -> train_loop (train_step, report, save_checkpoint) -> save_artifacts -> finish
-(summary.json). The steps share one Run; backward, the optimizer step, clipping, state dicts and the artifacts go
-through its strategy (worker/training/strategy.py), the one place that knows how the model lies on the devices.
+precompute_reference (dpo/kto, reference precomputed) -> compile_layers -> resume -> train_loop (train_step, report,
+save_checkpoint) -> save_artifacts -> finish (summary.json). The steps share one Run; backward, the optimizer step,
+clipping, state dicts and the artifacts go through its strategy (worker/training/strategy.py), the one place that
+knows how the model lies on the devices.
 
 `train` is what the job process calls. It raises:
   InvalidDataset       a malformed row (checked before any model is loaded) or nothing left to learn
@@ -19,6 +20,7 @@ and how a run resumes from the last one in output_dir/checkpoints, in worker/tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -31,10 +33,9 @@ import torch
 from domain.datasets import iter_examples
 from domain.errors import JobCancelled, JobDrained, TrainingOutOfMemory
 from domain.messages import Progress
-from domain.spec import JobSpec
+from domain.spec import JobSpec, Objective
 from planner import policy
-from worker.training import checkpoint, data, extras, kernels, loading
-from worker.training.loss import loss_sum
+from worker.training import checkpoint, data, extras, kernels, loading, objectives, reference
 from worker.training.memory import MemoryProbe
 from worker.training.methods import decoder_layers
 from worker.training.offload import activation_offload
@@ -93,6 +94,9 @@ class Run:
     fused_loss: bool
     ranks: Ranks
     activation_offload: contextlib.AbstractContextManager  # memory.offload_activations, around each forward
+    objective: objectives.Sft | objectives.Dpo | objectives.Kto | objectives.Orpo
+    stats: objectives.Stats = field(default_factory=objectives.Stats)  # preference metrics since the last report
+    reference_info: reference.ReferenceInfo | None = None
     state: checkpoint.RunState = field(default_factory=checkpoint.RunState)
     step: int = 0  # the optimizer step being taken: what an out-of-memory error names
     train_start: float = 0.0
@@ -145,6 +149,7 @@ def train(
     try:
         model = setup_model(spec, Path(base_model_dir), device, plan)
         run = setup_run(spec, model, device, plan, memory, train_data, output_dir, ranks)
+        precompute_reference(run, output_dir)
         compile_layers(run, hooks)
         resume(run, hooks)
         train_loop(run, hooks)
@@ -157,6 +162,8 @@ def train(
 # ---- setup ------------------------------------------------------------------------------------------------------
 def setup_run(spec: JobSpec, model, device, plan, memory, train_data: TrainData, output_dir: Path, ranks) -> Run:
     strategy, scheduler = setup_optimizer(spec, model, device, plan, train_data.total_steps)
+    fused_loss = policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model)
+    kind = spec.reference
     return Run(
         spec,
         device,
@@ -169,10 +176,29 @@ def setup_run(spec: JobSpec, model, device, plan, memory, train_data: TrainData,
         autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
         if plan.autocast_dtype
         else contextlib.nullcontext(),
-        fused_loss=policy.fused_loss_enabled(spec) or kernels.has_liger_loss(model),
+        fused_loss=fused_loss,
         ranks=ranks,
         activation_offload=activation_offload(model, device, spec.memory.offload_activations),
+        objective=objectives.build_objective(spec, fused_loss, reference.build_reference(kind, model, fused_loss)),
+        reference_info=reference.ReferenceInfo(kind) if kind else None,
     )
+
+
+def precompute_reference(run: Run, output_dir: Path) -> None:
+    """reference 'precomputed': before step 1 (and before a resume restores trained weights), score every training
+    and held-out example with the untrained model, or read the table an earlier attempt stored."""
+    if run.spec.reference != "precomputed":
+        return
+    table, run.reference_info = reference.load_or_precompute(
+        output_dir / reference.REFERENCE_FILE,
+        run.strategy.model,
+        run.data.dataset + run.data.validation,
+        micro_batch_size=run.data.micro_batch_size,
+        collate=run.collate,
+        autocast=run.autocast,
+        fused=run.fused_loss,
+    )
+    run.objective.reference = table
 
 
 def setup_data(
@@ -182,11 +208,11 @@ def setup_data(
     world rows), so N ranks step exactly as one rank on the global batch; each then trains its share."""
     training = spec.training
     tokenizer = data.load_tokenizer(base_model_dir)
-    dataset, dropped_examples = data.tokenize_examples(tokenizer, examples, training.max_seq_length)
+    dataset, dropped_examples = _tokenize(spec, tokenizer, examples)
     if held_out is None:
         dataset, validation = data.split_validation(dataset, training.validation_fraction, training.seed)
-    else:
-        validation, _ = data.tokenize_examples(tokenizer, held_out, training.max_seq_length)
+    else:  # indexed after the training examples: a precomputed reference keeps both in one table
+        validation, _ = _tokenize(spec, tokenizer, held_out, first_index=len(dataset))
     source_examples = len(dataset)
     if training.packing:
         dataset = data.pack_examples(dataset, training.max_seq_length, training.seed)
@@ -204,6 +230,12 @@ def setup_data(
         total_steps=total_steps,
         stream=data.micro_batches(dataset, micro_batch_size * world, training.seed),
     )
+
+
+def _tokenize(spec: JobSpec, tokenizer, examples, first_index: int = 0):
+    if spec.objective is Objective.sft:
+        return data.tokenize_examples(tokenizer, examples, spec.training.max_seq_length)
+    return data.tokenize_scored(tokenizer, examples, spec.training.max_seq_length, first_index)
 
 
 def setup_model(spec: JobSpec, base_model_dir: Path, device: torch.device, plan: loading.PrecisionPlan):
@@ -238,9 +270,8 @@ def compile_layers(run: Run, hooks: Hooks) -> None:
     started, saved_rng = time.perf_counter(), checkpoint.rng_state()
     first = run.data.dataset[: run.data.micro_batch_size * run.ranks.world]
     rows = run.ranks.share(first) or first[:1]
-    batch = run.collate(rows)
     with run.autocast:
-        loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss)
+        loss = run.objective.loss(run.strategy.model, run.collate, rows, objectives.totals([rows]), objectives.Stats())
     run.strategy.backward(loss * 0)
     run.strategy.zero_grad()
     checkpoint.set_rng_state(saved_rng)
@@ -281,22 +312,21 @@ def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
     """One optimizer step over gradient_accumulation_steps global micro-batches; the learning rate it used."""
     state, stream, ranks = run.state, run.data.stream, run.ranks
     window = [next(stream) for _ in range(run.spec.training.gradient_accumulation_steps)]
-    # Normalise by the learned tokens of the whole global step, so accumulation over micro-batches and ranks
-    # equals one big batch. FSDP averages gradients over the ranks, so each rank's share is scaled by the world.
-    learned_tokens = sum(example.learned_tokens for micro in window for example in micro)
+    # Normalise by the whole global step (its learned tokens, or examples), so accumulation over micro-batches and
+    # ranks equals one big batch. FSDP averages gradients over the ranks, so each rank's share is scaled by the world.
+    step_totals = objectives.totals(window)
     step_loss = torch.zeros((), device=run.device)
     for micro in window:
         if should_stop():
             raise JobCancelled(f"cancelled at step {step - 1}")
-        rows, weight = ranks.share(micro), ranks.world
+        rows, weight, stats = ranks.share(micro), ranks.world, run.stats
         if not rows:  # a short last micro-batch: this rank still runs the collectives, on a row that counts 0
-            rows, weight = micro[:1], 0
-        batch = run.collate(rows)
+            rows, weight, stats = micro[:1], 0, objectives.Stats()
         with run.autocast, run.activation_offload:
-            loss = loss_sum(run.strategy.model, batch, fused=run.fused_loss) / learned_tokens
+            loss = run.objective.loss(run.strategy.model, run.collate, rows, step_totals, stats)
         run.strategy.backward(loss * weight)
         step_loss += loss.detach() * (weight / ranks.world)
-        state.tokens_seen += sum(len(example.input_ids) for example in micro)  # host-side: no GPU sync
+        state.tokens_seen += sum(data.num_tokens(example) for example in micro)  # host-side: no GPU sync
         state.micro_steps += 1
 
     run.strategy.step(loading.MAX_GRAD_NORM)
@@ -330,32 +360,56 @@ def report(run: Run, step: int, learning_rate: float, on_progress: Callable[[Pro
             memory_peak_bytes=run.memory.peak_bytes(),
             eval_loss=evaluate(run, step),
             tokens_seen=state.tokens_seen,
+            preference=_preference_report(run, step),
         )
     )
     state.losses_since_report.clear()
 
 
 def evaluate(run: Run, step: int) -> float | None:
-    """The held-out loss at ~10 evenly spaced reports and the last one."""
+    """The held-out loss at ~10 evenly spaced reports and the last one; for dpo and orpo also the held-out
+    preference accuracy (eval_losses[-1]["eval_accuracy"])."""
     if not run.data.validation or not extras.eval_due(step, run.data.total_steps):
         return None
-    value = extras.eval_loss(
+    if run.spec.objective is Objective.sft:
+        value = extras.eval_loss(
+            run.strategy.model,
+            run.data.validation,
+            micro_batch_size=run.data.micro_batch_size,
+            collate=run.collate,
+            autocast=run.autocast,
+            fused=run.fused_loss,
+        )
+        run.eval_losses.append({"step": step, "eval_loss": value})
+        return value
+    total, accuracy = objectives.evaluate(
+        run.objective,
         run.strategy.model,
         run.data.validation,
         micro_batch_size=run.data.micro_batch_size,
         collate=run.collate,
         autocast=run.autocast,
-        fused=run.fused_loss,
     )
-    run.eval_losses.append({"step": step, "eval_loss": value})
-    return value
+    run.eval_losses.append({"step": step, "eval_loss": total, "eval_accuracy": accuracy})
+    return total
+
+
+def _preference_report(run: Run, step: int) -> dict[str, float] | None:
+    """The preference metrics since the last report, with this report's held-out accuracy when it evaluated."""
+    report = run.stats.report()
+    if report is not None and run.eval_losses and run.eval_losses[-1]["step"] == step:
+        accuracy = run.eval_losses[-1].get("eval_accuracy")
+        if accuracy is not None:
+            report["eval_accuracy"] = accuracy
+    return report
 
 
 # ---- save -------------------------------------------------------------------------------------------------------
 def save_checkpoint(run: Run, hooks: Hooks) -> None:
     """A checkpoint of the last completed step (run.state.step)."""
     run.state.train_seconds = time.perf_counter() - run.train_start
-    path = run.checkpoints.save(run.state, run.strategy, run.scheduler)
+    carry = run.checkpoints.root.parent / reference.REFERENCE_FILE if run.spec.reference == "precomputed" else None
+    path = run.checkpoints.save(run.state, run.strategy, run.scheduler, carry=carry)
     hooks.on_checkpoint(run.state.step, path)
     run.last_saved_step = run.state.step
 
@@ -421,6 +475,9 @@ def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_byte
         "compile_seconds": run.compile_seconds,
         "liger_kernels": kernels.has_liger_loss(run.strategy.model),
         "padding_free": spec.training.padding_free,
+        "objective": spec.objective.value,
+        "reference": dataclasses.asdict(run.reference_info) if run.reference_info else None,
+        "eval_accuracy": run.eval_losses[-1].get("eval_accuracy") if run.eval_losses else None,
         "wall_seconds": wall_seconds,
         "peak_memory_bytes": peak_memory_bytes,
         "ranks": run.ranks.world,
