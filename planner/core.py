@@ -1,10 +1,14 @@
 """The predicted peak GPU memory of the worker's training process (planner/plan.py wraps it in a Plan).
 
-The peak is the largest of four phases of a training step (steady state: optimizer states exist):
+The peak is the largest of the phases of a training step; an SFT step has four (steady state: optimizer states exist):
   forward_loss   the loss forward: every layer's saved tensors + logits in bf16 and fp32 + log_softmax
   loss_backward  the first backward node: saved tensors + 3 x fp32 logits-sized buffers
   layer_backward the decoder stack's backward: all grads + one recomputed layer (with checkpointing)
   optimizer_step all grads + the optimizer's temporaries
+Preference objectives (planner/objectives.py) add the forwards they run under no grad, each its own phase:
+  mismatched_forward   kto: the policy scores its mismatched rows while its forward's saved tensors wait
+  reference_forward    dpo/kto, reference adapter_disabled or copy: the reference scores both sequences, ditto
+  reference_precompute dpo/kto, reference precomputed: the first pass before step 1, no optimizer state yet
 Each phase's allocated bytes get the caching allocator's fragmentation on top, then the CUDA context.
 """
 
@@ -20,6 +24,7 @@ from domain.spec import JobSpec
 from planner import fsdp, policy
 from planner import terms as t
 from planner.methods import METHODS, method_traits
+from planner.objectives import objective_traits
 from planner.optimizers import OPTIMIZERS
 from planner.scope import target_matches
 from planner.shapes import Linear, ModelShape
@@ -241,10 +246,11 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
     liger = policy.liger_kernels_enabled(spec, shape.model_type, recipe.liger_kernels_default)
     fused_loss = spec.memory.fused_loss if spec.memory.fused_loss is not None else recipe.fused_loss_default
     sharding = spec.resources.effective_sharding
+    objective, reference = objective_traits(spec)
     return t.Setup(
         method=spec.method.value,
         traits=traits,
-        tokens=micro_batch * spec.training.max_seq_length,
+        tokens=micro_batch * objective.grad_rows * spec.training.max_seq_length,
         seq=spec.training.max_seq_length,
         padded_batches=recipe.padded_batches,
         trained_bytes=trained,
@@ -280,10 +286,25 @@ def build_setup(spec: JobSpec, shape: ModelShape, micro_batch: int, recipe: Reci
         num_gpus=spec.resources.num_gpus,
         sharding=sharding.value if sharding else "",
         offload=spec.resources.offload.value,
+        objective_traits=objective,
+        reference_traits=reference,
     )
 
 
 # ---- phases ----------------------------------------------------------------------------------------------
+# In the order they run: a precomputed reference's pass before step 1, then a step's (the no-grad forwards of kto's
+# mismatched rows and of a per-step reference between the policy's forward and its backward).
+PHASES = (
+    "reference_precompute",
+    "forward_loss",
+    "mismatched_forward",
+    "reference_forward",
+    "loss_backward",
+    "layer_backward",
+    "optimizer_step",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class _Fixed:
     """The terms that do not depend on the micro-batch (cached: auto and suggestions re-plan a lot)."""
@@ -324,6 +345,8 @@ def _compute_fixed(shape: ModelShape, s: t.Setup, recipe: Recipe) -> _Fixed:
         t.layer_linear_weight_bytes(shape, s) + t.unquantized_weight_bytes(shape, s) + t.expert_weight_bytes(shape, s)
     )
     static = {"weights": weights, "quantization_constants": t.quant_constant_bytes(shape, s)}
+    if t.copies_reference(s):  # the frozen copy lives beside the model for the whole run
+        static["reference_weights"] = t.reference_weight_bytes(shape, s)
     if s.traits.loads_trained_dtype and s.trained_bytes == 4:  # fp32 params = bf16-sized weights + the master half
         static["weights"], static["master_weights"] = weights // 2, weights - weights // 2
     grads = t.gradient_bytes(tensors, s)
@@ -356,8 +379,37 @@ def _phases(shape: ModelShape, s: t.Setup, recipe: Recipe) -> tuple[dict[str, di
 def _phases_with_host(
     shape: ModelShape, s: t.Setup, recipe: Recipe
 ) -> tuple[dict[str, dict[str, int]], int, dict[str, int]]:
-    """(every phase's terms, paged bytes, one rank's offloaded host terms)."""
+    """(every phase's terms in the order they run, paged bytes, one rank's offloaded host terms)."""
     f = _fixed(shape, s, recipe)
+    policy_phases, acts = _policy_phases(shape, s, f)
+    no_grad = _no_grad_phases(shape, s, f, acts)
+    # the setup whose logits are a phase's largest block: the loss phases', and the no-grad forwards', whose blocks get
+    # the shares fitted on the loss phases (NOT MEASURED for them); then the cached per-parameter blocks
+    blocks = {"forward_loss": s, "loss_backward": s} | {name: block for name, (_, block) in no_grad.items()}
+    pool = f.grads + f.optimizer_temp + f.autocast_cache
+    # before step 1 no gradient or optimizer temporary has been freed: only the autocast copies cycle
+    pools = {"reference_precompute": f.autocast_cache}
+    every = policy_phases | {name: terms for name, (terms, _) in no_grad.items()}
+    phases = {name: every[name] for name in PHASES if name in every}
+    host: dict[str, int] = {}
+    if s.offload_activations:
+        host["offloaded_activations"] = t.offloaded_activation_bytes(shape, s)
+    if s.sharding:  # one rank's share (planner/fsdp.py); the host terms of every phase, each at its largest
+        pool = fsdp.shard_bytes(f.grads, s.num_gpus) + (f.optimizer_temp if s.offload == "none" else 0)
+        for name in phases:
+            phases[name], moved = fsdp.shard_phase(shape, s, name, phases[name])
+            host |= {k: max(v, host.get(k, 0)) for k, v in moved.items()}
+    for name, terms in phases.items():
+        allocated = sum(terms.values())
+        terms["allocator_fragmentation"] = _fragmentation(
+            shape, recipe, allocated, pools.get(name, pool), blocks.get(name)
+        )
+        terms["cuda_context"] = t.CUDA_CONTEXT_BYTES
+    return phases, f.paged, host
+
+
+def _policy_phases(shape: ModelShape, s: t.Setup, f: _Fixed) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """(the four phases of the policy's step, what its forward saves for backward)."""
     static = f.static
     saved = t.saved_activation_bytes(shape, s)
     layer = t.layer_activation_bytes(shape, s, trainable=s.traits.trains_base)
@@ -396,31 +448,60 @@ def _phases_with_host(
         },
         "optimizer_step": static | {"gradients": f.step_grads, "optimizer_temporaries": f.optimizer_temp},
     }
-    pool = f.grads + f.optimizer_temp + f.autocast_cache
-    host: dict[str, int] = {}
-    if s.offload_activations:
-        host["offloaded_activations"] = t.offloaded_activation_bytes(shape, s)
-    if s.sharding:  # one rank's share (planner/fsdp.py); the host terms of every phase, each at its largest
-        pool = fsdp.shard_bytes(f.grads, s.num_gpus) + (f.optimizer_temp if s.offload == "none" else 0)
-        for name in phases:
-            phases[name], moved = fsdp.shard_phase(shape, s, name, phases[name])
-            host |= {k: max(v, host.get(k, 0)) for k, v in moved.items()}
-    for name, terms in phases.items():
-        terms["allocator_fragmentation"] = _fragmentation(shape, s, recipe, name, sum(terms.values()), pool)
-        terms["cuda_context"] = t.CUDA_CONTEXT_BYTES
-    return phases, f.paged, host
+    return phases, acts
 
 
-def _fragmentation(shape: ModelShape, s: t.Setup, recipe: Recipe, phase: str, allocated: int, pool: int) -> int:
-    """Reserved - allocated of the caching allocator at this phase (fitted; see the constants above)."""
+def _no_grad_phases(
+    shape: ModelShape, s: t.Setup, f: _Fixed, acts: dict[str, int]
+) -> dict[str, tuple[dict[str, int], t.Setup]]:
+    """The forwards a preference objective runs under torch.no_grad (planner/objectives.py), each a phase of its own:
+    (its terms, the setup of the forward whose logits are its largest block). kto's mismatched rows and a per-step
+    reference run after the policy's forward, before its backward (worker/training/objectives.py Dpo.loss,
+    Kto.loss), inside the same autocast region: the policy's saved tensors and autocast copies wait through them.
+    A precomputed reference runs once before step 1, on the bare model: no optimizer state exists yet."""
+    o, ref = s.objective_traits, s.reference_traits
+    copies = {"autocast_weight_copies": max(t.lm_head_cast_bytes(shape, s), f.autocast_cache)}
+    waiting = f.static | acts | copies | {"policy_logps_saved": t.policy_logps_saved_bytes(shape, s)}
+    out: dict[str, tuple[dict[str, int], t.Setup]] = {}
+    if o.no_grad_rows:
+        mismatched = t.no_grad_setup(s, o.no_grad_rows, adapters=True)
+        out["mismatched_forward"] = (waiting | _no_grad_terms(shape, mismatched, "mismatched"), mismatched)
+    if ref is None:
+        return out
+    reference = t.no_grad_setup(s, o.reference_rows, adapters=False)
+    if ref.per_step:
+        terms = waiting | _no_grad_terms(shape, reference, "reference")
+        out["reference_forward"] = (
+            terms | {"reference_autocast_weight_copies": t.reference_cast_bytes(shape, s)},
+            reference,
+        )
+    if ref.precomputes:
+        bare = {name: v for name, v in f.static.items() if name != "optimizer_states"}  # allocated by step 1
+        out["reference_precompute"] = (bare | copies | _no_grad_terms(shape, reference, "reference"), reference)
+    return out
+
+
+def _no_grad_terms(shape: ModelShape, ng: t.Setup, label: str) -> dict[str, int]:
+    """A no-grad forward's own terms: one layer's working set (with qlora's one dequantized weight) and its logits."""
+    return {
+        f"{label}_layer_working_set": t.no_grad_layer_bytes(shape, ng),
+        f"{label}_logits": t.no_grad_logits_bytes(shape, ng),
+        "dequant_buffers": t.dequant_buffer_bytes(shape, ng),
+    }
+
+
+def _fragmentation(shape: ModelShape, recipe: Recipe, allocated: int, pool: int, block: t.Setup | None) -> int:
+    """Reserved - allocated of the caching allocator at a phase (fitted; see the constants above). `block`: the
+    setup of the forward whose tokens x vocab logits blocks the phase holds (the loss phases, the no-grad
+    forwards); None for the others."""
     frag = FRAG_ALLOC * allocated
-    if phase not in ("forward_loss", "loss_backward"):
+    if block is None:
         return int(frag)
     if not recipe.expandable_segments:
-        logits = 0 if s.fused_loss else t.logits_fp32_bytes(shape, s)
+        logits = 0 if block.fused_loss else t.logits_fp32_bytes(shape, block)
         return int(frag + FRAG_LOGITS * logits + FRAG_PARAM_POOL * pool)
-    block_share = FRAG_FUSED_CHUNK_EXPANDABLE if s.fused_loss else FRAG_LOSS_EXPANDABLE
-    frag += block_share * t.loss_block_bytes(shape, s) + FRAG_SOFTCAP_EXPANDABLE * t.softcap_bytes(shape, s)
+    block_share = FRAG_FUSED_CHUNK_EXPANDABLE if block.fused_loss else FRAG_LOSS_EXPANDABLE
+    frag += block_share * t.loss_block_bytes(shape, block) + FRAG_SOFTCAP_EXPANDABLE * t.softcap_bytes(shape, block)
     return int(frag + FRAG_PARAM_POOL_EXPANDABLE * pool)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.spec import JobSpec, Optimizer
+from domain.spec import JobSpec, Optimizer, Reference
 from planner.core import Outcome, Recipe, Suggestion, apply_patch, evaluate
 from planner.methods import METHODS
+from planner.objectives import REFERENCES
 from planner.optimizers import OPTIMIZERS
 from planner.shapes import ModelShape
 
@@ -49,6 +50,12 @@ _OPTIMIZER_SWITCHES: dict[Optimizer, tuple[float, str]] = {
         COST_BADAM,
         " (block-coordinate Adam: one decoder layer at a time trains, switched every 50 steps)",
     ),
+}
+# Switching dpo's / kto's reference to one of its entry's alternatives: (cost, what the description adds). NOT
+# MEASURED: a precomputed reference is one no-grad forward per example before step 1 instead of one per example per
+# step, and the same untrained model scores the same sequences, so the job learns the same; no slower.
+_REFERENCE_SWITCHES: dict[Reference, tuple[float, str]] = {
+    "precomputed": (0.0, " (a first pass scores every example before step 1: no reference forward per step, no copy)"),
 }
 
 Candidate = tuple[float, str, dict[str, Any]]
@@ -103,6 +110,7 @@ def _candidates(spec: JobSpec, shape: ModelShape, mb: int, max_num_gpus: int = 1
                 {"memory": {"fused_loss": True}},
             )
         )
+    out += _reference_candidates(spec)
     out += _optimizer_candidates(spec)
     if METHODS[spec.method].trains == "all" and spec.memory.precision.value == "bf16-mixed":
         out.append(
@@ -161,6 +169,18 @@ def _optimizer_candidates(spec: JobSpec) -> list[Candidate]:
     return out
 
 
+def _reference_candidates(spec: JobSpec) -> list[Candidate]:
+    """The resolved reference's registry alternatives (dpo, kto): the same log-probabilities in less memory."""
+    current, name = spec.reference, spec.objective.value
+    if current is None:
+        return []
+    out: list[Candidate] = []
+    for target in REFERENCES[current].alternatives:
+        cost, detail = _REFERENCE_SWITCHES[target]
+        out.append((cost, f"{name}.reference {current}→{target}{detail}", {name: {"reference": target}}))
+    return out
+
+
 def _micro_batch_candidates(spec: JobSpec, mb: int) -> list[Candidate]:
     """Each divisor of the micro-batch, with the accumulation that keeps the effective batch."""
     if spec.training.micro_batch_size == "auto":
@@ -191,9 +211,13 @@ def _method_candidates(spec: JobSpec) -> list[Candidate]:
         out.append((COST_QLORA, f"method {spec.method.value}→qlora (NF4 base weights)", {"method": "qlora"}))
     if traits.trains_base:
         patch: dict[str, Any] = {"method": "lora", "freeze": None}
+        detail = ""
         if OPTIMIZERS[spec.memory.optimizer].galore:
             patch |= {"memory": {"optimizer": "adamw"}, **_galore_off(spec)}
-        out.append((COST_LORA, f"method {spec.method.value}→lora", patch))
+        if spec.reference == "copy":  # lora has its reference already: its base with the adapters off
+            patch[spec.objective.value] = {"reference": "adapter_disabled"}
+            detail = f", {spec.objective.value}.reference copy→adapter_disabled (the base with its adapters off)"
+        out.append((COST_LORA, f"method {spec.method.value}→lora{detail}", patch))
     return out
 
 

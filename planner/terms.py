@@ -7,10 +7,12 @@ Calibration rows are `calibration/h100-hf-trainer.jsonl`, named by their `case.n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from domain.spec import Objective
 from planner import policy
 from planner.methods import MethodTraits
+from planner.objectives import OBJECTIVES, ObjectiveTraits, ReferenceTraits
 
 # trainable_numel is re-exported: fsdp.py and the tests read t.trainable_numel
 from planner.optimizers import AO_OFFLOAD_MIN_SIZE, OptimizerTraits, Tensors
@@ -46,7 +48,9 @@ class Setup:
 
     method: str  # qlora | lora | full | freeze: for reading only; the terms test `traits`
     traits: MethodTraits  # planner/methods.py METHODS[method]
-    tokens: int  # micro_batch_size * max_seq_length: every sequence at the length limit (the worst case)
+    # micro_batch_size * grad_rows * max_seq_length: every sequence the policy's forward with grad runs, at the length
+    # limit (the worst case); grad_rows is 2 for dpo/orpo (chosen and rejected in one forward), else 1
+    tokens: int
     seq: int  # max_seq_length
     padded_batches: bool  # micro-batches may be right-padded: an attention mask exists when tokens > seq
     trained_bytes: int  # storage bytes of base weights that train (full; freeze's last layers)
@@ -81,6 +85,8 @@ class Setup:
     num_gpus: int = 1  # ranks, one GPU each (resources.num_gpus)
     sharding: str = ""  # "zero2" | "zero3" (FSDP2, planner/fsdp.py); "": none
     offload: str = "none"  # resources.offload: none | optimizer | params
+    objective_traits: ObjectiveTraits = OBJECTIVES[Objective.sft]  # planner/objectives.py OBJECTIVES[objective]
+    reference_traits: ReferenceTraits | None = None  # planner/objectives.py REFERENCES[spec.reference]; None: none
 
     def with_tokens(self, tokens: int) -> Setup:
         """A copy at another micro-batch (dataclasses.replace is ~10x slower; auto re-plans a lot)."""
@@ -129,6 +135,8 @@ class Setup:
             self.num_gpus,
             self.sharding,
             self.offload,
+            self.objective_traits,
+            self.reference_traits,
         )
 
 
@@ -553,3 +561,66 @@ def dequant_buffer_bytes(shape: ModelShape, s: Setup) -> int:
 
 # LLM.int8 (bits=8): MatMul8bitLt's backward dequantizes the int8 weight to fp16 for grad_input (CB * SCB / 127):
 # the same one-weight-at-a-time bf16/fp16 buffer, so the term is shared.
+
+
+# ---- preference objectives (planner/objectives.py; worker/training/objectives.py and reference.py) -------------
+def example_tokens(s: Setup) -> int:
+    """micro_batch_size x max_seq_length: one sequence of every example of the micro-batch (s.tokens holds
+    grad_rows of them)."""
+    return s.tokens // s.objective_traits.grad_rows
+
+
+def no_grad_setup(s: Setup, rows: int, adapters: bool) -> Setup:
+    """A forward under torch.no_grad over `rows` sequences per example, collated (and padded) as one batch: the
+    reference's (reference.py _both_sequences) runs without adapters - peft's disable_adapter, or a copy or
+    the precompute pass of a model that has none - and kto's mismatched rows run through the policy, adapters on."""
+    if adapters:
+        return s.with_tokens(example_tokens(s) * rows)
+    return replace(s, tokens=example_tokens(s) * rows, adapted=(), lora_dropout=False, dora=False)
+
+
+def no_grad_layer_bytes(shape: ModelShape, s: Setup) -> int:
+    """One decoder layer of a no-grad forward: each intermediate is freed once the next op has read it, so no more
+    than what the layer would save for backward lives at once (an upper bound, NOT MEASURED on a GPU), beside the
+    bool mask the forward builds once. The layers before it left nothing behind."""
+    return layer_activation_bytes(shape, s, trainable=False) + attention_mask_bytes(s)
+
+
+def no_grad_logits_bytes(shape: ModelShape, s: Setup) -> int:
+    """sequence_logps at the end of a no-grad forward: the same logits as the policy's loss forward (the bf16
+    logits, their fp32 copy and log_softmax's output; or one chunk of the fused path with the gathered hidden
+    states; Liger counted as with grad, an upper bound); only the per-sequence sums survive it."""
+    return loss_forward_bytes(shape, s)
+
+
+def policy_logps_saved_bytes(shape: ModelShape, s: Setup) -> int:
+    """What the policy's sequence_logps keeps for its backward while the no-grad forwards after it run (Dpo.loss,
+    Kto.loss: the policy's log-probabilities first): log_softmax's fp32 output over every row (cross_entropy
+    with reduction none; the bf16 logits and their fp32 copy are freed once it returns) and gemma2's tanh output.
+    The fused path keeps the gathered learned positions' hidden states its chunks recompute from; Liger's keeps
+    those, its grad_input, the per-position losses and a trained head's grad_weight (all but its chunk)."""
+    if s.liger:
+        return liger_loss_bytes(shape, s) - loss_block_bytes(shape, s)
+    if s.fused_loss:
+        return s.tokens * shape.hidden_size * s.compute_bytes
+    return logits_fp32_bytes(shape, s) + softcap_bytes(shape, s)
+
+
+def copies_reference(s: Setup) -> bool:
+    return s.reference_traits is not None and s.reference_traits.copies_weights
+
+
+def reference_weight_bytes(shape: ModelShape, s: Setup) -> int:
+    """reference 'copy' (reference.py FrozenCopy): copy.deepcopy of the loaded model holds every parameter again,
+    in its own dtype (full's fp32 weights under -mixed; freeze's trained layers in fp32 beside the frozen rest).
+    BAdam's fp32 masters are the optimizer's, not the model's: not copied."""
+    if not copies_reference(s):
+        return 0
+    stored = layer_linear_weight_bytes(shape, s) + unquantized_weight_bytes(shape, s) + expert_weight_bytes(shape, s)
+    return stored + quant_constant_bytes(shape, s)
+
+
+def reference_cast_bytes(shape: ModelShape, s: Setup) -> int:
+    """An fp32 copy under bf16 autocast: F.linear casts each of its weights to bf16 as it runs and keeps none
+    (autocast caches only weights that require grad); at the logits, the lm_head's copy."""
+    return lm_head_cast_bytes(shape, s) if copies_reference(s) else 0
