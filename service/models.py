@@ -149,7 +149,7 @@ class UploadedFile(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     # Set once the file has been checked row by row, so submissions reuse the result instead of re-reading it.
-    validated_format: Mapped[str | None] = mapped_column(String(16))
+    validated_format: Mapped[str | None] = mapped_column(String(32))
     rows: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -163,7 +163,7 @@ class DatasetValidation(Base):
     url: Mapped[str] = mapped_column(Text, primary_key=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     version: Mapped[str] = mapped_column(String(255), primary_key=True)
-    dataset_format: Mapped[str] = mapped_column(String(16), primary_key=True)
+    dataset_format: Mapped[str] = mapped_column(String(32), primary_key=True)
     rows: Mapped[int] = mapped_column(BigInteger)
     validated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
