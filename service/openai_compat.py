@@ -5,7 +5,9 @@ The mapping:
   model                                    -> base_model
   training_file                            -> dataset.file_id, read as chat messages (dataset_format messages)
   validation_file                          -> validation_dataset.file_id: the eval loss is taken on it
-  hyperparameters, or the same under method.supervised.hyperparameters:
+  method.type dpo                          -> objective dpo on dataset_format openai_preference,
+    method.dpo.hyperparameters.beta ("auto": 0.1) -> dpo.beta
+  hyperparameters, or the same under method.supervised (or method.dpo).hyperparameters:
     n_epochs ("auto": 3)                   -> training.epochs
     batch_size ("auto": the planner's)     -> training.micro_batch_size (no accumulation)
     learning_rate_multiplier               -> training.learning_rate = 2e-4 x it
@@ -27,12 +29,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import DomainError
-from domain.spec import MAX_SEED, DatasetRef, JobSpec
+from domain.spec import MAX_SEED, DatasetRef, JobSpec, Objective
 from domain.states import JobStatus
 from service.errors import InvalidCursor, InvalidSpec, http_status
 from service.models import Job, JobCheckpoint
 from service.schemas_openai import (
     CheckpointMetricsOut,
+    DpoHyperparametersOut,
+    DpoOut,
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobCreate,
@@ -90,6 +94,11 @@ def to_spec(request: FineTuningJobCreate) -> JobSpec:
         "training": training,
         "metadata": request.metadata or {},
     }
+    if request.method is not None and request.method.type == "dpo":
+        spec.update(objective="dpo", dataset_format="openai_preference")
+        beta = getattr(hyper, "beta", None)
+        if beta not in (None, "auto"):
+            spec["dpo"] = {"beta": beta}
     if request.validation_file is not None:
         spec["validation_dataset"] = {"file_id": request.validation_file}
     if request.suffix is not None:
@@ -105,12 +114,16 @@ def to_spec(request: FineTuningJobCreate) -> JobSpec:
 
 
 def _hyperparameters(request: FineTuningJobCreate) -> Hyperparameters:
-    supervised = request.method.supervised if request.method else None
-    nested = supervised.hyperparameters if supervised else None
+    method = request.method
+    if method is not None and method.type == "supervised" and method.dpo is not None:
+        raise InvalidSpec("method.dpo is for method.type dpo", param="method.dpo")
+    if method is not None and method.type == "dpo" and method.supervised is not None:
+        raise InvalidSpec("method.supervised is for method.type supervised", param="method.supervised")
+    chosen = (method.dpo if method.type == "dpo" else method.supervised) if method else None
+    nested = chosen.hyperparameters if chosen else None
     if nested is not None and request.hyperparameters is not None:
-        raise InvalidSpec(
-            "give hyperparameters or method.supervised.hyperparameters, not both", param="hyperparameters"
-        )
+        where = f"method.{method.type}.hyperparameters" if method else "method"
+        raise InvalidSpec(f"give hyperparameters or {where}, not both", param="hyperparameters")
     return nested or request.hyperparameters or Hyperparameters()
 
 
@@ -155,6 +168,15 @@ def metadata_filter(query: dict[str, str]) -> dict[str, str]:
 # --- jobs --------------------------------------------------------------------------------------------------
 
 
+def _method_out(spec: JobSpec, hyper: HyperparametersOut) -> MethodOut:
+    if spec.objective is Objective.sft:
+        return MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper))
+    if spec.dpo_options is not None:
+        beta = spec.dpo_options.beta
+        return MethodOut(type="dpo", dpo=DpoOut(hyperparameters=DpoHyperparametersOut(**hyper.model_dump(), beta=beta)))
+    return MethodOut(type=spec.objective.value)
+
+
 def job_out(job: Job) -> FineTuningJob:
     spec = JobSpec.model_validate(job.spec)
     status = JobStatus(job.status)
@@ -172,7 +194,7 @@ def job_out(job: Job) -> FineTuningJob:
         training_file=_file_of(spec.dataset) or "",
         validation_file=_file_of(spec.validation_dataset),
         hyperparameters=hyper,
-        method=MethodOut(type="supervised", supervised=SupervisedOut(hyperparameters=hyper)),
+        method=_method_out(spec, hyper),
         seed=spec.training.seed,
         suffix=spec.output.suffix,
         metadata=spec.metadata,

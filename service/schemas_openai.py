@@ -7,7 +7,7 @@ OpenAI's vocabulary goes under the one `ftjobs` field (service/openai_compat.py 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,9 +32,23 @@ class SupervisedMethod(_Request):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = Field(
+        None, description="DPO's beta; 'auto': ftjobs' default, 0.1"
+    )
+
+
+class DpoMethod(_Request):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class MethodIn(_Request):
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning (chat messages) is offered")
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised: chat messages; dpo: OpenAI's preference file (input.messages, preferred_output, "
+        "non_preferred_output), trained as objective dpo"
+    )
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class FineTuningJobCreate(_Request):
@@ -98,9 +112,20 @@ class SupervisedOut(BaseModel):
     hyperparameters: HyperparametersOut
 
 
+class DpoHyperparametersOut(HyperparametersOut):
+    beta: float
+
+
+class DpoOut(BaseModel):
+    hyperparameters: DpoHyperparametersOut
+
+
 class MethodOut(BaseModel):
-    type: Literal["supervised"]
-    supervised: SupervisedOut
+    type: Literal["supervised", "dpo", "kto", "orpo"] = Field(
+        description="The job's objective: supervised (sft), dpo, or ftjobs' kto and orpo (native jobs)"
+    )
+    supervised: SupervisedOut | None = None
+    dpo: DpoOut | None = None
 
 
 FineTuningStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
