@@ -171,3 +171,48 @@ def test_module_stays_pure_python():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+USER = [{"role": "user", "content": "Sky colour?"}]
+BLUE, CAT = [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "A cat."}]
+PAIR_TEXT = {"prompt": "Sky colour? ", "chosen": "Blue.", "rejected": "A cat."}
+PAIR_CHAT = {"prompt": USER, "chosen": BLUE, "rejected": CAT}
+OPENAI_PAIR = {"input": {"messages": USER}, "preferred_output": BLUE, "non_preferred_output": CAT}
+KTO_ROW = {"prompt": "Sky colour? ", "completion": "Blue.", "label": True}
+
+
+@pytest.mark.parametrize(
+    "fmt, rows, line, reason",
+    [
+        ("preference", [PAIR_TEXT, {"prompt": "q", "chosen": "a"}], 2, "missing field 'rejected'"),
+        ("preference", [PAIR_TEXT, PAIR_TEXT, {**PAIR_TEXT, "chosen": 3}], 3, "'chosen' must be a string"),
+        ("preference", [{**PAIR_TEXT, "rejected": "Blue."}], 1, "the chosen and rejected completions are the same"),
+        ("preference", [{**PAIR_TEXT, "prompt": 7}], 1, "must be a string or an array of messages"),
+        ("preference", [PAIR_CHAT, {**PAIR_CHAT, "prompt": USER + BLUE}], 2, "must end with a user message"),
+        ("preference", [{**PAIR_CHAT, "chosen": USER}], 1, "'chosen' must hold assistant messages only"),
+        ("preference", [{**PAIR_CHAT, "rejected": []}], 1, "'rejected' must be a non-empty array"),
+        ("openai_preference", [OPENAI_PAIR, {**OPENAI_PAIR, "input": USER}], 2, "'input' must be an object"),
+        ("openai_preference", [{"input": {"messages": USER}, "preferred_output": BLUE}], 1,
+         "missing field 'non_preferred_output'"),
+        ("openai_preference", [{**OPENAI_PAIR, "preferred_output": [{"role": "robot", "content": "x"}]}], 1,
+         "unknown role"),
+        ("openai_preference", [OPENAI_PAIR, {**OPENAI_PAIR, "non_preferred_output": BLUE}], 2, "nothing to prefer"),
+        ("kto", [KTO_ROW, {**KTO_ROW, "label": "yes"}], 2, "'label' must be true or false"),
+        ("kto", [KTO_ROW, KTO_ROW, {"prompt": "q", "label": False}], 3, "missing field 'completion'"),
+        ("kto", [{"prompt": USER, "completion": USER, "label": False}], 1, "assistant messages only"),
+    ],
+)  # fmt: skip
+def test_a_malformed_preference_row_is_reported_with_its_line(tmp_path, fmt, rows, line, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InvalidDataset) as caught:
+        validate_dataset(path, fmt)
+    assert caught.value.line == line and reason in str(caught.value), str(caught.value)
+
+
+def test_preference_rows_parse_as_pairs_and_labelled_completions(tmp_path):
+    [text] = iter_examples(write_jsonl(tmp_path / "a.jsonl", [PAIR_TEXT]), "preference")
+    [chat] = iter_examples(write_jsonl(tmp_path / "b.jsonl", [OPENAI_PAIR]), "openai_preference")
+    [kto] = iter_examples(write_jsonl(tmp_path / "c.jsonl", [KTO_ROW]), "kto")
+    assert (text.prompt, text.chosen, text.rejected) == ("Sky colour? ", "Blue.", "A cat.")
+    assert chat.prompt == (Message("user", "Sky colour?"),) and chat.rejected == (Message("assistant", "A cat."),)
+    assert (kto.completion, kto.label, kto.line) == ("Blue.", True, 1)

@@ -14,7 +14,8 @@ import torch
 from harness import Killed, kill_after
 from safetensors.torch import load_file
 
-from domain.datasets import Message, PreferenceExample
+from domain.datasets import LabeledExample, Message, PreferenceExample
+from domain.errors import InvalidDataset
 from domain.spec import JobSpec
 from worker.training import data, train
 from worker.training.reference import REFERENCE_FILE
@@ -194,3 +195,13 @@ def test_the_reference_defaults_to_the_adapters_own_base_or_else_a_first_pass(ti
         "adapter_disabled", "adapter_disabled", "precomputed", "precomputed",
     ]  # fmt: skip
     assert reference("full", "kto") == "precomputed" and reference("lora", "orpo") is None
+
+
+def test_kto_rows_that_mix_text_and_message_prompts_fail_before_training(tiny_llama):
+    tokenizer = data.load_tokenizer(tiny_llama)
+    rows = [
+        LabeledExample(1, "Sky colour? ", "Blue.", True),
+        LabeledExample(2, (Message("user", "Sky colour?"),), (Message("assistant", "A cat."),), False),
+    ]
+    with pytest.raises(InvalidDataset, match="mix text and message prompts"):
+        data.tokenize_scored(tokenizer, rows, max_seq_length=64)
