@@ -166,8 +166,8 @@ def test_checkpoints_are_written_every_n_steps_and_only_the_newest_k_are_kept(
         ]
     newest = tmp_path / "checkpoints" / "step-000008"
     trainer = json.loads((newest / "trainer.json").read_text())
-    # 8 rows in micro-batches of 3, 3 and 2: 8 steps consumed 2 whole epochs and 2 micro-batches of the third.
-    assert trainer["data_position"] == {"epoch": 2, "micro_batch": 2}
+    # 8 rows in steps of 3, 3 and 2: 8 steps consumed 2 whole epochs and 2 steps of the third.
+    assert trainer["data_position"] == {"epoch": 2, "step_in_epoch": 2}
     metrics = json.loads((newest / "metrics.json").read_text())
     assert metrics["step"] == 8 and metrics["epoch"] == pytest.approx(8 / 3)
     assert metrics["train_loss"] == trainer["run"]["loss_curve"][-1]["loss"] and metrics["tokens_seen"] > 0

@@ -107,11 +107,18 @@ def test_collate_pads_right_per_batch(tiny_llama):
     assert (batch["labels"][0, len(short.input_ids) :] == data.IGNORE_INDEX).all()
 
 
-def test_micro_batches_are_seeded_epochs():
+def test_step_windows_are_seeded_epochs_cut_by_the_effective_batch():
     dataset = list(range(10))
-    first = data.micro_batches(dataset, 4, seed=3)
+    first = data.step_windows(dataset, 2, 2, seed=3)
     epoch = [next(first) for _ in range(3)]
-    assert [len(batch) for batch in epoch] == [4, 4, 2]
-    assert sorted(item for batch in epoch for item in batch) == dataset
-    again = data.micro_batches(dataset, 4, seed=3)
+    assert [[len(micro) for micro in window] for window in epoch] == [[2, 2], [2, 2], [2]]
+    assert sorted(item for window in epoch for micro in window for item in micro) == dataset
+    again = data.step_windows(dataset, 2, 2, seed=3)
     assert [next(again) for _ in range(3)] == epoch
+    # Half the micro-batch, twice the accumulation (an out-of-memory recovery): every step trains the same rows.
+    recovered = data.step_windows(dataset, 1, 4, seed=3)
+    for window in epoch + [next(first) for _ in range(3)]:
+        rows = next(recovered)
+        assert [item for micro in rows for item in micro] == [item for micro in window for item in micro]
+        assert all(len(micro) == 1 for micro in rows)
+    assert data.steps_per_epoch(10, 4) == 3

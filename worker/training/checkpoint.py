@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from domain.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec
+from domain.spec import CHECKPOINT_ADAPTER_DIR, CHECKPOINT_METRICS_FILE, JobSpec, Optimizer
 from worker.training.ranks import Ranks
 
 MARKER = "COMPLETE"
@@ -55,8 +55,7 @@ _GALORE = "__galore_projector__"
 class RunState:
     """The training loop's own counters at the end of an optimizer step: what a resumed run continues."""
 
-    step: int = 0  # optimizer steps completed
-    micro_steps: int = 0  # micro-batches consumed: the data position
+    step: int = 0  # optimizer steps completed, hence windows of the data stream consumed: the data position
     tokens_seen: int = 0
     train_seconds: float = 0.0  # training time so far, so tokens/s and the ETA stay right after a resume
     loss_curve: list[dict] = dataclasses.field(default_factory=list)
@@ -64,14 +63,14 @@ class RunState:
 
 
 class Checkpoints:
-    def __init__(self, root: Path, spec: JobSpec, micro_batches_per_epoch: int, ranks: Ranks | None = None) -> None:
+    def __init__(self, root: Path, spec: JobSpec, steps_per_epoch: int, ranks: Ranks | None = None) -> None:
         self.root = Path(root)
         self.ranks = ranks or Ranks()
         self.every_steps = spec.training.checkpoint_every_steps
         self.every_epoch = spec.training.checkpoint_every_epoch
         self.keep = spec.training.keep_checkpoints
         self.fingerprint = spec_fingerprint(spec)
-        self.micro_batches_per_epoch = micro_batches_per_epoch
+        self.steps_per_epoch = steps_per_epoch
 
     def due(self, step: int, total_steps: int, epoch_ended: bool = False) -> bool:
         """Every N steps, but not at the last one: the final artifacts are saved right after it. With
@@ -97,12 +96,12 @@ class Checkpoints:
         trainer = load_tree(directory, "trainer")
         scheduler.load_state_dict(trainer["scheduler"])
         strategy.load_scaler_state_dict(trainer["scaler"])
-        position = trainer["data_position"]
-        for _ in range(position["epoch"] * self.micro_batches_per_epoch + position["micro_batch"]):
-            next(stream)  # re-deals the same seeded shuffles, so the next micro-batch is the one that was due
+        run = RunState(**trainer["run"])
+        for _ in range(run.step):
+            next(stream)  # re-deals the same seeded shuffles, so the next step's window is the one that was due
         # last: nothing above may draw from the RNGs the loop goes on with (dropout: each rank its own)
         set_rng_state(trainer["rng"] if self.ranks.is_main else load_tree(directory, _rank_rng(self.ranks.rank)))
-        return RunState(**trainer["run"])
+        return run
 
     def save(self, state: RunState, strategy, scheduler, carry: Path | None = None) -> str:
         """Write a checkpoint atomically, prune to the newest `keep`; the path relative to the output dir.
@@ -132,9 +131,9 @@ class Checkpoints:
             "trainer",
             {
                 "run": dataclasses.asdict(state),
-                "data_position": {
-                    "epoch": state.micro_steps // self.micro_batches_per_epoch,
-                    "micro_batch": state.micro_steps % self.micro_batches_per_epoch,
+                "data_position": {  # for people reading it: a resume replays `run.step` windows
+                    "epoch": state.step // self.steps_per_epoch,
+                    "step_in_epoch": state.step % self.steps_per_epoch,
                 },
                 "scheduler": scheduler.state_dict(),
                 "scaler": strategy.scaler_state_dict(),
@@ -153,7 +152,7 @@ class Checkpoints:
         last = state.loss_curve[-1] if state.loss_curve else {}
         metrics = {
             "step": state.step,
-            "epoch": state.micro_steps / self.micro_batches_per_epoch,
+            "epoch": state.step / self.steps_per_epoch,
             "tokens_seen": state.tokens_seen,
         }
         if "loss" in last:
@@ -209,17 +208,34 @@ def export_adapter(model, target: Path) -> None:
     (target / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing of this job in it
 
 
+# An out-of-memory recovery (planner/recovery.py) may change these, and none of them changes which rows a step
+# trains on or the optimizer's state layout: its new attempt resumes the checkpoints of the old one.
+_RECOVERABLE_TRAINING = {"micro_batch_size", "gradient_accumulation_steps"}
+_RECOVERABLE_MEMORY = {"gradient_checkpointing", "fused_loss"}
+
+
 def spec_fingerprint(spec: JobSpec) -> str:
-    """What decides the training trajectory; the checkpoint cadence and metadata do not."""
+    """What decides the training trajectory; the checkpoint cadence, the metadata, and how a step's rows are cut
+    into micro-batches (only the effective batch counts: data.step_windows) do not."""
     relevant = spec.model_dump(
         mode="json",
         exclude={
             "metadata": True,
             "resources": True,
-            "training": {"checkpoint_every_steps", "checkpoint_every_epoch", "keep_checkpoints"},
+            "training": {"checkpoint_every_steps", "checkpoint_every_epoch", "keep_checkpoints"}
+            | _RECOVERABLE_TRAINING,
+            "memory": _RECOVERABLE_MEMORY,
         },
     )
+    training = spec.training
+    relevant["rows_per_step"] = training.micro_batch_size * training.gradient_accumulation_steps
+    relevant["memory"]["optimizer"] = unpaged(spec.memory.optimizer).value
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def unpaged(optimizer: Optimizer) -> Optimizer:
+    """bitsandbytes' paged AdamW 8-bit keeps the same state as its unpaged one, so either resumes the other."""
+    return Optimizer.adamw_8bit if optimizer is Optimizer.paged_adamw_8bit else optimizer
 
 
 # --- trees of tensors and plain values: tensors to safetensors, the structure to JSON ---------------------

@@ -257,20 +257,30 @@ def _mask_by_prefixes(tokenizer, conversation: list[dict]) -> tuple[list[int], l
     return list(encoded["input_ids"]), mask
 
 
-def micro_batches(
-    dataset: Sequence[TokenizedExample], micro_batch_size: int, seed: int
-) -> Iterator[list[TokenizedExample]]:
-    """An endless stream of micro-batches: each epoch is a fresh seeded shuffle, cut into micro_batch_size
-    pieces (the last one of an epoch may be smaller)."""
+def step_windows(
+    dataset: Sequence[TokenizedExample], micro_batch_size: int, accumulation: int, seed: int
+) -> Iterator[list[list[TokenizedExample]]]:
+    """An endless stream of optimizer steps, each a list of micro-batches: every epoch is a fresh seeded shuffle,
+    cut into windows of micro_batch_size x accumulation rows (the last one of an epoch may be smaller), and each
+    window into micro-batches of micro_batch_size rows (its last one may be smaller).
+
+    The windows depend only on the effective batch (the product), so a job re-planned after running out of memory,
+    with half the micro-batch and twice the accumulation, trains on the same rows at every step, for the same number
+    of steps, and resumes the same checkpoint (worker/execution.py)."""
     generator = torch.Generator().manual_seed(seed)
+    window_rows = micro_batch_size * accumulation
     while True:
         order = torch.randperm(len(dataset), generator=generator).tolist()
-        for start in range(0, len(order), micro_batch_size):
-            yield [dataset[index] for index in order[start : start + micro_batch_size]]
+        for start in range(0, len(order), window_rows):
+            window = order[start : start + window_rows]
+            yield [
+                [dataset[index] for index in window[first : first + micro_batch_size]]
+                for first in range(0, len(window), micro_batch_size)
+            ]
 
 
-def micro_batches_per_epoch(dataset_size: int, micro_batch_size: int) -> int:
-    return -(-dataset_size // micro_batch_size)
+def steps_per_epoch(dataset_size: int, rows_per_step: int) -> int:
+    return -(-dataset_size // rows_per_step)
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -73,9 +73,9 @@ class TrainData:
     dropped_examples: int  # examples with no learned token left after truncation
     source_examples: int  # training examples before packing
     micro_batch_size: int  # rows per rank; a global micro-batch is micro_batch_size x ranks
-    micro_per_epoch: int
+    steps_per_epoch: int
     total_steps: int
-    stream: object  # the endless seeded stream of global micro-batches, the same on every rank
+    stream: object  # the endless seeded stream of steps (lists of global micro-batches), the same on every rank
 
 
 @dataclass
@@ -172,7 +172,7 @@ def setup_run(spec: JobSpec, model, device, plan, memory, train_data: TrainData,
         train_data,
         strategy,
         scheduler,
-        checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.micro_per_epoch, ranks),
+        checkpoints=checkpoint.Checkpoints(output_dir / "checkpoints", spec, train_data.steps_per_epoch, ranks),
         autocast=torch.autocast(device.type, dtype=plan.autocast_dtype)
         if plan.autocast_dtype
         else contextlib.nullcontext(),
@@ -216,9 +216,9 @@ def setup_data(
     source_examples = len(dataset)
     if training.packing:
         dataset = data.pack_examples(dataset, training.max_seq_length, training.seed)
-    micro_per_epoch = data.micro_batches_per_epoch(len(dataset), micro_batch_size * world)
     accumulation = training.gradient_accumulation_steps
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * micro_per_epoch / accumulation))
+    per_epoch = data.steps_per_epoch(len(dataset), micro_batch_size * world * accumulation)
+    total_steps = training.max_steps or max(1, math.ceil(training.epochs * per_epoch))
     return TrainData(
         tokenizer=tokenizer,
         dataset=dataset,
@@ -226,9 +226,9 @@ def setup_data(
         dropped_examples=dropped_examples,
         source_examples=source_examples,
         micro_batch_size=micro_batch_size,
-        micro_per_epoch=micro_per_epoch,
+        steps_per_epoch=per_epoch,
         total_steps=total_steps,
-        stream=data.micro_batches(dataset, micro_batch_size * world, training.seed),
+        stream=data.step_windows(dataset, micro_batch_size * world, accumulation, training.seed),
     )
 
 
@@ -291,8 +291,6 @@ def resume(run: Run, hooks: Hooks) -> None:
 # ---- train ------------------------------------------------------------------------------------------------------
 def train_loop(run: Run, hooks: Hooks) -> None:
     total_steps = run.data.total_steps
-    micro_per_epoch = run.data.micro_per_epoch
-    accumulation = run.spec.training.gradient_accumulation_steps
     for step in range(run.state.step + 1, total_steps + 1):
         run.step = step
         if run.ranks.from_main(hooks.should_drain()):  # every rank stops at the same step
@@ -301,17 +299,16 @@ def train_loop(run: Run, hooks: Hooks) -> None:
             raise JobDrained(f"drained after step {step - 1}")
         learning_rate = train_step(run, step, hooks.should_stop)
         report(run, step, learning_rate, hooks.on_progress)
-        micro_steps = run.state.micro_steps
-        epoch_ended = micro_steps // micro_per_epoch > (micro_steps - accumulation) // micro_per_epoch
-        if run.checkpoints.due(step, total_steps, epoch_ended):
+        if run.checkpoints.due(step, total_steps, epoch_ended=step % run.data.steps_per_epoch == 0):
             save_checkpoint(run, hooks)
     run.train_seconds = time.perf_counter() - run.train_start
 
 
 def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
-    """One optimizer step over gradient_accumulation_steps global micro-batches; the learning rate it used."""
-    state, stream, ranks = run.state, run.data.stream, run.ranks
-    window = [next(stream) for _ in range(run.spec.training.gradient_accumulation_steps)]
+    """One optimizer step over its window's global micro-batches (gradient_accumulation_steps, fewer at an epoch's
+    end); the learning rate it used."""
+    state, ranks = run.state, run.ranks
+    window = next(run.data.stream)
     # Normalise by the whole global step (its learned tokens, or examples), so accumulation over micro-batches and
     # ranks equals one big batch. FSDP averages gradients over the ranks, so each rank's share is scaled by the world.
     step_totals = objectives.totals(window)
@@ -327,7 +324,6 @@ def train_step(run: Run, step: int, should_stop: Callable[[], bool]) -> float:
         run.strategy.backward(loss * weight)
         step_loss += loss.detach() * (weight / ranks.world)
         state.tokens_seen += sum(data.num_tokens(example) for example in micro)  # host-side: no GPU sync
-        state.micro_steps += 1
 
     run.strategy.step(loading.MAX_GRAD_NORM)
     learning_rate = float(run.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
@@ -350,7 +346,7 @@ def report(run: Run, step: int, learning_rate: float, on_progress: Callable[[Pro
         Progress(
             step=step,
             total_steps=total_steps,
-            epoch=state.micro_steps / run.data.micro_per_epoch,
+            epoch=state.step / run.data.steps_per_epoch,
             loss=sum(state.losses_since_report) / len(state.losses_since_report),
             learning_rate=learning_rate,
             tokens_per_second=state.tokens_seen / max(train_seconds, 1e-9),
@@ -456,7 +452,7 @@ def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_byte
         "steps": train_data.total_steps,
         "micro_batch_size": train_data.micro_batch_size,
         "gradient_accumulation_steps": spec.training.gradient_accumulation_steps,
-        "epochs": state.micro_steps / train_data.micro_per_epoch,
+        "epochs": state.step / train_data.steps_per_epoch,
         "examples": len(train_data.dataset),
         "examples_dropped_no_learned_tokens": train_data.dropped_examples,
         "trainable_parameters": sum(parameter.numel() for parameter in run.strategy.trained.values()),
