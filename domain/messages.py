@@ -5,7 +5,8 @@
                            {"type": "checkpoint", "step", "path"}   waits for an ack before training goes on
                            {"type": "log", "message", ...}          becomes a job event as it is
                            {"type": "result", **TrainResult fields, "measured_peak_bytes"}
-                           {"type": "error", "code", "message", "retryable"}
+                           {"type": "error", "code", "message", "retryable", ...}   out_of_memory adds step,
+                                                                     device, measured_peak_bytes
   to the training process  {"type": "lease", "deadline"}            the lease was renewed until then (monotonic s)
                            {"type": "drain"}                        checkpoint at the next step, then stop
                            {"type": "ack"}                          the last checkpoint is in storage
@@ -57,8 +58,8 @@ def result(**fields: Any) -> dict[str, Any]:
     return {"type": "result", **fields}
 
 
-def error(code: str, message: str, retryable: bool) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, "retryable": retryable}
+def error(code: str, message: str, retryable: bool, **data: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, "retryable": retryable, **data}
 
 
 def lease(deadline: float) -> dict[str, Any]:

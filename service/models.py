@@ -69,7 +69,10 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"))
     created_by_key_id: Mapped[str | None] = mapped_column(String(40))
     cancelled_by_key_id: Mapped[str | None] = mapped_column(String(40))
-    spec: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonDocument)  # what runs: an OOM recovery may change it
+    # The spec as the caller asked for it, kept once an OOM recovery changes `spec`; None while they are equal.
+    requested_spec: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+    oom_recoveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     plan: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
     base_model_path: Mapped[str] = mapped_column(Text)
     dataset_url: Mapped[str] = mapped_column(Text)  # a local path or s3:// URL (service/storage.py)

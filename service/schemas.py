@@ -125,8 +125,13 @@ class JobOut(BaseModel):
     created_by_key_id: str | None = Field(description="The API key that submitted the job")
     cancelled_by_key_id: str | None = Field(description="The API key that cancelled it, if one did")
     spec: Annotated[dict[str, Any], StoredAs(JobSpec)] = Field(
-        description="The spec as accepted, micro_batch_size resolved"
+        description="The spec that runs: as accepted with micro_batch_size resolved, then as each out-of-memory "
+        "recovery changed it"
     )
+    requested_spec: Annotated[dict[str, Any], StoredAs(JobSpec)] | None = Field(
+        description="The spec as accepted, once an out-of-memory recovery has changed `spec`; null until then"
+    )
+    oom_recoveries: int = Field(description="Times the job ran out of memory and was re-planned and resumed")
     progress: Annotated[dict[str, Any], StoredAs(Progress)] | None = Field(
         description="The latest progress report; null until the first one"
     )
@@ -157,6 +162,8 @@ class JobOut(BaseModel):
             created_by_key_id=job.created_by_key_id,
             cancelled_by_key_id=job.cancelled_by_key_id,
             spec=job.spec,
+            requested_spec=job.requested_spec,
+            oom_recoveries=job.oom_recoveries,
             progress=job.progress,
             predicted_peak_bytes=job.predicted_peak_bytes,
             measured_peak_bytes=job.measured_peak_bytes,

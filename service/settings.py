@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = 1.0
     # Attempts in all, across workers, for a job whose worker or training process is lost or drained.
     max_attempts: int = Field(3, ge=1)
+    # A job that runs out of memory is re-planned and resumed as a new attempt this many times (planner/recovery.py)
+    # before it fails with out_of_memory; these attempts do not count against max_attempts.
+    max_oom_recoveries: int = Field(2, ge=0, le=8)
+    # A CPU worker's job processes get this address-space limit (RLIMIT_AS), so they run out of memory for real;
+    # ignored on a GPU. None: no limit.
+    job_memory_limit_bytes: int | None = Field(None, gt=0)
     # A running attempt holds a lease that its worker renews every lease_renew_seconds while training goes on;
     # once it has expired, any worker's reconciler hands the job to a new attempt (service/jobs/reconcile.py).
     lease_seconds: float = 60.0

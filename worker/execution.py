@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from domain import messages
+from domain.errors import TrainingOutOfMemory
 from domain.spec import CHECKPOINT_METRICS_FILE
 from domain.states import JobStatus
 from service.db import in_transaction, transaction
 from service.errors import StorageUnavailable
-from service.jobs import attempts, repository
+from service.jobs import attempts, recovery, repository
 from service.jobs.attempts import Fence
 from service.queue import enqueue_job
 from service.settings import Settings
@@ -375,6 +376,8 @@ class AttemptRunner:
             return self._release("drained", outcome.get("detail") or outcome.get("message", "drained"))
         if kind == "crashed" or outcome.get("retryable"):
             return self._release("crashed" if kind == "crashed" else code, _failure(outcome))
+        if code == TrainingOutOfMemory.code:
+            return self._recover(outcome)
         return self._finish(JobStatus.failed, "failed", error_code=code, error_message=outcome["message"])
 
     def _succeed(self, outcome: dict[str, Any]) -> JobStatus | None:
@@ -401,6 +404,15 @@ class AttemptRunner:
         status = in_transaction(lambda s: attempts.release(s, self.fence, outcome, detail, self.settings.max_attempts))
         if status is JobStatus.queued:
             log.info("job %s: attempt %d ended (%s); back in the queue", *self._ids(), outcome)
+            _enqueue_or_leave_to_reconciler(self.fence.job_id, self.settings)
+        return status
+
+    def _recover(self, failure: dict[str, Any]) -> JobStatus | None:
+        """Out of memory: re-planned and back in the queue to resume from its checkpoint, or failed with the figures
+        (service/jobs/recovery.py)."""
+        status = in_transaction(lambda s: recovery.after_out_of_memory(s, self.fence, failure, self.settings))
+        if status is JobStatus.queued:
+            log.info("job %s: attempt %d ran out of memory; re-planned and back in the queue", *self._ids())
             _enqueue_or_leave_to_reconciler(self.fence.job_id, self.settings)
         return status
 

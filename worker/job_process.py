@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from domain import messages
-from domain.errors import DomainError, LeaseLost
+from domain.errors import DomainError, LeaseLost, TrainingOutOfMemory
 
 
 class ParentLink:
@@ -113,13 +113,16 @@ def run_job(
     from service.logs import configure_logging
     from service.settings import get_settings
 
-    configure_logging(get_settings())
+    settings = get_settings()
+    configure_logging(settings)
+    limit_note = _limit_address_space(settings.job_memory_limit_bytes)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # progress goes to the job's events, not to stderr bars
     try:
-        if allocator_note:
-            link.send(messages.log(allocator_note))
+        for note in (allocator_note, limit_note):
+            if note:
+                link.send(messages.log(note))
         result = _train(spec_json, base_model_dir, dataset_path, output_dir, link, validation_path, ranks)
     except BaseException as exc:  # every failure goes back to the parent, which records it on the job
         link.send(_describe(exc, ranks))
@@ -198,6 +201,22 @@ def _configure_allocator() -> str | None:
     )
 
 
+def _limit_address_space(limit_bytes: int | None) -> str | None:
+    """FTJOBS_JOB_MEMORY_LIMIT_BYTES: this process's address space (RLIMIT_AS), so a CPU job runs out of memory as a
+    GPU job does, with a real failed allocation, and takes the same recovery path. Not on a GPU: the CUDA driver
+    reserves far more address space than it uses, and the device's own memory is the limit there."""
+    if limit_bytes is None:
+        return None
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"job_memory_limit_bytes {limit_bytes} is ignored on a GPU: the device's memory is the limit"
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return f"address space limited to {limit_bytes / 2**30:.2f} GiB (job_memory_limit_bytes)"
+
+
 def _die_with_parent() -> None:
     """Linux: the kernel sends SIGKILL to this process when the worker that started it dies."""
     if not sys.platform.startswith("linux"):
@@ -226,6 +245,16 @@ def _resident_memory() -> dict:
 
 
 def _describe(exc: BaseException, ranks=None) -> dict:
+    if isinstance(exc, TrainingOutOfMemory):  # the figures the worker re-plans the job against
+        peak = exc.extra.get("measured_peak_bytes") or _resident_memory().get("process_peak_resident_bytes")
+        return messages.error(
+            exc.code,
+            exc.detail,
+            exc.retryable,
+            step=exc.extra.get("step"),
+            device=exc.extra.get("device"),
+            measured_peak_bytes=peak,
+        )
     if isinstance(exc, DomainError):
         return messages.error(exc.code, exc.detail, exc.retryable)
     if ranks is not None and ranks.distributed:

@@ -103,8 +103,13 @@ JOB_DURATION = Histogram(
 )
 OUT_OF_MEMORY = Counter(
     "ftjobs_job_out_of_memory",
-    "Jobs that failed because training ran out of memory (error code out_of_memory); "
+    "Training attempts that ran out of memory (error code out_of_memory), recovered or not; "
     "device=gpu counts CUDA out-of-memory errors.",
+    ["device"],
+)
+OOM_RECOVERED = Counter(
+    "ftjobs_job_oom_recoveries",
+    "Attempts that ran out of memory and whose job was re-planned and requeued to resume (planner/recovery.py).",
     ["device"],
 )
 
@@ -183,6 +188,8 @@ def job_finished(
         JOB_DURATION.labels(outcome).observe(duration_seconds)
     if error_code == "out_of_memory":
         OUT_OF_MEMORY.labels(training_device_kind()).inc()
+        if outcome == "queued":
+            OOM_RECOVERED.labels(training_device_kind()).inc()
     predicted = predicted_peak_bytes or job.predicted_peak_bytes
     if measured_peak_bytes is not None:
         measured, device = measured_peak_bytes, "gpu"
@@ -268,6 +275,7 @@ def serve(port: int, host: str = "127.0.0.1") -> bool:
     # Exported as 0 from the start, for this worker's device only: a series for a device it lacks would be a lie.
     PEAK_RATIO.labels(device)
     OUT_OF_MEMORY.labels(device)
+    OOM_RECOVERED.labels(device)
     for outcome in OUTCOMES:
         JOB_DURATION.labels(outcome)
     try:

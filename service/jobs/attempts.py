@@ -145,16 +145,19 @@ def release(
     """End the attempt and hand the job on: back to the queue, or cancelled if a cancel was asked, or failed
     with `attempts_exhausted` once `max_attempts` attempts have run. None if the attempt was superseded (or,
     with `only_if_lease_expired`, if its lease is still good): nothing changed."""
-    query = select(Job.status).where(Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE))
+    query = select(Job.status, Job.oom_recoveries).where(
+        Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE)
+    )
     if only_if_lease_expired:
         query = query.where(Job.lease_expires_at < database_now(session))
-    status = session.scalar(query.with_for_update())
-    if status is None:
+    found = session.execute(query.with_for_update()).one_or_none()
+    if found is None:
         return None
+    status, oom_recoveries = found
     end_attempt(session, fence, outcome, detail)
     if status == JobStatus.cancelling.value:
         target, fields = JobStatus.cancelled, {}
-    elif fence.number >= max_attempts:
+    elif fence.number - oom_recoveries >= max_attempts:  # the attempts out-of-memory recoveries started are extra
         target, fields = (
             JobStatus.failed,
             {
@@ -177,6 +180,29 @@ def release(
         **fields,
     )
     return target
+
+
+def running_job(session: Session, fence: Fence) -> Job | None:
+    """The job, its row locked until commit, while `fence` is its running attempt."""
+    query = select(Job).where(Job.id == fence.job_id, Job.attempt == fence.number, Job.status.in_(ACTIVE))
+    return session.scalar(query.with_for_update())
+
+
+def change_spec(session: Session, job: Job, spec: dict[str, Any], plan: dict[str, Any], peak_bytes: int) -> None:
+    """What the job's next attempts run, after an out-of-memory recovery; the first accepted spec is kept."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(
+            requested_spec=func.coalesce(Job.requested_spec, Job.spec),
+            spec=spec,
+            plan=plan,
+            predicted_peak_bytes=peak_bytes,
+            oom_recoveries=Job.oom_recoveries + 1,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def expired_leases(session: Session, limit: int = 100) -> list[Fence]:

@@ -27,6 +27,8 @@ _JOB_COLUMNS = [
         "created_by_key_id",
         "cancelled_by_key_id",
         "spec",
+        "requested_spec",
+        "oom_recoveries",
         "progress",
         "predicted_peak_bytes",
         "measured_peak_bytes",

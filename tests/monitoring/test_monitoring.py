@@ -51,6 +51,7 @@ WORKER_METRICS = {
     "ftjobs_job_peak_memory_ratio": ("histogram", "ratio", "always"),
     "ftjobs_job_duration_seconds": ("histogram", "seconds", "always"),
     "ftjobs_job_out_of_memory": ("counter", "", "always"),
+    "ftjobs_job_oom_recoveries": ("counter", "", "always"),
 }
 # Grafana's built-in interval variables, as Grafana would expand them for a 1-hour view at a 1 s scrape.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1s", "$__range": "1h"}

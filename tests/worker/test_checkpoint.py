@@ -279,3 +279,20 @@ def test_exporting_a_checkpoints_adapter_leaves_the_run_unchanged(
     first = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     second = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_every_out_of_memory_recovery_resumes_the_checkpoints_of_the_spec_before_it(make_spec):
+    """planner/recovery.py's ladder and this fingerprint are one fact: what a recovery changes never makes its new
+    attempt refuse the old attempt's checkpoints; the effective batch still does."""
+    from planner.recovery import changed, ladder
+
+    spec = make_spec(
+        training={"micro_batch_size": 4, "gradient_accumulation_steps": 2},
+        memory={"gradient_checkpointing": False, "fused_loss": False, "optimizer": "adamw_8bit"},
+    )
+    rungs = ladder(spec)
+    assert len(rungs) == 5
+    for rung in rungs:
+        assert checkpoint.spec_fingerprint(changed(spec, rung)) == checkpoint.spec_fingerprint(spec), rung
+    other_batch = make_spec(training={"micro_batch_size": 2, "gradient_accumulation_steps": 2}, memory=spec.memory)
+    assert checkpoint.spec_fingerprint(other_batch) != checkpoint.spec_fingerprint(spec)

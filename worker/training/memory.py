@@ -24,3 +24,15 @@ class MemoryProbe:
         # Reserved, not allocated: the caching allocator's reservation is what the GPU must actually hold,
         # so it is the number that decides whether a job fits.
         return torch.cuda.max_memory_reserved(self.device) if self.on_cuda else None
+
+
+# What c10's DefaultCPUAllocator says when malloc fails (alloc_cpu.cpp): a plain RuntimeError, not
+# torch.OutOfMemoryError, which only the CUDA caching allocator raises (torch 2.13).
+_CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def ran_out_of_memory(exc: BaseException) -> bool:
+    """An accelerator OOM, a failed host allocation in torch, or one in Python itself (MemoryError)."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and _CPU_ALLOCATOR_FAILURE in str(exc)

@@ -9,7 +9,7 @@ knows how the model lies on the devices.
   JobCancelled         should_stop() answered True (checked before every micro-step)
   JobDrained           should_drain() answered True (checked before every optimizer step); a checkpoint of the
                        last completed step is saved first, so the job resumes there
-  TrainingOutOfMemory  the accelerator ran out of memory (chained to torch's error)
+  TrainingOutOfMemory  the accelerator (the host, on a CPU worker) ran out of memory (chained to torch's error)
   ValueError           a spec the planner should have resolved ("auto" batch size) or that cannot apply
                        to this model (more freeze layers than it has)
 The precision mapping and LR schedule are documented in worker/training/loading.py, each optimizer and method in
@@ -36,7 +36,7 @@ from domain.messages import Progress
 from domain.spec import JobSpec, Objective
 from planner import policy
 from worker.training import checkpoint, data, extras, kernels, loading, objectives, reference
-from worker.training.memory import MemoryProbe
+from worker.training.memory import MemoryProbe, ran_out_of_memory
 from worker.training.methods import decoder_layers
 from worker.training.offload import activation_offload
 from worker.training.ranks import Ranks
@@ -154,7 +154,9 @@ def train(
         resume(run, hooks)
         train_loop(run, hooks)
         written = save_artifacts(run, Path(base_model_dir), output_dir)
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not ran_out_of_memory(exc):
+            raise
         raise _out_of_memory(exc, device, memory, run.step if run else 0) from exc
     return finish(run, written, output_dir, wall_seconds=time.perf_counter() - wall_start)
 
@@ -483,12 +485,17 @@ def _summary(run: Run, written: list[str], wall_seconds: float, peak_memory_byte
     }
 
 
-def _out_of_memory(exc: torch.OutOfMemoryError, device: torch.device, memory: MemoryProbe, step: int):
+def _out_of_memory(exc: BaseException, device: torch.device, memory: MemoryProbe, step: int) -> TrainingOutOfMemory:
+    """The step it failed in (0: before the first), and the device's peak reserved (None on the CPU, where the
+    job process adds its resident peak): what the worker re-plans the job against."""
     peak = memory.peak_bytes()
     peak_text = f" (peak reserved {peak / 2**30:.2f} GiB)" if peak else ""
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return TrainingOutOfMemory(
-        f"ran out of {device.type} memory at step {step}{peak_text}: "
-        f"{str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
+        f"ran out of {device.type} memory at step {step}{peak_text}: {first_line}",
+        step=step,
+        device=device.type,
+        measured_peak_bytes=peak,
     )
 
 
