@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from domain.spec import JobSpec
 from planner import fsdp, policy
 from planner import terms as t
+from planner.calibration import LearnedCorrection
 from planner.methods import METHODS, method_traits
 from planner.objectives import objective_traits
 from planner.optimizers import OPTIMIZERS
@@ -140,6 +141,12 @@ class Plan(BaseModel):
     )
     warnings: list[str] = Field(
         default_factory=list, description="Why the prediction may not hold for this process (e.g. its allocator)"
+    )
+    learned_correction: LearnedCorrection | None = Field(
+        None,
+        description="Present when finished jobs of this recipe family on this GPU model measured more than the "
+        "model computes: the breakdown's learned_correction term is the difference (planner/calibration.py)",
+        exclude_if=lambda value: value is None,  # plans without one serialize exactly as before
     )
 
 

@@ -58,6 +58,10 @@ class Unauthenticated(ProblemError):
     headers = {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it wants
 
 
+class AdminOnly(ProblemError):
+    status, code, title = 403, "admin_only", "This route needs an admin API key"
+
+
 class RateLimited(ProblemError):
     status, code, title = 429, "rate_limited", "Too many requests for this API key"
 

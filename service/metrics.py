@@ -1,8 +1,9 @@
 """The API process's Prometheus metrics, served at /metrics (service/app.py).
 
 Counters and histograms are updated as requests happen. Whatever the database or the broker already knows
-(jobs by state, registered GPUs, queue depth) is read at scrape time by `ServiceStateCollector`, so it is
-always the truth of the moment and costs one GROUP BY, one small SELECT and one LLEN per scrape.
+(jobs by state, registered GPUs, queue depth, the planner's accuracy) is read at scrape time by
+`ServiceStateCollector`, so it is always the truth of the moment and costs one GROUP BY, two small SELECTs (the
+planner's over the measurements index) and one LLEN per scrape.
 
 Conventions (the README's Monitoring section lists every metric): the `ftjobs_` prefix, base units in the
 name (`_seconds`, `_bytes`), `_total` only on counters, HELP on every metric, and labels whose values come from
@@ -170,12 +171,15 @@ class ServiceStateCollector(Collector):
     def _from_database(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy.orm import Session
 
+        from service.calibration.service import accuracy_by_family
         from service.gpus import live_gpus
         from service.jobs import repository
 
-        with Session(self.engine) as session, session.begin():
+        # expire_on_commit off: the GPU rows are read after the commit, when the series are built.
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
             counts = repository.count_jobs_by_status(session)
             gpus = live_gpus(session, self.settings)
+            accuracy = accuracy_by_family(session)
         jobs = GaugeMetricFamily("ftjobs_jobs", _STATE_HELP["ftjobs_jobs"], labels=["state"])
         for state in JobStatus:  # every state, 0 included: "no failed jobs" is a reading, and alerts need it
             jobs.add_metric([state.value], counts.get(state.value, 0))
@@ -188,7 +192,7 @@ class ServiceStateCollector(Collector):
         )
         for gpu in gpus:
             memory.add_metric([gpu.worker_hostname, str(gpu.device_index), gpu.name], gpu.total_memory_bytes)
-        yield from (jobs, registered, memory)
+        yield from (jobs, registered, memory, *_planner_accuracy(accuracy))
 
     def _from_broker(self) -> Iterator[GaugeMetricFamily]:
         from service.queue import queue_depth
@@ -201,11 +205,32 @@ class ServiceStateCollector(Collector):
         yield family
 
 
+def _planner_accuracy(rows: list) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    """The planner's error per (GPU model, recipe family): both label sets are closed (the workers' GPU models,
+    and families built from the spec's enums). `rows`: service.calibration.service.FamilyAccuracy."""
+    labels = ["gpu_model", "family"]
+    error = GaugeMetricFamily(
+        "ftjobs_planner_error_ratio", _STATE_HELP["ftjobs_planner_error_ratio"], labels=[*labels, "stat"]
+    )
+    correction = GaugeMetricFamily(
+        "ftjobs_planner_correction_ratio", _STATE_HELP["ftjobs_planner_correction_ratio"], labels=labels
+    )
+    for row in rows:
+        error.add_metric([row.gpu_model, row.family, "median"], row.accuracy.median_error_ratio)
+        error.add_metric([row.gpu_model, row.family, "worst"], row.accuracy.worst_error_ratio)
+        correction.add_metric([row.gpu_model, row.family], row.correction.ratio if row.correction else 1.0)
+    return error, correction
+
+
 _STATE_HELP = {
     "ftjobs_jobs": "Jobs in the database by state.",
     "ftjobs_registered_gpus": "GPUs registered by the workers that are up.",
     "ftjobs_registered_gpu_memory_bytes": "Total memory of each GPU a worker registered.",
     "ftjobs_queue_depth": "Job messages waiting in the broker queue, not yet taken by a worker.",
+    "ftjobs_planner_error_ratio": "The planner's error on finished GPU jobs (measured / predicted peak - 1), "
+    "median or worst (furthest from 0), over the newest 200 jobs of each GPU model and recipe family.",
+    "ftjobs_planner_correction_ratio": "The factor the planner multiplies its peak by for a GPU model and recipe "
+    "family, learned from finished jobs; 1 while there is none.",
 }
 
 STATE_COLLECTOR = ServiceStateCollector()

@@ -241,3 +241,29 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)  # null: no answer (refused, timed out)
     error: Mapped[str | None] = mapped_column(Text)
     duration_seconds: Mapped[float] = mapped_column(Float)
+
+
+class PlannerMeasurement(Base):
+    """A succeeded GPU job's measured peak beside the peak the model computed for it, with what decides the
+    error: the planner's correction per (gpu_model, family) is learned from these (service/calibration/)."""
+
+    __tablename__ = "planner_measurements"
+    __table_args__ = (
+        # The planner's one query: the newest measurements of one (GPU model, family).
+        Index("ix_planner_measurements_gpu_family_created", "gpu_model", "family", "created_at"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"))
+    gpu_model: Mapped[str] = mapped_column(String(255))  # NVML's name, as the worker registers its GPUs
+    driver: Mapped[str | None] = mapped_column(String(64))
+    library_versions: Mapped[dict[str, str]] = mapped_column(JsonDocument)  # torch, transformers, peft, bnb
+    architecture: Mapped[str] = mapped_column(String(64))  # config.json's model_type
+    method: Mapped[str] = mapped_column(String(32))
+    optimizer: Mapped[str] = mapped_column(String(64))
+    family: Mapped[str] = mapped_column(String(128))  # planner.calibration.recipe_family of the spec that ran
+    phase_at_peak: Mapped[str | None] = mapped_column(String(32))  # the plan's peak phase
+    predicted_peak_bytes: Mapped[int] = mapped_column(BigInteger)  # the model's, before any learned correction
+    measured_peak_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,6 +11,7 @@ from domain.spec import JobSpec
 from planner import Plan, plan
 from planner.scope import PlanRefused
 from service.base_models import locate_for_planning
+from service.calibration.service import correction_for
 from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong, UnsupportedPaddingFree
 from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
@@ -50,6 +51,8 @@ def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_
     located = locate_for_planning(spec.base_model, model_roots)
     capacity = gpu_capacity_bytes(session, settings, spec)
     max_gpus = max_gpus_per_worker(session, settings)
+    # The CLI plans without a database, hence with the model alone.
+    learned = correction_for(session, live_gpus(session, settings), spec) if session is not None else None
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         try:
             return plan(
@@ -58,6 +61,7 @@ def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_
                 capacity,
                 max_num_gpus=max_gpus,
                 allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                correction=learned,
             )
         except PlanRefused as refused:
             raise _refusal(refused) from refused

@@ -332,3 +332,36 @@ class WebhookDeliveryOut(BaseModel):
 class WebhookDeliveryPage(BaseModel):
     data: list[WebhookDeliveryOut]
     next_cursor: int = Field(description="Pass as `after` for the next page (the last delivery's event_seq)")
+
+
+_ERROR_RATIO = "error = measured / predicted - 1, where predicted is the model's own peak (before any correction)"
+
+
+class PlannerFamilyAccuracy(BaseModel):
+    """The planner on one recipe family and GPU model, over its newest finished GPU jobs."""
+
+    gpu_model: str = Field(description="The GPU model (NVML's name) the jobs ran on")
+    family: str = Field(description="The recipe family: method, optimizer, checkpointing, objective, sharding")
+    jobs: int = Field(description="How many finished jobs the figures rest on (the newest 200 at most)")
+    median_error_ratio: float = Field(description=f"The median error; {_ERROR_RATIO}")
+    worst_error_ratio: float = Field(description=f"The error furthest from 0, with its sign; {_ERROR_RATIO}")
+    correction_ratio: float | None = Field(
+        description="The factor plans of this family on this GPU model get (>= 1); None: none yet, too few jobs "
+        "or the model did not under-predict"
+    )
+
+    @classmethod
+    def of(cls, row: Any) -> PlannerFamilyAccuracy:  # a service.calibration.service.FamilyAccuracy
+        return cls(
+            gpu_model=row.gpu_model,
+            family=row.family,
+            jobs=row.accuracy.jobs,
+            median_error_ratio=row.accuracy.median_error_ratio,
+            worst_error_ratio=row.accuracy.worst_error_ratio,
+            correction_ratio=row.correction.ratio if row.correction else None,
+        )
+
+
+class PlannerAccuracy(BaseModel):
+    data: list[PlannerFamilyAccuracy]
+    min_jobs: int = Field(description="How many finished jobs of a family on a GPU model a correction needs")

@@ -44,6 +44,7 @@ from service.storage import job_storage, local_copy
 from worker import metrics as worker_metrics
 from worker.job_process import job_process_main
 from worker.job_ranks import AUTHKEY_ENV
+from worker.measurements import measured_peak
 from worker.shutdown import ShutdownRequest
 from worker.slots import DeviceSlots, NotEnoughSlots, worker_slots
 
@@ -392,6 +393,7 @@ class AttemptRunner:
             "succeeded",
             artifacts=artifacts,
             measured_peak_bytes=outcome.get("measured_peak_bytes"),
+            measured=measured_peak(outcome, self.visible_devices, self.output_dir, self.job.base_model_dir),
         )
 
     def _finish(self, to: JobStatus, outcome: str, **fields: Any) -> JobStatus | None:

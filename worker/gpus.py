@@ -71,3 +71,21 @@ def read_gpus() -> list[GpuReading]:
             utilization = None
         readings.append(GpuReading(index, memory.used, memory.total, utilization))
     return readings
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    model: str  # NVML's name, as list_gpus registers it: the key the planner's learned corrections go by
+    driver: str
+
+
+def identity(visible_devices: str | None) -> GpuIdentity | None:
+    """The model of the first GPU in a job's CUDA_VISIBLE_DEVICES (one worker's GPUs are taken to be alike) and
+    the driver; None on a CPU worker or without NVML."""
+    if not visible_devices or not _nvml_available():
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible_devices.split(",")[0]))
+        return GpuIdentity(pynvml.nvmlDeviceGetName(handle), pynvml.nvmlSystemGetDriverVersion())
+    except (pynvml.NVMLError, ValueError):  # a device gone since the job started, a UUID-style device list
+        return None

@@ -12,6 +12,7 @@ _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _DESCRIPTIONS = {
     400: "malformed request: a body that cannot be parsed, an invalid cursor",
     401: "no valid API key (code unauthenticated)",
+    403: "the key may not do this (code admin_only: the route needs an admin key)",
     404: "no such resource, or it belongs to another tenant",
     405: "method not allowed; Allow lists the allowed ones",
     409: "the job's state does not allow this",

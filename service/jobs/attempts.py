@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from domain.states import JobStatus
+from service.calibration import repository as calibration
 from service.jobs import repository
 from service.models import Job, JobAttempt, JobCheckpoint, utcnow
 
@@ -129,13 +130,24 @@ def end_attempt(session: Session, fence: Fence, outcome: str, detail: str | None
     )
 
 
-def finish(session: Session, fence: Fence, to: JobStatus, outcome: str, **fields: Any) -> bool:
-    """The attempt's own terminal outcome, fenced: a superseded attempt changes nothing."""
+def finish(
+    session: Session,
+    fence: Fence,
+    to: JobStatus,
+    outcome: str,
+    *,
+    measured: calibration.MeasuredPeak | None = None,
+    **fields: Any,
+) -> bool:
+    """The attempt's own terminal outcome, fenced: a superseded attempt changes nothing. `measured`: a
+    succeeded GPU job's peak, stored for the planner in the same transaction as the success."""
     if not repository.transition(
         session, fence.job_id, to, attempt=fence.number, event={"attempt": fence.number}, **fields
     ):
         return False
     end_attempt(session, fence, outcome, fields.get("error_message"))
+    if measured is not None and to is JobStatus.succeeded:
+        calibration.record(session, fence.job_id, measured)
     return True
 
 
