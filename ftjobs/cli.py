@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ftjobs.commands import files, jobs
+    from ftjobs.commands import files, jobs, sweeps
     from ftjobs.commands.common import connection_options, json_option
 
     settings = get_settings()
@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     connection = connection_options()
     jobs.register(commands, connection)
     files.register(commands, connection)
+    sweeps.register(commands, connection)
     demo = commands.add_parser("demo", help="train a QLoRA adapter on a tiny local model, end to end")
     demo.add_argument("--url", default=None, help="use a running service instead of starting one")
     _api_key(demo)

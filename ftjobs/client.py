@@ -107,6 +107,29 @@ class FilePage(_Model):
     next_cursor: str | None = None
 
 
+class SweepTrial(_Model):
+    number: int
+    state: str  # queued | running | complete | pruned | failed
+    job_id: str | None = None
+    params: dict[str, Any]
+    value: float | None = None
+    predicted_peak_bytes: int | None = None
+    pruned_reason: str | None = None
+
+
+class Sweep(_Model):
+    id: str
+    status: str  # running | cancelling | succeeded | cancelled | failed
+    metric: str
+    direction: str
+    n_trials: int
+    parallelism: int
+    trials: list[SweepTrial] = []
+    best_trial: SweepTrial | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout_seconds: float = 30) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -136,6 +159,17 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    # --- sweeps -------------------------------------------------------------------------------------------
+
+    def create_sweep(self, request: dict[str, Any]) -> Sweep:
+        return Sweep.model_validate(self._json("POST", "/v1/sweeps", json=request))
+
+    def sweep(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._json("GET", f"/v1/sweeps/{sweep_id}"))
+
+    def cancel_sweep(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._json("POST", f"/v1/sweeps/{sweep_id}/cancel"))
 
     def events(self, job_id: str, *, after: int = 0, limit: int = 100) -> EventPage:
         # A page of JSON, said outright: the same route may also stream Server-Sent Events to who asks for them.

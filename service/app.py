@@ -20,7 +20,7 @@ from starlette.routing import Match
 
 from domain.errors import DomainError
 from service import console, metrics
-from service.api import checkpoints, docs, files, health, jobs, openai, planner_accuracy, plans, webhooks
+from service.api import checkpoints, docs, files, health, jobs, openai, planner_accuracy, plans, sweeps, webhooks
 from service.api.problems import AUTHENTICATED, PROBLEM_JSON, Problem, problems
 from service.api.streams import StreamCount
 from service.db import Database
@@ -221,6 +221,7 @@ def _include_routers(app: FastAPI, settings: Settings) -> int:
     upload_limit = settings.max_upload_bytes + MULTIPART_ENVELOPE_BYTES
     app.include_router(jobs.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(plans.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
+    app.include_router(sweeps.router, responses=AUTHENTICATED, max_body_size=settings.max_json_body_bytes)
     app.include_router(checkpoints.router, responses=AUTHENTICATED)
     app.include_router(files.router, responses=AUTHENTICATED, max_body_size=upload_limit)
     app.include_router(webhooks.router, responses=AUTHENTICATED)

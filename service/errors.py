@@ -207,3 +207,11 @@ class TooManyStreams(ProblemError):
     status, code, retryable = 503, "too_many_streams", True
     title = "This API process serves its maximum of event streams"
     headers = {"Retry-After": "5"}
+
+
+class SweepNotFound(ProblemError):
+    status, code, title = 404, "sweep_not_found", "No such sweep"
+
+
+class SweepFinished(ProblemError):
+    status, code, title = 409, "sweep_finished", "The sweep has already ended"

@@ -267,3 +267,40 @@ class PlannerMeasurement(Base):
     predicted_peak_bytes: Mapped[int] = mapped_column(BigInteger)  # the model's, before any learned correction
     measured_peak_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Sweep(Base):
+    """A hyperparameter search of one tenant (service/sweeps). optuna's study holds what the sampler and pruner
+    need (its own tables, apart from these: service/sweeps/study.py); these rows say what each trial became."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_status", "status"),)  # the drivers' scan for active sweeps
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"), index=True)
+    created_by_key_id: Mapped[str | None] = mapped_column(String(40))  # its trials' jobs are this key's
+    status: Mapped[str] = mapped_column(String(16))  # running | cancelling | succeeded | cancelled | failed
+    request: Mapped[dict[str, Any]] = mapped_column(JsonDocument)  # SweepRequest, its sampler seed filled in
+    study_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SweepTrial(Base):
+    """One optuna trial (its number is optuna's) and the job it runs as; no job when it was pruned unrun."""
+
+    __tablename__ = "sweep_trials"
+
+    sweep_id: Mapped[str] = mapped_column(String(40), ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="SET NULL"))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDocument)
+    state: Mapped[str] = mapped_column(String(16))  # queued | running | complete | pruned | failed
+    value: Mapped[float | None] = mapped_column(Float)  # the metric at the job's end (complete trials)
+    predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the planner's, also for one that did not fit
+    pruned_reason: Mapped[str | None] = mapped_column(Text)
+    # The job's events up to this seq have been read for intermediate values (reported to optuna).
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -1,4 +1,5 @@
-"""The worker's background duties: heartbeat its GPUs and run the reconciler, every reconcile interval, and
+"""The worker's background duties: heartbeat its GPUs, run the reconciler and advance the sweeps
+(service/sweeps/driver.py), every reconcile interval, and
 prune old progress events and idempotency keys every PRUNE_INTERVAL_SECONDS; and, in a thread of its own, send
 webhooks."""
 
@@ -12,6 +13,7 @@ from service.db import in_transaction
 from service.jobs import repository
 from service.jobs.reconcile import prune_idempotency_keys, prune_progress_events, reconcile
 from service.settings import Settings
+from service.sweeps.driver import advance_sweeps
 from service.webhooks.delivery import run_deliveries
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ def start_maintenance(hostname: str, settings: Settings) -> threading.Event:
                 continue
             if report.requeued or report.ended or report.resent or report.expired_gpus:
                 log.info("reconciled: %s", report)
+            try:  # apart from the reconciler's round: a sweep's failure never holds up the jobs
+                advance_sweeps(settings)
+            except Exception:
+                log.exception("sweep round failed")
 
     threading.Thread(target=loop, name="ftjobs-maintenance", daemon=True).start()
     # Its own thread: a slow webhook receiver never delays the reconciler (service/webhooks/delivery.py).

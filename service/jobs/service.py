@@ -250,8 +250,9 @@ def get_artifacts_job(session: Session, job_id: str, caller: Caller) -> Job:
 _CANCEL_TARGET = {JobStatus.queued: JobStatus.cancelled, JobStatus.running: JobStatus.cancelling}
 
 
-def cancel_job(session: Session, job_id: str, caller: Caller) -> Job:
-    """Queued jobs end at once; running ones go to cancelling and their worker stops the training process."""
+def cancel_job(session: Session, job_id: str, caller: Caller, reason: str | None = None) -> Job:
+    """Queued jobs end at once; running ones go to cancelling and their worker stops the training process.
+    A `reason` (a sweep's pruner stopped the trial) is recorded on the state event."""
     job = load_job(session, job_id, caller.tenant_scope)
     for _ in range(2):  # a worker may claim the job between our read and our update: then try once more
         if job.status == JobStatus.cancelling.value:
@@ -259,7 +260,8 @@ def cancel_job(session: Session, job_id: str, caller: Caller) -> Job:
         target = _CANCEL_TARGET.get(JobStatus(job.status))
         if target is None:
             break
-        if repository.transition(session, job_id, target, cancelled_by_key_id=caller.key_id):
+        event = {"reason": reason} if reason else None
+        if repository.transition(session, job_id, target, event=event, cancelled_by_key_id=caller.key_id):
             return load_job_fresh(session, job_id)
         job = load_job_fresh(session, job_id)
     raise InvalidTransition(f"job {job_id} is {job.status} and cannot be cancelled")

@@ -21,6 +21,8 @@ TABLES = {
     "idempotency_keys",
     "webhook_deliveries",
     "webhook_attempts",
+    "sweeps",
+    "sweep_trials",
     "alembic_version",
 }
 

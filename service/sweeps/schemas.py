@@ -1,0 +1,68 @@
+"""What GET /v1/sweeps/{id} answers: the sweep, each trial and what became of it, and the best trial so far."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.models import Sweep, SweepTrial
+
+
+class SweepTrialOut(BaseModel):
+    number: int = Field(description="optuna's trial number")
+    state: Literal["queued", "running", "complete", "pruned", "failed"]
+    job_id: str | None = Field(description="The trial's job; null when it was pruned before queueing")
+    params: dict[str, Any]
+    value: float | None = Field(description="The metric at the job's end (complete trials)")
+    predicted_peak_bytes: int | None = Field(description="The planner's peak for this configuration")
+    pruned_reason: str | None
+
+    @classmethod
+    def of(cls, trial: SweepTrial) -> SweepTrialOut:
+        return cls(
+            number=trial.number,
+            state=trial.state,  # type: ignore[arg-type]
+            job_id=trial.job_id,
+            params=trial.params,
+            value=trial.value,
+            predicted_peak_bytes=trial.predicted_peak_bytes,
+            pruned_reason=trial.pruned_reason,
+        )
+
+
+class SweepOut(BaseModel):
+    id: str
+    status: Literal["running", "cancelling", "succeeded", "cancelled", "failed"]
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    n_trials: int
+    parallelism: int
+    request: dict[str, Any] = Field(description="The request as given, with the sampler's seed filled in")
+    trials: list[SweepTrialOut]
+    best_trial: SweepTrialOut | None = Field(description="The complete trial with the best value so far")
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, found: tuple[Sweep, list[SweepTrial]]) -> SweepOut:
+        sweep, trials = found
+        request = sweep.request
+        direction = request.get("direction", "minimize")
+        complete = [trial for trial in trials if trial.state == "complete" and trial.value is not None]
+        pick = min if direction == "minimize" else max
+        best = pick(complete, key=lambda trial: trial.value) if complete else None
+        return cls(
+            id=sweep.id,
+            status=sweep.status,  # type: ignore[arg-type]
+            metric=request.get("metric", "eval_loss"),
+            direction=direction,
+            n_trials=request["n_trials"],
+            parallelism=request.get("parallelism", 1),
+            request=request,
+            trials=[SweepTrialOut.of(trial) for trial in trials],
+            best_trial=SweepTrialOut.of(best) if best else None,
+            created_at=sweep.created_at,
+            finished_at=sweep.finished_at,
+        )
