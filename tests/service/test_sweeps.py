@@ -1,7 +1,7 @@
 """POST /v1/sweeps refuses a bad request with every problem at once; a tenant sees only its own sweeps; and the
 driver's state is the database's: a fresh optuna storage (a restarted worker) continues the same study, takes up a
 trial asked but never stored, and a cancelled sweep leaves no optuna trial running. No worker runs here: the
-trials' jobs are queued and cancelled, never trained (tests/e2e/test_sweeps.py trains a whole sweep)."""
+trials' jobs are queued and cancelled, never trained (tests/e2e/test_sweep_jobs.py trains a whole sweep)."""
 
 from __future__ import annotations
 
