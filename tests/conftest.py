@@ -10,9 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +18,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from harness import TestKey
+from harness import RUN_ID, TestKey, WorkerProcess
 
 PG_ADMIN_URL = os.environ.get("FTJOBS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FTJOBS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"ftjobs_test_{RUN_ID}"
 HOME = Path(os.environ.get("FTJOBS_TEST_HOME", f"/tmp/ftjobs-test-{RUN_ID}"))
 
@@ -173,43 +170,6 @@ def _uvicorn_api(**env_overrides: str) -> Iterator[tuple[str, int]]:
 def uvicorn_api(database):
     """uvicorn_api(**FTJOBS_settings): a context manager running the API under uvicorn; yields (url, pid)."""
     return _uvicorn_api
-
-
-class WorkerProcess:
-    """`ftjobs worker` as its own process, exactly as deployed, with its log captured for assertions."""
-
-    def __init__(self, name: str, **env_overrides: str) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.metrics_port = free_port()  # its own /metrics, never the default 9101 another worker may hold
-        env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port), **env_overrides}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            sys.stderr.write(f"[worker] {line}")
-
-    def wait_ready(self, timeout_seconds: float = 120) -> None:
-        deadline = time.monotonic() + timeout_seconds
-        while not any(" ready." in line for line in self.lines):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("worker did not start:\n" + "".join(self.lines[-50:]))
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 
 LEASE_SECONDS = 6
+# One per test session: names its database, queue, home and worker, so concurrent sessions never meet.
+RUN_ID = uuid.uuid4().hex[:10]
 FAST_SETTINGS = {
     "FTJOBS_LEASE_SECONDS": str(LEASE_SECONDS),
     "FTJOBS_LEASE_RENEW_SECONDS": "1",
@@ -77,6 +79,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class WorkerProcess:
+    """`ftjobs worker` as its own process, exactly as deployed, with its log captured for assertions."""
+
+    def __init__(self, name: str, **env_overrides: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.metrics_port = free_port()  # its own /metrics, never the default 9101 another worker may hold
+        env = {**os.environ, "FTJOBS_WORKER_METRICS_PORT": str(self.metrics_port), **env_overrides}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ftjobs.cli", "worker", "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            sys.stderr.write(f"[worker] {line}")
+
+    def wait_ready(self, timeout_seconds: float = 120) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while not any(" ready." in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("worker did not start:\n" + "".join(self.lines[-50:]))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 class ManagedProcess:

@@ -23,7 +23,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,45 +46,73 @@ disable_created_metrics()
 DEVICE_KINDS = ("gpu", "cpu")
 OUTCOMES = ("succeeded", "failed", "cancelled")
 
+# The worker's own registry, not prometheus_client's global one: what it serves is its metrics alone, whatever the
+# service modules it imports register (the sweep driver plans jobs, and the planner's API metrics come along). The
+# process and platform collectors are added to it as the global registry has them.
+REGISTRY = CollectorRegistry()
+for _collector in (ProcessCollector, PlatformCollector, GCCollector):
+    _collector(registry=REGISTRY)
+
 # --- per running job (label job_id, removed when the job ends) ------------------------------------------
 JOB_PREDICTED_PEAK = Gauge(
-    "ftjobs_job_predicted_peak_bytes", "The planner's predicted peak memory of a running job.", ["job_id"]
+    "ftjobs_job_predicted_peak_bytes",
+    "The planner's predicted peak memory of a running job.",
+    ["job_id"],
+    registry=REGISTRY,
 )
 JOB_MEMORY_ALLOCATED = Gauge(
     "ftjobs_job_memory_allocated_bytes",
     "GPU memory torch has allocated to tensors of a running job (GPU only).",
     ["job_id"],
+    registry=REGISTRY,
 )
 JOB_MEMORY_RESERVED = Gauge(
     "ftjobs_job_memory_reserved_bytes",
     "GPU memory torch's caching allocator holds for a running job (GPU only).",
     ["job_id"],
+    registry=REGISTRY,
 )
 JOB_MEMORY_PEAK = Gauge(
     "ftjobs_job_memory_peak_bytes",
     "Peak memory of a running job so far: torch's peak reserved GPU memory (device=gpu), or the "
     "training process's peak resident set when it trains on the CPU (device=cpu).",
     ["job_id", "device"],
+    registry=REGISTRY,
 )
 JOB_RESIDENT = Gauge(
     "ftjobs_job_resident_memory_bytes",
     "Resident set size (host memory) of a running job's training process.",
     ["job_id"],
+    registry=REGISTRY,
 )
 JOB_TOKENS_PER_SECOND = Gauge(
-    "ftjobs_job_tokens_per_second", "Non-padding tokens per second of training so far, for a running job.", ["job_id"]
+    "ftjobs_job_tokens_per_second",
+    "Non-padding tokens per second of training so far, for a running job.",
+    ["job_id"],
+    registry=REGISTRY,
 )
 JOB_STEP_DURATION = Gauge(
     "ftjobs_job_step_duration_seconds",
     "Mean wall time of one optimizer step between a running job's last two progress "
     "reports (absent until the second report).",
     ["job_id"],
+    registry=REGISTRY,
 )
-JOB_LOSS = Gauge("ftjobs_job_loss", "Mean per-token training loss since the previous progress report.", ["job_id"])
+JOB_LOSS = Gauge(
+    "ftjobs_job_loss", "Mean per-token training loss since the previous progress report.", ["job_id"], registry=REGISTRY
+)
 JOB_PROGRESS = Gauge(
-    "ftjobs_job_progress_ratio", "Optimizer steps completed / total steps, for a running job.", ["job_id"]
+    "ftjobs_job_progress_ratio",
+    "Optimizer steps completed / total steps, for a running job.",
+    ["job_id"],
+    registry=REGISTRY,
 )
-JOB_ETA = Gauge("ftjobs_job_eta_seconds", "Estimated time left to the end of training, for a running job.", ["job_id"])
+JOB_ETA = Gauge(
+    "ftjobs_job_eta_seconds",
+    "Estimated time left to the end of training, for a running job.",
+    ["job_id"],
+    registry=REGISTRY,
+)
 _PER_JOB = (
     JOB_PREDICTED_PEAK,
     JOB_MEMORY_ALLOCATED,
@@ -94,23 +132,27 @@ PEAK_RATIO = Histogram(
     "device=gpu measures what NVML shows for the process; device=cpu the process's peak resident set.",
     ["device"],
     buckets=(0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0),
+    registry=REGISTRY,
 )
 JOB_DURATION = Histogram(
     "ftjobs_job_duration_seconds",
     "Wall time of a job on the worker, from claim to outcome, by outcome.",
     ["outcome"],
     buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400),
+    registry=REGISTRY,
 )
 OUT_OF_MEMORY = Counter(
     "ftjobs_job_out_of_memory",
     "Training attempts that ran out of memory (error code out_of_memory), recovered or not; "
     "device=gpu counts CUDA out-of-memory errors.",
     ["device"],
+    registry=REGISTRY,
 )
 OOM_RECOVERED = Counter(
     "ftjobs_job_oom_recoveries",
     "Attempts that ran out of memory and whose job was re-planned and requeued to resume (planner/recovery.py).",
     ["device"],
+    registry=REGISTRY,
 )
 
 
@@ -279,7 +321,7 @@ def serve(port: int, host: str = "127.0.0.1") -> bool:
     for outcome in OUTCOMES:
         JOB_DURATION.labels(outcome)
     try:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=REGISTRY)
     except OSError as exc:
         log.error("worker metrics could not listen on port %d: %s (set FTJOBS_WORKER_METRICS_PORT)", port, exc)
         return False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_ID, WorkerProcess
+from harness import RUN_ID, WorkerProcess
 from safetensors.torch import load
 from test_resume import all_events, child_pid, wait_for_event
 

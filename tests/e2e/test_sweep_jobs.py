@@ -20,7 +20,7 @@ import time
 
 import httpx
 import pytest
-from conftest import WorkerProcess
+from harness import WorkerProcess
 
 pytestmark = pytest.mark.timeout(420)
 GIB = 1024**3

@@ -1,7 +1,9 @@
 """POST /v1/sweeps refuses a bad request with every problem at once; a tenant sees only its own sweeps; and the
 driver's state is the database's: a fresh optuna storage (a restarted worker) continues the same study, takes up a
 trial asked but never stored, and a cancelled sweep leaves no optuna trial running. No worker runs here: the
-trials' jobs are queued and cancelled, never trained (tests/e2e/test_sweep_jobs.py trains a whole sweep)."""
+module has a database and a queue of its own, so the session's workers, whose maintenance rounds drive every
+sweep they can see, never advance these sweeps or train their trials; the trials' jobs are queued and cancelled,
+never trained (tests/e2e/test_sweep_jobs.py trains a whole sweep)."""
 
 from __future__ import annotations
 
@@ -22,12 +24,51 @@ def dataset(data_root) -> str:
     return "sweep-service.jsonl"
 
 
+@pytest.fixture(scope="module")
+def own_settings(database, settings):
+    """The session's settings on a fresh database (built by the migrations) and a queue nobody consumes."""
+    import uuid
+
+    import psycopg
+    from harness import PG_ADMIN_URL
+
+    from service.db import get_engine
+    from service.migrate import upgrade_database
+
+    name = f"ftjobs_sweeps_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    own = settings.model_copy(update={"database_url": url, "queue_name": f"sweeps-{name}"})
+    upgrade_database(own)
+    yield own
+    get_engine(own).dispose()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def make_key(own_settings):
+    """A real key in this module's database, made as `ftjobs keys create` makes one."""
+    from harness import TestKey
+
+    from service.db import transaction
+    from service.tenancy.keys import Caller, create_key
+
+    def make(tenant: str, *, admin: bool = False) -> TestKey:
+        with transaction(own_settings) as session:
+            key, secret = create_key(session, tenant, admin=admin)
+            return TestKey(secret, Caller(key_id=key.id, tenant_id=key.tenant_id, admin=key.admin))
+
+    return make
+
+
 @pytest.fixture()
-def client_for(database, settings):
+def client_for(own_settings):
     clients = []
 
     def open_client(key) -> TestClient:
-        client = TestClient(create_app(settings), headers=key.headers)
+        client = TestClient(create_app(own_settings), headers=key.headers)
         clients.append(client.__enter__())
         return client
 
@@ -84,8 +125,9 @@ def test_a_bad_request_is_refused_with_every_problem(client_for, make_key, tiny_
     assert response.status_code == 422
 
 
-def test_a_tenant_sees_only_its_own_sweeps(client_for, make_key, admin_key, tiny_model, dataset):
-    owner, other, admin = client_for(make_key("sweeps-a")), client_for(make_key("sweeps-b")), client_for(admin_key)
+def test_a_tenant_sees_only_its_own_sweeps(client_for, make_key, tiny_model, dataset):
+    owner, other = client_for(make_key("sweeps-a")), client_for(make_key("sweeps-b"))
+    admin = client_for(make_key("sweeps-admin", admin=True))
     response = owner.post("/v1/sweeps", json=sweep_request(tiny_model, dataset))
     assert response.status_code == 201, response.text
     sweep = response.json()
@@ -99,7 +141,7 @@ def test_a_tenant_sees_only_its_own_sweeps(client_for, make_key, admin_key, tiny
     assert owner.post(f"/v1/sweeps/{sweep['id']}/cancel").json()["status"] == "cancelling"  # until the driver
 
 
-def test_a_fresh_driver_continues_the_study(client_for, make_key, settings, redis_client, tiny_model, dataset):
+def test_a_fresh_driver_continues_the_study(client_for, make_key, own_settings, tiny_model, dataset):
     from optuna.trial import TrialState
 
     from service.sweeps import study as studies
@@ -118,7 +160,7 @@ def test_a_fresh_driver_continues_the_study(client_for, make_key, settings, redi
         pruner={"type": "none"},
     )
     sweep_id = api.post("/v1/sweeps", json=request).json()["id"]
-    advance_sweeps(settings)
+    advance_sweeps(own_settings)
     unfit, first = api.get(f"/v1/sweeps/{sweep_id}").json()["trials"]
     # Planned before it was queued: never a job, pruned with the planner's peak and why.
     assert unfit["state"] == "pruned" and unfit["job_id"] is None
@@ -127,28 +169,28 @@ def test_a_fresh_driver_continues_the_study(client_for, make_key, settings, redi
     assert api.get(f"/v1/jobs/{first['job_id']}").json()["spec"]["metadata"]["ftjobs_sweep"] == sweep_id
 
     studies.forget_storages()  # a restarted worker: nothing of optuna's in memory
-    advance_sweeps(settings)  # its one slot is taken: nothing new is asked
-    study = _study(settings, sweep_id, SweepRequest)
+    advance_sweeps(own_settings)  # its one slot is taken: nothing new is asked
+    study = _study(own_settings, sweep_id, SweepRequest)
     states = [(t.number, t.state) for t in study.study.trials]
     assert states == [(0, TrialState.PRUNED), (1, TrialState.RUNNING), (2, TrialState.WAITING)]
     orphan, _ = studies.ask(study)  # as if a round died between optuna's ask and its commit
 
     assert api.post(f"/v1/jobs/{first['job_id']}/cancel").json()["status"] == "cancelled"
     studies.forget_storages()
-    advance_sweeps(settings)
+    advance_sweeps(own_settings)
     trials = api.get(f"/v1/sweeps/{sweep_id}").json()["trials"]
     assert [(t["number"], t["state"]) for t in trials] == [(0, "pruned"), (1, "pruned"), (orphan, "queued")]
     assert trials[1]["pruned_reason"] == "the job was cancelled"
-    study = _study(settings, sweep_id, SweepRequest)
+    study = _study(own_settings, sweep_id, SweepRequest)
     assert len(study.study.trials) == 3  # the orphan was taken up, not a fourth asked
 
     assert api.post(f"/v1/sweeps/{sweep_id}/cancel").json()["status"] == "cancelling"
-    advance_sweeps(settings)
+    advance_sweeps(own_settings)
     sweep = api.get(f"/v1/sweeps/{sweep_id}").json()
     assert sweep["status"] == "cancelled" and sweep["finished_at"]
     assert api.get(f"/v1/jobs/{trials[2]['job_id']}").json()["status"] == "cancelled"
     assert api.post(f"/v1/sweeps/{sweep_id}/cancel").json()["code"] == "sweep_finished"
-    assert {t.state for t in _study(settings, sweep_id, SweepRequest).study.trials} == {TrialState.PRUNED}
+    assert {t.state for t in _study(own_settings, sweep_id, SweepRequest).study.trials} == {TrialState.PRUNED}
 
 
 def _study(settings, sweep_id: str, request_model):
