@@ -154,15 +154,19 @@ def _report_progress(done: Round, trial: SweepTrial) -> None:
     points = [(int(data["step"]), float(data[key])) for _, data in events if data.get(key) is not None]
     if not points or trial.number not in studies.running(done.study):
         return
-    if studies.report(done.study, trial.number, points):
-        step, value = points[-1]
+    last = events[-1][1]
+    finished_training = last.get("total_steps") is not None and int(last["step"]) >= int(last["total_steps"])
+    flagged = studies.report(done.study, trial.number, points)
+    # Past its last step a trial has nothing left to save by stopping: it completes with its value.
+    if flagged is not None and not finished_training:
+        step, value = flagged
         threshold = "median" if pruner.type == "median" else f"{pruner.percentile:g}th percentile"
         reason = (
             f"pruned by optuna's {pruner.type} pruner at step {step}: {done.request.metric} {value:.4g} is worse "
             f"than the completed trials' {threshold} at that step"
         )
-        cancel_trial_job(done.session, trial, done.owner, reason)
-        trial.state, trial.pruned_reason = "pruned", reason
+        if cancel_trial_job(done.session, trial, done.owner, reason):
+            trial.state, trial.pruned_reason = "pruned", reason
 
 
 def _ask_trials(done: Round, rows: list[repository.TrialWithJob]) -> None:

@@ -77,10 +77,12 @@ def cancel_sweep(session: Session, sweep_id: str, caller: Caller) -> tuple[Sweep
     return found, repository.trials(session, found.id)
 
 
-def cancel_trial_job(session: Session, trial: SweepTrial, owner: Caller, reason: str) -> None:
-    """Cancel the trial's job with the reason on its state event; a job that has just ended keeps its outcome."""
+def cancel_trial_job(session: Session, trial: SweepTrial, owner: Caller, reason: str) -> bool:
+    """Cancel the trial's job with the reason on its state event; False for a job that has just ended, which keeps
+    its outcome (the next round records it)."""
     session.flush()  # cancel_job expires the session's objects: what this unit changed must be written first
     try:
         jobs.cancel_job(session, trial.job_id, owner, reason=reason)
     except InvalidTransition:
-        pass
+        return False
+    return True

@@ -139,12 +139,15 @@ def ask(study: SweepStudy) -> tuple[int, dict[str, Any]]:
     return trial.number, trial.params
 
 
-def report(study: SweepStudy, number: int, points: Iterable[tuple[int, float]]) -> bool:
-    """Report a running trial's intermediate values; whether the pruner would stop it now."""
+def report(study: SweepStudy, number: int, points: Iterable[tuple[int, float]]) -> tuple[int, float] | None:
+    """Report a running trial's intermediate values in order; the first (step, value) at which the pruner would
+    have stopped it, or None. Point by point: a round that reads several steps at once judges each as it came."""
     trial = optuna.trial.Trial(study.study, study.trial_id(number))
     for step, value in points:
         trial.report(value, step)
-    return trial.should_prune()
+        if trial.should_prune():
+            return step, value
+    return None
 
 
 def tell_outcomes(study: SweepStudy, rows: Iterable[SweepTrial]) -> int:
