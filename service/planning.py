@@ -15,44 +15,36 @@ from service.calibration.service import correction_for
 from service.errors import InvalidLoraTargets, InvalidSpec, ProblemError, SequenceTooLong, UnsupportedPaddingFree
 from service.gpus import live_gpus
 from service.metrics import PLANNER_DURATION
+from service.models import RegisteredGpu
 from service.settings import Settings
 from service.tenancy.keys import Caller
 
 GIB = 1024**3
 
 
-def gpu_capacity_bytes(session: Session | None, settings: Settings, spec: JobSpec) -> int | None:
+def gpu_capacity_bytes(gpus: list[RegisteredGpu], spec: JobSpec) -> int | None:
     """The spec's own GPU size if given, else the largest GPU a live worker registered, else unknown."""
     if spec.resources.gpu_memory_gib is not None:
         return int(spec.resources.gpu_memory_gib * GIB)
-    if session is None:
-        return None
-    gpus = live_gpus(session, settings)
     return gpus[0].total_memory_bytes if gpus else None
 
 
-def gpus_per_worker(session: Session, settings: Settings) -> dict[str, int]:
+def gpus_per_worker(gpus: list[RegisteredGpu]) -> dict[str, int]:
     """Each live GPU worker's GPU count (workers without a GPU register none)."""
     per_worker: dict[str, int] = {}
-    for gpu in live_gpus(session, settings):
+    for gpu in gpus:
         per_worker[gpu.worker_hostname] = per_worker.get(gpu.worker_hostname, 0) + 1
     return per_worker
 
 
-def max_gpus_per_worker(session: Session | None, settings: Settings) -> int:
-    """The most GPUs one live worker has: how far sharding suggestions may go (1 when none is known)."""
-    if session is None:
-        return 1
-    return max(gpus_per_worker(session, settings).values(), default=1)
-
-
 def plan_spec(session: Session | None, settings: Settings, spec: JobSpec, model_roots: list[Path] | None) -> Plan:
-    """`model_roots`: where the model may be read (the API's roots); None plans any local path (the CLI)."""
+    """`model_roots`: where the model may be read (the API's roots); None plans any local path (the CLI, which has
+    no database: no live GPUs, and no learned correction)."""
     located = locate_for_planning(spec.base_model, model_roots)
-    capacity = gpu_capacity_bytes(session, settings, spec)
-    max_gpus = max_gpus_per_worker(session, settings)
-    # The CLI plans without a database, hence with the model alone.
-    learned = correction_for(session, live_gpus(session, settings), spec) if session is not None else None
+    gpus = live_gpus(session, settings) if session is not None else []  # one query for all three below
+    capacity = gpu_capacity_bytes(gpus, spec)
+    max_gpus = max(gpus_per_worker(gpus).values(), default=1)  # how far sharding suggestions may go
+    learned = correction_for(session, gpus, spec) if session is not None else None
     with PLANNER_DURATION.time():  # the planner alone, not the model lookup or the GPU query
         try:
             return plan(

@@ -24,6 +24,7 @@ from service.errors import (
     QuotaExceeded,
     UnsupportedSharding,
 )
+from service.gpus import live_gpus
 from service.jobs import repository
 from service.models import Job, utcnow
 from service.planning import gpus_per_worker, plan_spec
@@ -111,7 +112,7 @@ def _refuse_what_workers_do_not_shard(spec: JobSpec) -> None:
 def _refuse_more_gpus_than_a_worker_has(session: Session, settings: Settings, spec: JobSpec) -> None:
     """With GPU workers live, a job needing more GPUs than any one of them has would wait forever: refused. With
     none registered (CPU workers, or none started yet) it queues, and a worker with too few slots sends it on."""
-    per_worker = gpus_per_worker(session, settings)
+    per_worker = gpus_per_worker(live_gpus(session, settings))
     wanted = spec.resources.num_gpus
     if per_worker and max(per_worker.values()) < wanted:
         raise NotEnoughGpus(
