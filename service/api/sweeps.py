@@ -1,14 +1,16 @@
-"""/v1/sweeps: start, read and cancel a hyperparameter sweep, within the caller's tenant."""
+"""/v1/sweeps: start, list, read and cancel hyperparameter sweeps, within the caller's tenant."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from service.api.deps import AuthenticatedDbDep, CallerDbDep, SettingsDep
 from service.api.problems import problems
 from service.sweeps import service
 from service.sweeps.request import SweepRequest
-from service.sweeps.schemas import SweepOut
+from service.sweeps.schemas import SweepOut, SweepPage
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 _LINKS = {
@@ -27,6 +29,14 @@ _LINKS = {
 async def create_sweep(request: SweepRequest, db: AuthenticatedDbDep, settings: SettingsDep) -> SweepOut:
     """The workers' driver queues its first trials within one reconcile interval."""
     return await db.write(service.create_sweep, settings, request, then=SweepOut.of, answers=201)
+
+
+@router.get("", response_model=SweepPage, operation_id="list_sweeps", responses=problems(400))
+async def list_sweeps(
+    db: CallerDbDep, limit: Annotated[int, Query(ge=1, le=200)] = 50, after: str | None = None
+) -> SweepPage:
+    """The caller's sweeps (an admin key's: every tenant's), newest first, each with its trials counted by state."""
+    return await db.read(service.list_sweeps, limit, after, then=SweepPage.of)
 
 
 @router.get("/{sweep_id}", response_model=SweepOut, operation_id="get_sweep", responses=problems(404))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from service.jobs.repository import SEQ_MAX
@@ -30,6 +30,29 @@ def get_sweep(session: Session, sweep_id: str, tenant_id: str | None) -> Sweep |
     if tenant_id is not None:
         query = query.where(Sweep.tenant_id == tenant_id)
     return session.scalar(query)
+
+
+def list_sweeps(session: Session, tenant_id: str | None, limit: int, before: Sweep | None) -> list[Sweep]:
+    """Newest first (created_at, then id), after `before` when given; one tenant's, or every tenant's (None)."""
+    query = select(Sweep).order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(Sweep.tenant_id == tenant_id)
+    if before is not None:
+        query = query.where(tuple_(Sweep.created_at, Sweep.id) < tuple_(before.created_at, before.id))
+    return list(session.scalars(query))
+
+
+def trial_counts(session: Session, sweep_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Per sweep, how many trials are in each state: one grouped query for a whole page."""
+    counts: dict[str, dict[str, int]] = {sweep_id: {} for sweep_id in sweep_ids}
+    query = (
+        select(SweepTrial.sweep_id, SweepTrial.state, func.count())
+        .where(SweepTrial.sweep_id.in_(sweep_ids))
+        .group_by(SweepTrial.sweep_id, SweepTrial.state)
+    )
+    for sweep_id, state, count in session.execute(query):
+        counts[sweep_id][state] = count
+    return counts
 
 
 def active_sweep_ids(session: Session) -> list[str]:

@@ -1,4 +1,5 @@
-"""What GET /v1/sweeps/{id} answers: the sweep, each trial and what became of it, and the best trial so far."""
+"""What GET /v1/sweeps/{id} answers: the sweep, each trial and what became of it, and the best trial so far; and
+GET /v1/sweeps, a page of sweeps with their trials counted by state."""
 
 from __future__ import annotations
 
@@ -65,4 +66,44 @@ class SweepOut(BaseModel):
             best_trial=SweepTrialOut.of(best) if best else None,
             created_at=sweep.created_at,
             finished_at=sweep.finished_at,
+        )
+
+
+class SweepSummary(BaseModel):
+    id: str
+    status: Literal["running", "cancelling", "succeeded", "cancelled", "failed"]
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    n_trials: int
+    parallelism: int
+    trials_by_state: dict[str, int] = Field(description="How many trials are queued, running, complete, pruned, failed")
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, sweep: Sweep, counts: dict[str, int]) -> SweepSummary:
+        request = sweep.request
+        return cls(
+            id=sweep.id,
+            status=sweep.status,  # type: ignore[arg-type]
+            metric=request.get("metric", "eval_loss"),
+            direction=request.get("direction", "minimize"),
+            n_trials=request["n_trials"],
+            parallelism=request.get("parallelism", 1),
+            trials_by_state=counts,
+            created_at=sweep.created_at,
+            finished_at=sweep.finished_at,
+        )
+
+
+class SweepPage(BaseModel):
+    data: list[SweepSummary] = Field(description="Newest first")
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page")
+
+    @classmethod
+    def of(cls, found: tuple[list[Sweep], dict[str, dict[str, int]], bool]) -> SweepPage:
+        page, counts, more = found
+        return cls(
+            data=[SweepSummary.of(sweep, counts[sweep.id]) for sweep in page],
+            next_cursor=page[-1].id if more else None,
         )

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from domain.states import JobStatus
 from service.base_models import resolve_base_model_dir
 from service.dataset_refs import resolve_dataset
-from service.errors import InvalidTransition, SweepFinished, SweepNotFound
+from service.errors import InvalidCursor, InvalidTransition, SweepFinished, SweepNotFound
 from service.jobs import service as jobs
 from service.jobs.service import ID_PATTERN, new_id
 from service.models import Sweep, SweepTrial, utcnow
@@ -51,6 +51,21 @@ def load_sweep(session: Session, sweep_id: str, caller: Caller) -> Sweep:
     if sweep is None:
         raise SweepNotFound(f"no sweep {sweep_id!r}")
     return sweep
+
+
+def list_sweeps(
+    session: Session, limit: int, after: str | None, caller: Caller
+) -> tuple[list[Sweep], dict[str, dict[str, int]], bool]:
+    """A page of the caller's sweeps (an admin's: every tenant's), newest first, continuing after the sweep
+    `after`; each sweep's trial counts by state; whether more follow."""
+    before = None
+    if after is not None:
+        before = repository.get_sweep(session, after, caller.tenant_scope) if ID_PATTERN.fullmatch(after) else None
+        if before is None:
+            raise InvalidCursor(f"no sweep {after!r} to continue after")
+    page = repository.list_sweeps(session, caller.tenant_scope, limit + 1, before)
+    shown = page[:limit]
+    return shown, repository.trial_counts(session, [sweep.id for sweep in shown]), len(page) > limit
 
 
 def get_sweep(session: Session, sweep_id: str, caller: Caller) -> tuple[Sweep, list[SweepTrial]]:

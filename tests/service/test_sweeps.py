@@ -201,3 +201,20 @@ def _study(settings, sweep_id: str, request_model):
     with transaction(settings) as session:
         sweep = repository.get_sweep(session, sweep_id, None)
         return studies.open_study(settings, sweep, request_model.model_validate(sweep.request))
+
+
+def test_sweeps_are_listed_newest_first_a_page_at_a_time_within_the_tenant(client_for, make_key, tiny_model, dataset):
+    owner, other = client_for(make_key("sweeps-list-a")), client_for(make_key("sweeps-list-b"))
+    admin = client_for(make_key("sweeps-list-admin", admin=True))
+    created = [owner.post("/v1/sweeps", json=sweep_request(tiny_model, dataset)).json()["id"] for _ in range(3)]
+    first = owner.get("/v1/sweeps", params={"limit": 2}).json()
+    assert [sweep["id"] for sweep in first["data"]] == created[::-1][:2] and first["next_cursor"] == created[1]
+    rest = owner.get("/v1/sweeps", params={"limit": 2, "after": first["next_cursor"]}).json()
+    assert [sweep["id"] for sweep in rest["data"]] == [created[0]] and rest["next_cursor"] is None
+    summary = rest["data"][0]
+    assert summary["status"] == "running" and summary["n_trials"] == 3 and summary["trials_by_state"] == {}
+    assert other.get("/v1/sweeps").json() == {"data": [], "next_cursor": None}
+    assert set(created) <= {sweep["id"] for sweep in admin.get("/v1/sweeps", params={"limit": 200}).json()["data"]}
+    # Another tenant's sweep is no cursor: as missing as none.
+    response = other.get("/v1/sweeps", params={"after": created[0]})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_cursor"
