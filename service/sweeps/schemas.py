@@ -33,67 +33,59 @@ class SweepTrialOut(BaseModel):
         )
 
 
-class SweepOut(BaseModel):
+class SweepFields(BaseModel):
+    """What a sweep is shown with, in the list and alone."""
+
     id: str
     status: Literal["running", "cancelling", "succeeded", "cancelled", "failed"]
     metric: str
     direction: Literal["minimize", "maximize"]
     n_trials: int
     parallelism: int
+    created_at: datetime
+    finished_at: datetime | None
+
+    @staticmethod
+    def fields_of(sweep: Sweep) -> dict[str, Any]:
+        request = sweep.request
+        return {
+            "id": sweep.id,
+            "status": sweep.status,
+            "metric": request.get("metric", "eval_loss"),
+            "direction": request.get("direction", "minimize"),
+            "n_trials": request["n_trials"],
+            "parallelism": request.get("parallelism", 1),
+            "created_at": sweep.created_at,
+            "finished_at": sweep.finished_at,
+        }
+
+
+class SweepOut(SweepFields):
     request: dict[str, Any] = Field(description="The request as given, with the sampler's seed filled in")
     trials: list[SweepTrialOut]
     best_trial: SweepTrialOut | None = Field(description="The complete trial with the best value so far")
-    created_at: datetime
-    finished_at: datetime | None
 
     @classmethod
     def of(cls, found: tuple[Sweep, list[SweepTrial]]) -> SweepOut:
         sweep, trials = found
-        request = sweep.request
-        direction = request.get("direction", "minimize")
+        fields = cls.fields_of(sweep)
         complete = [trial for trial in trials if trial.state == "complete" and trial.value is not None]
-        pick = min if direction == "minimize" else max
+        pick = min if fields["direction"] == "minimize" else max
         best = pick(complete, key=lambda trial: trial.value) if complete else None
         return cls(
-            id=sweep.id,
-            status=sweep.status,  # type: ignore[arg-type]
-            metric=request.get("metric", "eval_loss"),
-            direction=direction,
-            n_trials=request["n_trials"],
-            parallelism=request.get("parallelism", 1),
-            request=request,
+            **fields,
+            request=sweep.request,
             trials=[SweepTrialOut.of(trial) for trial in trials],
             best_trial=SweepTrialOut.of(best) if best else None,
-            created_at=sweep.created_at,
-            finished_at=sweep.finished_at,
         )
 
 
-class SweepSummary(BaseModel):
-    id: str
-    status: Literal["running", "cancelling", "succeeded", "cancelled", "failed"]
-    metric: str
-    direction: Literal["minimize", "maximize"]
-    n_trials: int
-    parallelism: int
+class SweepSummary(SweepFields):
     trials_by_state: dict[str, int] = Field(description="How many trials are queued, running, complete, pruned, failed")
-    created_at: datetime
-    finished_at: datetime | None
 
     @classmethod
     def of(cls, sweep: Sweep, counts: dict[str, int]) -> SweepSummary:
-        request = sweep.request
-        return cls(
-            id=sweep.id,
-            status=sweep.status,  # type: ignore[arg-type]
-            metric=request.get("metric", "eval_loss"),
-            direction=request.get("direction", "minimize"),
-            n_trials=request["n_trials"],
-            parallelism=request.get("parallelism", 1),
-            trials_by_state=counts,
-            created_at=sweep.created_at,
-            finished_at=sweep.finished_at,
-        )
+        return cls(**cls.fields_of(sweep), trials_by_state=counts)
 
 
 class SweepPage(BaseModel):
