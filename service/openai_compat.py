@@ -156,6 +156,9 @@ def _loc(loc: tuple) -> str:
 
 def metadata_filter(query: dict[str, str]) -> dict[str, str]:
     """The `metadata[key]=value` pairs of a list request's query, bounded as a spec's metadata is."""
+    malformed = [name for name in query if name.startswith("metadata") and not _METADATA_PARAM.fullmatch(name)]
+    if malformed:  # `metadata[]=x` or a bare `metadata=x` filters nothing: refused, not silently ignored
+        raise InvalidSpec(f"{malformed[0]!r}: a metadata filter is metadata[key]=value", param="metadata")
     pairs = {match[1]: value for name, value in query.items() if (match := _METADATA_PARAM.fullmatch(name))}
     for key, value in pairs.items():
         if len(key) > 64 or len(value) > 512 or not (key + value).isprintable():

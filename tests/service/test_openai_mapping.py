@@ -130,3 +130,10 @@ def test_events_read_as_openais_with_their_cursor():
     for bad in ("ftevent-x", "ftevent-99999999999999999999", "8"):
         with pytest.raises(InvalidCursor):
             event_cursor(bad)
+
+
+def test_a_malformed_metadata_filter_is_refused_not_ignored(api):
+    assert api.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"}).status_code == 200
+    for query in ("metadata%5B%5D=null", "metadata=team"):  # metadata[]=null, and a bare metadata=
+        response = api.get(f"/v1/fine_tuning/jobs?{query}")
+        assert 400 <= response.status_code < 500 and "metadata[key]=value" in response.text, response.text
